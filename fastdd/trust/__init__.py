@@ -1,0 +1,1 @@
+"""Trust plug-ins (outliers, robustness, calibration, OAL): see the trust issues."""
