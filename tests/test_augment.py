@@ -1,0 +1,429 @@
+"""DSA augmentation: every family against hand computations, siamese replay, sampling laws, gradients, errors."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from fastdd.ops.augment import (
+    FAMILIES,
+    AugmentConfig,
+    AugmentParams,
+    diff_augment,
+    sample_augment_params,
+)
+
+ALL = "_".join(FAMILIES)
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def hand_params(family: str, batch: int, image_size, **fields) -> AugmentParams:
+    return AugmentParams(families=(family,), batch=batch, image_size=image_size, **fields)
+
+
+def color_params(brightness, saturation, contrast, image_size) -> AugmentParams:
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    return AugmentParams(
+        families=("color",),
+        batch=len(brightness),
+        image_size=image_size,
+        brightness=as_tensor(brightness),
+        saturation=as_tensor(saturation),
+        contrast=as_tensor(contrast),
+    )
+
+
+def repeated(params: AugmentParams, n: int) -> AugmentParams:
+    """batch-1 params copied n times: the per-image code path with the shared transform."""
+    tensors = {
+        f.name: getattr(params, f.name).expand(n, *getattr(params, f.name).shape[1:]).clone()
+        for f in dataclasses.fields(params)
+        if isinstance(getattr(params, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(params, batch=n, **tensors)
+
+
+# ---------------------------------------------------------------------------------------------- color family
+
+
+def test_brightness_adds_the_delta_exactly():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=seeded(1))
+    params = color_params([0.25, -0.5], [1.0, 1.0], [1.0, 1.0], (4, 5))
+    out = diff_augment(x, params)
+    torch.testing.assert_close(out, torch.cat([x[:1] + 0.25, x[1:] - 0.5]), rtol=0, atol=1e-15)
+
+
+def test_saturation_scales_deviation_from_pixel_channel_mean():
+    x = torch.randn(2, 3, 3, 4, dtype=torch.float64, generator=seeded(2))
+    factors = [0.3, 1.7]
+    out = diff_augment(x, color_params([0.0, 0.0], factors, [1.0, 1.0], (3, 4)))
+    expected = torch.empty_like(x)
+    for i in range(2):
+        for r in range(3):
+            for c in range(4):
+                mean = (x[i, 0, r, c] + x[i, 1, r, c] + x[i, 2, r, c]) / 3
+                for ch in range(3):
+                    expected[i, ch, r, c] = mean + factors[i] * (x[i, ch, r, c] - mean)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+def test_saturation_is_a_no_op_on_one_channel_images():
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64, generator=seeded(3))
+    out = diff_augment(x, color_params([0.1, 0.2], [0.0, 2.0], [0.6, 1.3], 4))
+    assert torch.equal(out, diff_augment(x, color_params([0.1, 0.2], [1.0, 1.0], [0.6, 1.3], 4)))
+
+
+def test_contrast_scales_deviation_from_image_mean():
+    x = torch.randn(2, 3, 3, 4, dtype=torch.float64, generator=seeded(4))
+    factors = [0.5, 1.4]
+    out = diff_augment(x, color_params([0.0, 0.0], [1.0, 1.0], factors, (3, 4)))
+    for i in range(2):
+        mean = x[i].sum() / x[i].numel()
+        torch.testing.assert_close(out[i], mean + factors[i] * (x[i] - mean), rtol=0, atol=1e-12)
+
+
+def test_color_applies_brightness_then_saturation_then_contrast():
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64, generator=seeded(5))
+    b, s, k = 0.3, 1.6, 0.7
+    y = x + b
+    y = (y - y.mean(1, keepdim=True)) * s + y.mean(1, keepdim=True)
+    y = (y - y.mean()) * k + y.mean()
+    torch.testing.assert_close(diff_augment(x, color_params([b], [s], [k], 5)), y, rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ geometric families
+
+
+def shifted_by_hand(image: torch.Tensor, dr: int, dc: int) -> torch.Tensor:
+    out = torch.zeros_like(image)
+    height, width = image.shape[-2:]
+    for r in range(height):
+        for c in range(width):
+            if 0 <= r + dr < height and 0 <= c + dc < width:
+                out[:, r, c] = image[:, r + dr, c + dc]
+    return out
+
+
+@pytest.mark.parametrize("shifts", [[[1, -2], [-3, 4], [0, 0]], [[2, 3]], [[-5, 0]], [[7, -9], [0, 6], [-1, -1]]])
+def test_crop_is_an_integer_shift_with_zero_fill(shifts):
+    x = torch.arange(3 * 2 * 5 * 6, dtype=torch.float64).view(3, 2, 5, 6) + 1
+    params = hand_params("crop", len(shifts), (5, 6), crop_shift=torch.tensor(shifts))
+    out = diff_augment(x, params)
+    for i in range(3):
+        dr, dc = shifts[i if len(shifts) > 1 else 0]
+        assert torch.equal(out[i], shifted_by_hand(x[i], dr, dc)), f"image {i}, shift {(dr, dc)}"
+
+
+@pytest.mark.parametrize("size", [(3, 3), (4, 2)])
+def test_cutout_zeroes_exactly_the_clipped_rectangle(size):
+    height, width = 6, 7
+    centers = [[0, 0], [3, 4], [6, 7], [5, 1]]
+    x = torch.rand(4, 2, height, width, dtype=torch.float64, generator=seeded(6)) + 1.0  # never zero
+    params = hand_params("cutout", 4, (height, width), cutout_center=torch.tensor(centers), cutout_size=size)
+    out = diff_augment(x, params)
+    for i, (cr, cc) in enumerate(centers):
+        for r in range(height):
+            for c in range(width):
+                zeroed = cr - size[0] // 2 <= r < cr - size[0] // 2 + size[0] and (
+                    cc - size[1] // 2 <= c < cc - size[1] // 2 + size[1]
+                )
+                expected = torch.zeros(2, dtype=x.dtype) if zeroed else x[i, :, r, c]
+                assert torch.equal(out[i, :, r, c], expected), (i, r, c)
+
+
+def test_flip_mirrors_only_flagged_images():
+    x = torch.randn(3, 2, 4, 5, generator=seeded(7))
+    out = diff_augment(x, hand_params("flip", 3, (4, 5), flip=torch.tensor([True, False, True])))
+    assert torch.equal(out[0], torch.flip(x[0], dims=[2]))
+    assert torch.equal(out[1], x[1])
+    assert torch.equal(out[2], torch.flip(x[2], dims=[2]))
+    assert torch.equal(diff_augment(x, hand_params("flip", 1, (4, 5), flip=torch.tensor([True]))), x.flip(3))
+    assert torch.equal(diff_augment(x, hand_params("flip", 1, (4, 5), flip=torch.tensor([False]))), x)
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_unit_scale_and_zero_rotation_are_the_identity(align_corners):
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64, generator=seeded(8))
+    scale = hand_params("scale", 2, (7, 6), scale=torch.ones(2, 2), align_corners=align_corners)
+    rotate = hand_params("rotate", 1, (7, 6), rotation=torch.zeros(1), align_corners=align_corners)
+    torch.testing.assert_close(diff_augment(x, scale), x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(diff_augment(x, rotate), x, rtol=0, atol=1e-12)
+
+
+def test_scale_samples_bilinearly_at_scaled_coordinates_with_align_corners():
+    # align_corners=True: column j of a width-5 image sits at u = -1 + j / 2; it reads input column (s*u + 1) * 2.
+    x = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0], dtype=torch.float64).expand(1, 1, 3, 5).clone()
+    zoom_out = hand_params("scale", 1, (3, 5), scale=torch.tensor([[2.0, 1.0]]))
+    zoom_in = hand_params("scale", 1, (3, 5), scale=torch.tensor([[0.5, 1.0]]))
+    torch.testing.assert_close(diff_augment(x, zoom_out)[0, 0, 1], torch.tensor([0, 1, 4, 16, 0.0]).double())
+    torch.testing.assert_close(diff_augment(x, zoom_in)[0, 0, 1], torch.tensor([2, 3, 4, 6, 8.0]).double())
+    # sy acts on rows the same way.
+    vertical = hand_params("scale", 1, (5, 3), scale=torch.tensor([[1.0, 2.0]]))
+    out = diff_augment(x.transpose(2, 3), vertical)
+    torch.testing.assert_close(out[0, 0, :, 1], torch.tensor([0, 1, 4, 16, 0.0]).double())
+
+
+def test_scale_honours_align_corners_false():
+    # align_corners=False: column j of a width-4 image sits at u = (2j + 1) / 4 - 1 and reads ((s*u + 1) * 4 - 1) / 2.
+    x = torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=torch.float64).expand(1, 1, 2, 4).clone()
+    params = hand_params("scale", 1, (2, 4), scale=torch.tensor([[0.5, 1.0]]), align_corners=False)
+    positions = [0.75, 1.25, 1.75, 2.25]
+    row = x[0, 0, 0]
+    expected = torch.stack([row[int(p)] * (1 - p % 1) + row[int(p) + 1] * (p % 1) for p in positions])
+    torch.testing.assert_close(diff_augment(x, params)[0, 0, 0], expected)
+
+
+@pytest.mark.parametrize("size", [5, 6])
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_quarter_turns_match_rot90(size, align_corners):
+    x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=seeded(9))
+    for angle, k in [(math.pi / 2, 1), (-math.pi / 2, -1)]:
+        rotation = torch.tensor([angle], dtype=torch.float64)
+        params = hand_params("rotate", 1, size, rotation=rotation, align_corners=align_corners)
+        torch.testing.assert_close(diff_augment(x, params), torch.rot90(x, k, dims=(2, 3)), rtol=0, atol=1e-9)
+
+
+def bilinear_by_hand(image: torch.Tensor, row: float, col: float) -> torch.Tensor:
+    """image [C, H, W] sampled at fractional (row, col); pixels outside the image count as zero."""
+    height, width = image.shape[-2:]
+    r0, c0 = math.floor(row), math.floor(col)
+    value = torch.zeros(image.shape[0], dtype=image.dtype)
+    for r, wr in ((r0, 1 - (row - r0)), (r0 + 1, row - r0)):
+        for c, wc in ((c0, 1 - (col - c0)), (c0 + 1, col - c0)):
+            if 0 <= r < height and 0 <= c < width:
+                value += wr * wc * image[:, r, c]
+    return value
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_rotate_and_scale_sample_where_the_affine_map_says(align_corners):
+    # Output pixel (r, c) sits at normalised (u, v) and reads the input at (m00 u + m01 v, m10 u + m11 v).
+    height, width = 7, 6
+    x = torch.rand(1, 2, height, width, dtype=torch.float64, generator=seeded(10))
+    angle, sx, sy = math.radians(15), 1.15, 0.9
+    rotation = torch.tensor([angle], dtype=torch.float64)
+    scale = torch.tensor([[sx, sy]], dtype=torch.float64)
+    cases = [
+        (
+            hand_params("rotate", 1, (height, width), rotation=rotation, align_corners=align_corners),
+            ((math.cos(angle), -math.sin(angle)), (math.sin(angle), math.cos(angle))),
+        ),
+        (
+            hand_params("scale", 1, (height, width), scale=scale, align_corners=align_corners),
+            ((sx, 0.0), (0.0, sy)),
+        ),
+    ]
+
+    def to_normalised(i, n):
+        return -1 + 2 * i / (n - 1) if align_corners else (2 * i + 1) / n - 1
+
+    def to_pixel(u, n):
+        return (u + 1) / 2 * (n - 1) if align_corners else ((u + 1) * n - 1) / 2
+
+    for params, ((m00, m01), (m10, m11)) in cases:
+        out = diff_augment(x, params)
+        for r in range(height):
+            for c in range(width):
+                u, v = to_normalised(c, width), to_normalised(r, height)
+                source_row, source_col = to_pixel(m10 * u + m11 * v, height), to_pixel(m00 * u + m01 * v, width)
+                expected = bilinear_by_hand(x[0], source_row, source_col)
+                torch.testing.assert_close(out[0, :, r, c], expected, rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------- siamese
+
+
+@pytest.mark.parametrize("strategy", [*FAMILIES, ALL])
+def test_shared_params_transform_every_image_identically(strategy):
+    image = torch.randn(1, 3, 10, 10, generator=seeded(11))
+    x = image.expand(5, -1, -1, -1).clone()
+    params = sample_augment_params(1, 10, strategy=strategy, mode="M", generator=seeded(12))
+    out = diff_augment(x, params)
+    for i in range(5):
+        assert torch.equal(out[i], out[0])
+    assert torch.equal(diff_augment(image, params), out[:1])
+
+
+@pytest.mark.parametrize("strategy", [*FAMILIES, ALL])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_shared_params_equal_the_same_params_given_per_image(strategy, channels):
+    # The batch-1 fast paths (negative pad, folded grid, single flip) against the per-image paths.
+    x = torch.randn(4, channels, 9, 8, dtype=torch.float64, generator=seeded(13))
+    for seed in range(4):
+        params = sample_augment_params(1, (9, 8), strategy=strategy, mode="M", generator=seeded(seed))
+        torch.testing.assert_close(diff_augment(x, params), diff_augment(x, repeated(params, 4)), rtol=0, atol=1e-12)
+
+
+def test_per_image_params_give_different_transforms():
+    x = torch.randn(1, 3, 12, 12, generator=seeded(14)).expand(6, -1, -1, -1).clone()
+    params = sample_augment_params(6, 12, mode="M", generator=seeded(15))
+    out = diff_augment(x, params)
+    for i in range(6):
+        for j in range(i):
+            assert not torch.allclose(out[i], out[j]), (i, j)
+
+
+def test_select_returns_the_params_of_a_sub_batch():
+    x = torch.randn(6, 3, 8, 8, generator=seeded(16))
+    params = sample_augment_params(6, 8, mode="M", generator=seeded(17))
+    index = torch.tensor([4, 1, 1])
+    torch.testing.assert_close(diff_augment(x[index], params.select(index)), diff_augment(x, params)[index])
+    mask = torch.tensor([True, False, False, True, True, False])
+    sub = params.select(mask)
+    assert sub.batch == 3
+    torch.testing.assert_close(diff_augment(x[mask], sub), diff_augment(x, params)[mask])
+    shared = sample_augment_params(1, 8, mode="M", generator=seeded(18))
+    assert shared.select(index) is shared
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+def assert_same_params(a: AugmentParams, b: AugmentParams) -> None:
+    for field in dataclasses.fields(AugmentParams):
+        va, vb = getattr(a, field.name), getattr(b, field.name)
+        assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb, field.name
+
+
+def test_same_generator_seed_gives_identical_params():
+    for mode in ("S", "M"):
+        a = sample_augment_params(7, 32, mode=mode, generator=seeded(3))
+        b = sample_augment_params(7, 32, mode=mode, generator=seeded(3))
+        assert_same_params(a, b)
+    c = sample_augment_params(7, 32, mode="M", generator=seeded(4))
+    assert not torch.equal(c.rotation, sample_augment_params(7, 32, mode="M", generator=seeded(3)).rotation)
+
+
+def test_without_generator_draws_differ_and_global_rng_is_untouched():
+    state = torch.random.get_rng_state()
+    a = sample_augment_params(64, 32, mode="M")
+    b = sample_augment_params(64, 32, mode="M")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert not torch.equal(a.rotation, b.rotation)
+
+
+@pytest.mark.parametrize("height, width", [(32, 32), (28, 28), (6, 9)])
+def test_draws_follow_the_dsa_ranges(height, width):
+    n = 4000
+    p = sample_augment_params(n, (height, width), mode="M", generator=seeded(19))
+    assert p.families == FAMILIES and p.batch == n and p.image_size == (height, width)
+    assert p.brightness.min() >= -0.5 and p.brightness.max() <= 0.5
+    assert p.brightness.min() < -0.45 and p.brightness.max() > 0.45
+    assert p.saturation.min() >= 0 and p.saturation.max() <= 2 and p.saturation.max() > 1.9
+    assert p.contrast.min() >= 0.5 and p.contrast.max() <= 1.5
+    for axis, size in enumerate((height, width)):
+        s = int(size * 0.125 + 0.5)
+        assert set(p.crop_shift[:, axis].tolist()) == set(range(-s, s + 1))
+        cut = int(size * 0.5 + 0.5)
+        assert p.cutout_size[axis] == cut
+        assert set(p.cutout_center[:, axis].tolist()) == set(range(0, size + 1 - cut % 2))
+    assert p.crop_shift.dtype == p.cutout_center.dtype == torch.int64
+    assert p.flip.dtype == torch.bool and abs(p.flip.float().mean().item() - 0.5) < 0.05
+    assert p.scale.min() >= 1 / 1.2 and p.scale.max() <= 1.2 and p.scale.shape == (n, 2)
+    assert p.scale.min() < 1 / 1.2 + 0.01 and p.scale.max() > 1.19
+    limit = math.radians(15)
+    assert p.rotation.abs().max() <= limit and p.rotation.abs().max() > 0.98 * limit
+
+
+def test_config_overrides_the_ranges():
+    config = AugmentConfig(crop_ratio=0.25, rotate_degrees=90.0, flip_probability=1.0, align_corners=False)
+    p = sample_augment_params(2000, 32, mode="M", generator=seeded(20), config=config)
+    assert p.crop_shift.abs().max() == 8
+    assert p.rotation.abs().max() > math.radians(80)
+    assert bool(p.flip.all()) and p.align_corners is False
+
+
+def test_mode_s_picks_each_family_about_equally_often():
+    g = seeded(21)
+    counts = dict.fromkeys(FAMILIES, 0)
+    for _ in range(1200):
+        p = sample_augment_params(1, 32, mode="S", generator=g)
+        assert len(p.families) == 1
+        counts[p.families[0]] += 1
+    assert all(140 <= c <= 260 for c in counts.values()), counts  # expected 200 each, sd ~13
+
+
+def test_mode_m_applies_all_families_in_strategy_order():
+    p = sample_augment_params(3, 16, strategy="rotate_color_crop", mode="M", generator=seeded(22))
+    assert p.families == ("rotate", "color", "crop")
+    assert p.cutout_center is None and p.flip is None and p.scale is None
+    assert p.rotation.shape == (3,) and p.crop_shift.shape == (3, 2)
+
+
+@pytest.mark.parametrize("strategy, mode", [("", "S"), ("none", "M"), (ALL, "none")])
+def test_identity_strategies(strategy, mode):
+    p = sample_augment_params(4, 8, strategy=strategy, mode=mode, generator=seeded(23))
+    x = torch.randn(4, 3, 8, 8)
+    assert p.families == () and p.device is None
+    assert diff_augment(x, p) is x
+
+
+def test_params_move_between_devices():
+    p = sample_augment_params(3, 8, mode="M", generator=seeded(24), device="meta")
+    assert p.device.type == "meta" and p.flip.device.type == "meta" and p.crop_shift.device.type == "meta"
+    moved = sample_augment_params(3, 8, mode="M", generator=seeded(24)).to(torch.device("meta"))
+    assert moved.device.type == "meta" and moved.rotation.device.type == "meta"
+    assert moved.cutout_size == p.cutout_size and moved.families == p.families and moved.batch == 3
+
+
+# ---------------------------------------------------------------------------------------- inputs and gradients
+
+
+def test_non_contiguous_input_matches_contiguous():
+    x = torch.randn(4, 3, 8, 8, generator=seeded(25))
+    strided = x.transpose(2, 3).contiguous().transpose(2, 3)
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    for batch in (1, 4):
+        p = sample_augment_params(batch, 8, mode="M", generator=seeded(26))
+        expected = diff_augment(x, p)
+        torch.testing.assert_close(diff_augment(strided, p), expected)
+        torch.testing.assert_close(diff_augment(channels_last, p, backend="reference"), expected)
+
+
+@pytest.mark.parametrize("strategy", [*FAMILIES, ALL])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_gradcheck(strategy, batch):
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=seeded(27), requires_grad=True)
+    params = sample_augment_params(batch, 6, strategy=strategy, mode="M", generator=seeded(28))
+    assert torch.autograd.gradcheck(lambda t: diff_augment(t, params), (x,))
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: diff_augment(torch.zeros(3, 8, 8), SHARED), r"\[B, C, H, W\].*\(3, 8, 8\)"),
+        (lambda: diff_augment(torch.zeros(2, 3, 8, 8, dtype=torch.int64), SHARED), "floating-point.*int64"),
+        (lambda: diff_augment(torch.zeros(5, 3, 8, 8), PER_IMAGE_3), r"params.batch is 3.*x has batch 5"),
+        (lambda: diff_augment(torch.zeros(3, 3, 8, 9), PER_IMAGE_3), r"size \(8, 8\).*\(3, 3, 8, 9\)"),
+        (lambda: diff_augment(torch.zeros(1, 3, 8, 8), SHARED, backend="cuda"), "valid backends are auto"),
+        (lambda: sample_augment_params(2, 8, strategy="color_blur"), "'blur'.*color, crop, cutout"),
+        (lambda: sample_augment_params(2, 8, strategy="crop_crop"), "must not repeat"),
+        (lambda: sample_augment_params(2, 8, mode="X"), "mode 'X'.*S, M, none"),
+        (lambda: sample_augment_params(0, 8), "positive int"),
+        (lambda: sample_augment_params(2, (8, 0)), "image size"),
+        (lambda: sample_augment_params(2, 8, generator=42), "CPU torch.Generator"),
+        (lambda: hand_params("crop", 2, 8, crop_shift=torch.zeros(3, 2, dtype=torch.int64)), r"\(2, 2\).*\(3, 2\)"),
+        (lambda: hand_params("crop", 2, 8, crop_shift=torch.zeros(2, 2)), "int dtype"),
+        (lambda: hand_params("flip", 1, 8), "flip must be a tensor"),
+        (lambda: AugmentParams(("flip",), 1, 8, flip=torch.ones(1, dtype=torch.bool), scale=torch.ones(1, 2)), "scale"),
+        (lambda: PER_IMAGE_3.select(torch.tensor([True, False])), "2 entries.*batch is 3"),
+    ],
+)
+def test_bad_inputs_raise_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_wrong_types_raise_type_error():
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        diff_augment([[1.0]], SHARED)
+    with pytest.raises(TypeError, match="AugmentParams"):
+        diff_augment(torch.zeros(1, 3, 8, 8), {"families": ()})
+
+
+SHARED = sample_augment_params(1, 8, mode="M", generator=seeded(0))
+PER_IMAGE_3 = sample_augment_params(3, 8, mode="M", generator=seeded(0))
