@@ -1,0 +1,11 @@
+"""The public kernel API of fastdd: one function per op; each validates its inputs and picks a backend.
+
+Backends: ``"reference"`` (pure PyTorch, the test oracle), ``"cpp"`` (the compiled extension ``fastdd._C``),
+``"triton"`` (GPU kernels; runs on CPU only under ``TRITON_INTERPRET=1``) and ``"auto"`` (the fastest available for
+the tensors' device).
+"""
+
+from fastdd.ops.augment import AugmentParams, diff_augment, sample_augment_params
+from fastdd.ops.nearest import nearest_synthetic
+
+__all__ = ["AugmentParams", "diff_augment", "sample_augment_params", "nearest_synthetic"]

@@ -1,0 +1,221 @@
+"""Nearest synthetic sample of every real sample: the cluster assignment of group-robust distillation.
+
+``nearest_synthetic(points, centers)`` returns, for each row of ``points``, the index of the closest row of
+``centers`` by squared Euclidean distance (the lowest index on ties) and that squared distance, differentiable
+w.r.t. both inputs.
+
+Backends:
+  ``"reference"``  pure PyTorch; the test oracle and the fallback.
+  ``"cpp"``        ``torch.ops.fastdd.nearest_synthetic`` from the compiled extension: the CPU kernel, or the CUDA
+                   kernel when ``fastdd._C`` was built with CUDA.
+  ``"triton"``     the Triton kernel in ``fastdd.kernels.nearest_synthetic`` (CUDA tensors, or CPU tensors under
+                   ``TRITON_INTERPRET=1``).
+  ``"auto"``       CUDA tensor: triton, else cpp, else reference. CPU tensor: cpp, else reference.
+
+Every backend computes each distance exactly, as a sum of squared differences. The faster-looking expansion
+``||p||^2 + ||c||^2 - 2 p.c`` cancels catastrophically when points sit close to a center, which is the case that
+decides an assignment. A NaN distance wins the argmin, as in ``torch.argmin``, so NaNs in the data are not hidden.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from fastdd import _extension
+
+BACKENDS = ("auto", "reference", "cpp", "triton")
+
+# The compiled kernels (C++, CUDA, Triton) are written for these dtypes; others go to the reference.
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+# The reference compares points with a block of centers at once; blocks hold about this many differences.
+_REFERENCE_BLOCK_ELEMENTS = 1 << 22
+
+
+def nearest_synthetic(points: Tensor, centers: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Index of, and squared distance to, the nearest center of every point.
+
+    Args:
+        points: [N, D] floating-point real samples (e.g. flattened images or embeddings).
+        centers: [M, D] synthetic samples, M >= 1, same dtype and device as ``points``.
+        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"`` (see the module docstring).
+
+    Returns:
+        index: [N] int64, ``argmin_j ||points[i] - centers[j]||^2``, the lowest j on ties. Not differentiable.
+        sq_dist: [N] in the inputs' dtype, that minimum squared distance; differentiable w.r.t. points and centers
+            (``d sq_dist[i] / d points[i] = 2 (points[i] - centers[index[i]])``, the negative for the center).
+
+    Raises:
+        TypeError: inputs are not floating-point tensors of one dtype.
+        ValueError: bad shapes, different devices, or an unknown backend.
+        RuntimeError: the requested backend cannot run these inputs here (the message says why).
+    """
+    _check_inputs(points, centers)
+    chosen = resolve_backend(backend, points)
+    if chosen == "reference":
+        return nearest_synthetic_reference(points, centers)
+    if chosen == "cpp":
+        sq_dist, index = torch.ops.fastdd.nearest_synthetic(points, centers)
+        return index, sq_dist
+    return _TritonNearestSynthetic.apply(points, centers)
+
+
+def resolve_backend(backend: str, points: Tensor) -> str:
+    """The backend ``nearest_synthetic`` runs for ``points`` ([N, D]): ``backend`` itself, or auto's choice.
+
+    Raises ValueError for an unknown name and RuntimeError, with the reason, for a backend that cannot run here.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown nearest_synthetic backend {backend!r}; valid backends are {', '.join(BACKENDS)}")
+    if backend == "auto":
+        preferred = ("triton", "cpp") if points.device.type == "cuda" else ("cpp",)
+        return next((name for name in preferred if _unavailable_reason(name, points) is None), "reference")
+    reason = _unavailable_reason(backend, points)
+    if reason is not None:
+        raise RuntimeError(f"nearest_synthetic backend {backend!r} is unavailable: {reason}")
+    return backend
+
+
+def nearest_synthetic_reference(points: Tensor, centers: Tensor) -> tuple[Tensor, Tensor]:
+    """Pure-PyTorch ``nearest_synthetic``: points [N, D], centers [M, D] -> (index [N] int64, sq_dist [N]).
+
+    Written for clarity: the [N, M] matrix of exact squared distances is built a block of centers at a time, its
+    argmin picks the index (``torch.argmin`` returns the first minimum), and sq_dist is recomputed from the chosen
+    centers so autograd differentiates only the winning distance.
+    """
+    num_points, dim = points.shape
+    block = max(1, _REFERENCE_BLOCK_ELEMENTS // max(1, num_points * dim))
+    with torch.no_grad():
+        sq_dists = torch.cat(
+            [(points[:, None, :] - chunk[None, :, :]).square().sum(dim=2) for chunk in centers.split(block)],
+            dim=1,
+        )
+        index = sq_dists.argmin(dim=1)
+    sq_dist = (points - centers[index]).square().sum(dim=1)
+    return index, sq_dist
+
+
+def nearest_synthetic_backward_reference(
+    grad_sq_dist: Tensor, points: Tensor, centers: Tensor, index: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Gradients of sq_dist: grad_sq_dist [N], points [N, D], centers [M, D], index [N] -> ([N, D], [M, D])."""
+    grad_points = 2 * grad_sq_dist[:, None] * (points - centers[index])
+    grad_centers = torch.zeros_like(centers).index_add_(0, index, -grad_points)
+    return grad_points, grad_centers
+
+
+def _check_inputs(points: Tensor, centers: Tensor) -> None:
+    if not isinstance(points, Tensor) or not isinstance(centers, Tensor):
+        raise TypeError(
+            f"nearest_synthetic expects tensors, got points of type {type(points).__name__} and centers of type "
+            f"{type(centers).__name__}"
+        )
+    shapes = f"points {tuple(points.shape)} and centers {tuple(centers.shape)}"
+    if points.dim() != 2 or centers.dim() != 2:
+        raise ValueError(f"nearest_synthetic expects points [N, D] and centers [M, D], got {shapes}")
+    if points.shape[1] != centers.shape[1]:
+        raise ValueError(f"nearest_synthetic expects the same feature size D, got {shapes}")
+    if centers.shape[0] == 0:
+        raise ValueError(f"nearest_synthetic needs at least one center, got {shapes}")
+    if not points.is_floating_point() or not centers.is_floating_point():
+        raise TypeError(
+            f"nearest_synthetic expects floating-point tensors, got {points.dtype} and {centers.dtype} ({shapes})"
+        )
+    if points.dtype != centers.dtype:
+        raise TypeError(f"nearest_synthetic expects one dtype, got {points.dtype} and {centers.dtype} ({shapes})")
+    if points.device != centers.device:
+        raise ValueError(f"nearest_synthetic expects one device, got {points.device} and {centers.device} ({shapes})")
+
+
+def _unavailable_reason(backend: str, points: Tensor) -> str | None:
+    """Why ``backend`` cannot run ``nearest_synthetic`` on tensors like ``points``, or None when it can."""
+    if backend == "reference":
+        return None
+    if points.dtype not in _KERNEL_DTYPES:
+        return f"its kernels support float32 and float64, got {points.dtype}; use backend='reference'"
+    device = points.device.type
+    if backend == "cpp":
+        if not _extension.has_cpp():
+            return (
+                f"the compiled extension fastdd._C did not load ({_extension.load_error()}); build it with "
+                "`python setup.py build_ext --inplace` or reinstall fastdd"
+            )
+        if device == "cuda" and not _extension.has_cuda_kernels():
+            return "fastdd._C was built without CUDA kernels; rebuild it with a CUDA toolkit or use backend='triton'"
+        if device not in ("cpu", "cuda"):
+            return f"fastdd._C has no kernel for {device} tensors"
+        return None
+    if device != "cuda" and not (device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return f"Triton kernels need CUDA tensors (got {device}), or TRITON_INTERPRET=1 set before fastdd imports them"
+    module, error = _triton_kernels()
+    if module is None:
+        return f"fastdd.kernels.nearest_synthetic could not be imported ({error})"
+    return None
+
+
+@functools.cache
+def _triton_kernels() -> tuple[ModuleType | None, str | None]:
+    try:
+        return importlib.import_module("fastdd.kernels.nearest_synthetic"), None
+    except ImportError as error:
+        return None, f"{type(error).__name__}: {error}"
+
+
+class _TritonNearestSynthetic(torch.autograd.Function):
+    """Triton forward; the backward is two memory-bound PyTorch ops (a gather and an index_add)."""
+
+    @staticmethod
+    def forward(ctx, points: Tensor, centers: Tensor) -> tuple[Tensor, Tensor]:
+        module, _ = _triton_kernels()
+        index, sq_dist = module.nearest_synthetic_forward(points, centers)
+        ctx.save_for_backward(points, centers, index)
+        ctx.mark_non_differentiable(index)
+        return index, sq_dist
+
+    @staticmethod
+    def backward(ctx, grad_index: Tensor | None, grad_sq_dist: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        points, centers, index = ctx.saved_tensors
+        grad_points, grad_centers = nearest_synthetic_backward_reference(grad_sq_dist, points, centers, index)
+        return grad_points, grad_centers
+
+
+def _register_compiled_op() -> None:
+    """Fake (shape-only) implementations and the autograd formula of ``torch.ops.fastdd.nearest_synthetic``.
+
+    The registered op returns ``(sq_dist, index)``, values before indices as ``torch.min(dim)`` does (a float first
+    output is also what ``torch.library.opcheck``'s autograd checks can sum).
+    """
+
+    @torch.library.register_fake("fastdd::nearest_synthetic")
+    def _nearest_synthetic_fake(points: Tensor, centers: Tensor) -> tuple[Tensor, Tensor]:
+        torch._check(points.dim() == 2 and centers.dim() == 2, lambda: "points and centers must be 2-D")
+        torch._check(points.shape[1] == centers.shape[1], lambda: "points and centers must have the same D")
+        num_points = points.shape[0]
+        return points.new_empty(num_points), points.new_empty(num_points, dtype=torch.int64)
+
+    @torch.library.register_fake("fastdd::nearest_synthetic_backward")
+    def _nearest_synthetic_backward_fake(
+        grad_sq_dist: Tensor, points: Tensor, centers: Tensor, index: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return torch.empty_like(points), torch.empty_like(centers)
+
+    def setup_context(ctx, inputs: tuple[Tensor, Tensor], output: tuple[Tensor, Tensor]) -> None:
+        points, centers = inputs
+        _, index = output
+        ctx.save_for_backward(points, centers, index)
+
+    def backward(ctx, grad_sq_dist: Tensor, grad_index: Tensor | None) -> tuple[Tensor, Tensor]:
+        points, centers, index = ctx.saved_tensors
+        return torch.ops.fastdd.nearest_synthetic_backward(grad_sq_dist, points, centers, index)
+
+    torch.library.register_autograd("fastdd::nearest_synthetic", backward, setup_context=setup_context)
+
+
+if _extension.has_cpp():
+    _register_compiled_op()

@@ -1,0 +1,99 @@
+"""Triton forward of ``nearest_synthetic``: the nearest center of every point by exact squared distance.
+
+Each program owns ``BLOCK_N`` points and sweeps the centers ``BLOCK_M`` at a time. For one tile it accumulates the
+[BLOCK_N, BLOCK_M] squared distances over the features, ``BLOCK_D`` at a time, as sums of squared differences (not
+the cancellation-prone ``||p||^2 + ||c||^2 - 2 p.c``), then folds the tile's argmin into a running best. Tiles come
+in increasing center order and only a strictly smaller distance replaces the best, so ties keep the lowest index;
+NaN distances are ranked as -inf, so the first NaN wins, as in ``torch.argmin``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _nearest_synthetic_kernel(
+    points_ptr,
+    centers_ptr,
+    index_ptr,
+    sq_dist_ptr,
+    num_points,
+    num_centers,
+    dim,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < num_points
+    row_starts = rows.to(tl.int64) * dim
+    dtype = sq_dist_ptr.dtype.element_ty
+    best_key = tl.full([BLOCK_N], float("inf"), dtype)
+    best_index = tl.zeros([BLOCK_N], dtype=tl.int64)
+    for center_begin in range(0, num_centers, BLOCK_M):
+        cols = center_begin + tl.arange(0, BLOCK_M)
+        col_ok = cols < num_centers
+        col_starts = cols.to(tl.int64) * dim
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype)
+        for feature_begin in range(0, dim, BLOCK_D):
+            features = feature_begin + tl.arange(0, BLOCK_D)
+            feature_ok = features < dim
+            p = tl.load(
+                points_ptr + row_starts[:, None] + features[None, :],
+                mask=row_ok[:, None] & feature_ok[None, :],
+                other=0.0,
+            )
+            c = tl.load(
+                centers_ptr + col_starts[:, None] + features[None, :],
+                mask=col_ok[:, None] & feature_ok[None, :],
+                other=0.0,
+            )
+            diff = p[:, None, :] - c[None, :, :]
+            acc += tl.sum(diff * diff, axis=2)
+        key = tl.where(acc != acc, float("-inf"), acc)
+        key = tl.where(col_ok[None, :], key, float("inf"))
+        tile_best = tl.min(key, axis=1)
+        tile_index = tl.argmin(key, axis=1, tie_break_left=True)
+        closer = tile_best < best_key
+        best_key = tl.where(closer, tile_best, best_key)
+        best_index = tl.where(closer, center_begin + tile_index.to(tl.int64), best_index)
+    sq_dist = tl.where(best_key == float("-inf"), float("nan"), best_key)
+    tl.store(index_ptr + rows, best_index, mask=row_ok)
+    tl.store(sq_dist_ptr + rows, sq_dist, mask=row_ok)
+
+
+def nearest_synthetic_forward(points: Tensor, centers: Tensor) -> tuple[Tensor, Tensor]:
+    """Launch the kernel: points [N, D], centers [M, D] (float32/float64, one device) -> (index [N], sq_dist [N]).
+
+    Inputs are made contiguous; no autograd (``fastdd.ops.nearest`` wraps this in an autograd.Function).
+    """
+    points = points.contiguous()
+    centers = centers.contiguous()
+    num_points, dim = points.shape
+    num_centers = centers.shape[0]
+    index = torch.empty(num_points, dtype=torch.int64, device=points.device)
+    sq_dist = torch.empty(num_points, dtype=points.dtype, device=points.device)
+    if num_points == 0:
+        return index, sq_dist
+    # Tile sizes: powers of two, shrunk for tiny inputs (which also keeps the CPU interpreter quick).
+    block_n = min(32, triton.next_power_of_2(num_points))
+    block_m = min(16, triton.next_power_of_2(num_centers))
+    block_d = min(16, triton.next_power_of_2(max(dim, 1)))
+    grid = (triton.cdiv(num_points, block_n),)
+    _nearest_synthetic_kernel[grid](
+        points,
+        centers,
+        index,
+        sq_dist,
+        num_points,
+        num_centers,
+        dim,
+        BLOCK_N=block_n,
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
+    )
+    return index, sq_dist

@@ -1,0 +1,256 @@
+"""nearest_synthetic: every backend against the float64 reference, ties, NaNs, gradients, opcheck, dispatch."""
+
+import pytest
+import torch
+
+from fastdd import _extension
+from fastdd.ops import nearest
+from fastdd.ops.nearest import nearest_synthetic, nearest_synthetic_backward_reference, nearest_synthetic_reference
+
+needs_triton = pytest.mark.skipif(
+    nearest._triton_kernels()[0] is None, reason=f"Triton kernels unavailable: {nearest._triton_kernels()[1]}"
+)
+TRITON = pytest.param("triton", marks=needs_triton)
+COMPILED_BACKENDS = ["cpp", TRITON]
+
+# (N, M, D): odd sizes, row-tile remainders, several Triton tiles along M and D, a single center, no points.
+SHAPES = [(37, 5, 13), (1, 1, 1), (6, 19, 21), (33, 17, 3), (4, 1, 40), (0, 3, 4)]
+
+
+def _random(shape, generator, dtype=torch.float64):
+    return torch.randn(*shape, generator=generator, dtype=dtype)
+
+
+def _brute_force(points, centers):
+    """The definition, all at once: [N, M] exact squared distances in float64."""
+    sq = (points.double()[:, None, :] - centers.double()[None, :, :]).square().sum(dim=2)
+    return sq.argmin(dim=1), sq.min(dim=1).values
+
+
+def test_extension_loaded():
+    assert _extension.has_cpp(), f"fastdd._C failed to load: {_extension.load_error()}"
+    assert _extension.load_error() is None
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_matches_definition(shape, generator):
+    n, m, d = shape
+    points, centers = _random((n, d), generator), _random((m, d), generator)
+    index, sq_dist = nearest_synthetic_reference(points, centers)
+    expected_index, expected_dist = _brute_force(points, centers)
+    assert index.dtype == torch.int64 and index.shape == (n,) and sq_dist.shape == (n,)
+    torch.testing.assert_close(index, expected_index, rtol=0, atol=0)
+    torch.testing.assert_close(sq_dist, expected_dist, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_backend_matches_reference_float64(backend, shape, generator):
+    n, m, d = shape
+    points, centers = _random((n, d), generator), _random((m, d), generator)
+    index, sq_dist = nearest_synthetic(points, centers, backend=backend)
+    expected_index, expected_dist = nearest_synthetic_reference(points, centers)
+    assert index.dtype == torch.int64 and sq_dist.dtype == torch.float64
+    torch.testing.assert_close(index, expected_index, rtol=0, atol=0)
+    torch.testing.assert_close(sq_dist, expected_dist, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_backend_matches_reference_float32(backend, generator):
+    points, centers = _random((37, 13), generator, torch.float32), _random((5, 13), generator, torch.float32)
+    index, sq_dist = nearest_synthetic(points, centers, backend=backend)
+    expected_index, expected_dist = _brute_force(points, centers)
+    assert sq_dist.dtype == torch.float32
+    torch.testing.assert_close(index, expected_index, rtol=0, atol=0)
+    torch.testing.assert_close(sq_dist, expected_dist.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_cpp_realistic_size_float32(generator):
+    # Large D exercises the vectorised loops, the center blocking and both threads.
+    points, centers = _random((203, 2048), generator, torch.float32), _random((100, 2048), generator, torch.float32)
+    index, sq_dist = nearest_synthetic(points, centers, backend="cpp")
+    expected_index, expected_dist = _brute_force(points, centers)
+    torch.testing.assert_close(index, expected_index, rtol=0, atol=0)
+    torch.testing.assert_close(sq_dist, expected_dist.float(), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_non_contiguous_inputs(backend, generator):
+    points = _random((13, 37), generator).t()  # [37, 13], transposed view
+    centers = _random((10, 39), generator)[::2, ::3]  # [5, 13], strided view
+    assert not points.is_contiguous() and not centers.is_contiguous()
+    index, sq_dist = nearest_synthetic(points, centers, backend=backend)
+    expected_index, expected_dist = nearest_synthetic_reference(points.contiguous(), centers.contiguous())
+    torch.testing.assert_close(index, expected_index, rtol=0, atol=0)
+    torch.testing.assert_close(sq_dist, expected_dist, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", *COMPILED_BACKENDS])
+def test_ties_resolve_to_lowest_index(backend):
+    # Small integers: every distance is exact, so the ties below are real ties in every backend.
+    centers = torch.tensor([[0.0, 5.0], [1.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    points = torch.tensor([[0.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [0.0, 3.0], [0.0, -1.0]], dtype=torch.float64)
+    # Hand-computed: (0,0) is at 1 from centers 1, 2, 3, 4; (1,0) sits on centers 1 and 3; (0,3) is at 4 from 0 and 4;
+    # (0,-1) is at 2 from 1, 2, 3.
+    index, sq_dist = nearest_synthetic(points, centers, backend=backend)
+    assert index.tolist() == [1, 1, 2, 0, 1]
+    assert sq_dist.tolist() == [1.0, 0.0, 0.0, 4.0, 2.0]
+
+
+@pytest.mark.parametrize("backend", ["reference", *COMPILED_BACKENDS])
+def test_duplicate_centers_across_tiles_pick_first(backend, generator):
+    # 24 centers span two Triton center tiles; the nearest one is duplicated at 3 and 20.
+    centers = torch.randint(-4, 5, (24, 6), generator=generator).double() * 10
+    centers[20] = centers[3]
+    points = centers[3] + torch.randint(-1, 2, (9, 6), generator=generator).double()
+    index, _ = nearest_synthetic(points, centers, backend=backend)
+    assert index.tolist() == [3] * 9
+
+
+def test_cpp_ties_across_center_blocks():
+    # With D = 40000 doubles each center fills a whole cache block, so tied centers land in different blocks.
+    dim = 40000
+    centers = torch.zeros(3, dim, dtype=torch.float64)
+    centers[0] = 3.0
+    centers[1, : dim // 2] = 1.0
+    centers[2, dim // 2 :] = 1.0  # centers 1 and 2 are equally far from the origin-centred points below
+    points = torch.zeros(5, dim, dtype=torch.float64)
+    index, sq_dist = nearest_synthetic(points, centers, backend="cpp")
+    assert index.tolist() == [1] * 5
+    assert sq_dist.tolist() == [dim / 2] * 5
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_nan_distances_win_like_torch_argmin(backend, generator):
+    points, centers = _random((6, 5), generator), _random((4, 5), generator)
+    points[2, 1] = float("nan")  # every distance of point 2 is NaN -> center 0
+    centers[3, 0] = float("nan")  # distance to center 3 is NaN for everyone -> center 3 (first NaN)
+    index, sq_dist = nearest_synthetic(points, centers, backend=backend)
+    expected_index, expected_dist = nearest_synthetic_reference(points, centers)
+    assert expected_index.tolist() == [3, 3, 0, 3, 3, 3]
+    torch.testing.assert_close(index, expected_index, rtol=0, atol=0)
+    assert torch.isnan(sq_dist).all() and torch.isnan(expected_dist).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", *COMPILED_BACKENDS])
+def test_single_center(backend, generator):
+    points, centers = _random((11, 7), generator), _random((1, 7), generator)
+    index, sq_dist = nearest_synthetic(points, centers, backend=backend)
+    assert index.tolist() == [0] * 11
+    torch.testing.assert_close(sq_dist, (points - centers).square().sum(dim=1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_gradcheck(backend, generator):
+    points = _random((9, 4), generator).requires_grad_()
+    centers = _random((3, 4), generator).requires_grad_()  # 9 points on 3 centers: shared centers accumulate
+    assert torch.autograd.gradcheck(lambda p, c: nearest_synthetic(p, c, backend=backend)[1], (points, centers))
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gradients_match_reference(backend, dtype, generator):
+    points = _random((37, 13), generator, dtype).requires_grad_()
+    centers = _random((5, 13), generator, dtype).requires_grad_()
+    weight = _random((37,), generator, dtype)
+    index, sq_dist = nearest_synthetic(points, centers, backend=backend)
+    assert not index.requires_grad and sq_dist.requires_grad
+    grads = torch.autograd.grad((sq_dist * weight).sum(), (points, centers))
+    _, expected_dist = nearest_synthetic_reference(points, centers)
+    expected = torch.autograd.grad((expected_dist * weight).sum(), (points, centers))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_backward_formula_by_hand():
+    points = torch.tensor([[1.0, 2.0], [0.0, 0.0], [3.0, 3.0]], dtype=torch.float64)
+    centers = torch.tensor([[0.0, 0.0], [3.0, 4.0]], dtype=torch.float64)
+    index = torch.tensor([0, 0, 1])
+    grad = torch.tensor([1.0, 5.0, 0.5], dtype=torch.float64)
+    # grad_points = 2 g (p - c_index); grad_centers[j] = -(sum of grad_points of the points assigned to j).
+    want_points = torch.tensor([[2.0, 4.0], [0.0, 0.0], [0.0, -1.0]], dtype=torch.float64)
+    want_centers = torch.tensor([[-2.0, -4.0], [0.0, 1.0]], dtype=torch.float64)
+    for backward in (nearest_synthetic_backward_reference, torch.ops.fastdd.nearest_synthetic_backward):
+        grad_points, grad_centers = backward(grad, points, centers, index)
+        torch.testing.assert_close(grad_points, want_points, rtol=0, atol=0)
+        torch.testing.assert_close(grad_centers, want_centers, rtol=0, atol=0)
+
+
+def test_only_points_require_grad(generator):
+    points = _random((8, 3), generator).requires_grad_()
+    centers = _random((2, 3), generator)
+    _, sq_dist = nearest_synthetic(points, centers, backend="cpp")
+    sq_dist.sum().backward()
+    index, _ = nearest_synthetic_reference(points.detach(), centers)
+    torch.testing.assert_close(points.grad, 2 * (points.detach() - centers[index]), rtol=1e-12, atol=1e-12)
+
+
+def test_opcheck(generator):
+    samples = [
+        (_random((7, 5), generator), _random((3, 5), generator)),
+        (_random((7, 5), generator).requires_grad_(), _random((3, 5), generator).requires_grad_()),
+        (_random((6, 4), generator, torch.float32), _random((2, 4), generator, torch.float32).requires_grad_()),
+    ]
+    for points, centers in samples:
+        torch.library.opcheck(torch.ops.fastdd.nearest_synthetic.default, (points, centers))
+    points, centers = samples[0]
+    _, index = torch.ops.fastdd.nearest_synthetic(points, centers)
+    torch.library.opcheck(
+        torch.ops.fastdd.nearest_synthetic_backward.default, (_random((7,), generator), points, centers, index)
+    )
+
+
+def test_auto_backend_choice(monkeypatch, generator):
+    points = _random((4, 3), generator, torch.float32)
+    assert nearest.resolve_backend("auto", points) == "cpp"
+    assert nearest.resolve_backend("auto", points.half()) == "reference"  # no compiled kernels for float16
+    monkeypatch.setattr(nearest._extension, "has_cpp", lambda: False)
+    assert nearest.resolve_backend("auto", points) == "reference"
+    with pytest.raises(RuntimeError, match=r"'cpp' is unavailable: the compiled extension fastdd\._C did not load"):
+        nearest_synthetic(points, points, backend="cpp")
+
+
+def test_float16_runs_on_reference(generator):
+    points, centers = _random((10, 4), generator), _random((3, 4), generator)
+    index, sq_dist = nearest_synthetic(points.half(), centers.half())
+    assert index.tolist() == _brute_force(points.half(), centers.half())[0].tolist() and sq_dist.dtype == torch.float16
+    with pytest.raises(RuntimeError, match="float32 and float64"):
+        nearest_synthetic(points.half(), centers.half(), backend="cpp")
+
+
+def test_triton_needs_cuda_or_interpreter(monkeypatch, generator):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    points = _random((4, 3), generator)
+    with pytest.raises(RuntimeError, match="'triton' is unavailable: Triton kernels need CUDA tensors"):
+        nearest_synthetic(points, points, backend="triton")
+
+
+@pytest.mark.parametrize(
+    ("points", "centers", "error", "match"),
+    [
+        (torch.zeros(5), torch.zeros(2, 5), ValueError, r"points \[N, D\] and centers \[M, D\], got points \(5,\)"),
+        (torch.zeros(4, 3), torch.zeros(2, 4), ValueError, r"same feature size D, got points \(4, 3\) and centers"),
+        (torch.zeros(4, 3), torch.zeros(0, 3), ValueError, r"at least one center, got .* centers \(0, 3\)"),
+        (torch.zeros(4, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), TypeError, "floating-point"),
+        (torch.zeros(4, 3), torch.zeros(2, 3, dtype=torch.float64), TypeError, "one dtype, got torch.float32 and"),
+        (torch.zeros(4, 3).numpy(), torch.zeros(2, 3), TypeError, "expects tensors, got points of type ndarray"),
+    ],
+)
+def test_invalid_inputs_raise(points, centers, error, match):
+    with pytest.raises(error, match=match):
+        nearest_synthetic(points, centers)
+
+
+def test_unknown_backend_raises():
+    with pytest.raises(ValueError, match="unknown nearest_synthetic backend 'cuda'; valid backends are auto"):
+        nearest_synthetic(torch.zeros(2, 2), torch.zeros(1, 2), backend="cuda")
+
+
+def test_compiled_op_checks_its_arguments():
+    with pytest.raises(RuntimeError, match="points must be 2-D"):
+        torch.ops.fastdd.nearest_synthetic(torch.zeros(3), torch.zeros(2, 3))
+    with pytest.raises(RuntimeError, match=r"index\[1\] = 7 is out of range for 2 centers"):
+        torch.ops.fastdd.nearest_synthetic_backward(
+            torch.zeros(2), torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0, 7])
+        )
