@@ -1,0 +1,5 @@
+"""``python -m fastdd`` runs the command line."""
+
+from fastdd.cli import main
+
+main()

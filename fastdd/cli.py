@@ -1,0 +1,262 @@
+"""The ``fastdd`` command line: distill, evaluate, show, export, info."""
+
+from __future__ import annotations
+
+import functools
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from fastdd.errors import FastddError
+
+app = typer.Typer(
+    name="fastdd",
+    help="Fast, trustworthy dataset distillation: distill a labelled image dataset into a few synthetic images per "
+    "class, then evaluate networks trained on them.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_USER_ERROR = 2
+
+
+def _fail(message: str, code: int = EXIT_USER_ERROR) -> None:
+    message = message.strip()
+    if not message.endswith((".", "?", "!")):
+        message += "."
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _user_errors(command: Callable) -> Callable:
+    """Turn a FastddError into one sentence on stderr and exit status 2 (no traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except FastddError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted; outputs written so far are kept (continue a distillation with --resume)", 130)
+
+    return wrapper
+
+
+def _read_preset(path: Optional[Path]) -> dict[str, Any]:
+    if path is None:
+        return {}
+    import yaml
+
+    if not path.is_file():
+        raise FastddError(f"the config file {path} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise FastddError(f"the config file {path} is not valid YAML ({exc.__class__.__name__}).") from exc
+    if not isinstance(data, dict):
+        raise FastddError(f"the config file {path} must be a mapping of option names to values.")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _default_out(method: str, dataset: str, ipc: int) -> Path:
+    return Path("runs") / f"{method}-{dataset}-ipc{ipc}"
+
+
+@app.command()
+@_user_errors
+def distill(
+    method: Optional[str] = typer.Option(None, help="Distillation method: dc, dsa or dm (default dsa)."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset name (default digits, embedded)."),
+    ipc: Optional[int] = typer.Option(None, help="Synthetic images per class (default 10)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default runs/METHOD-DATASET-ipcIPC)."),
+    iterations: Optional[int] = typer.Option(None, help="Outer iterations (default: the method's, e.g. 1000 for dc/dsa, 20000 for dm)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the run's generator (default 0)."),
+    data_root: Optional[str] = typer.Option(None, help="Folder holding the dataset files."),
+    image_size: Optional[int] = typer.Option(None, help="Image side for imagefolder datasets."),
+    model: Optional[str] = typer.Option(None, help="Network used for matching (default convnet)."),
+    width: Optional[int] = typer.Option(None, help="ConvNet width (default 128)."),
+    depth: Optional[int] = typer.Option(None, help="ConvNet depth (default by image size)."),
+    norm: Optional[str] = typer.Option(None, help="instancenorm, batchnorm or none (default instancenorm)."),
+    zca: Optional[bool] = typer.Option(None, "--zca/--no-zca", help="ZCA-whiten the data (kornia, eps 0.1)."),
+    init: Optional[str] = typer.Option(None, help="Initialise from 'real' images or 'noise' (default real)."),
+    lr_img: Optional[float] = typer.Option(None, help="Learning rate of the images (dc/dsa 0.1, dm 1.0)."),
+    momentum_img: Optional[float] = typer.Option(None, help="Momentum of the image optimiser (default 0.5)."),
+    batch_real: Optional[int] = typer.Option(None, help="Real images per class per step (default 256)."),
+    dsa: Optional[bool] = typer.Option(None, "--dsa/--no-dsa", help="Differentiable siamese augmentation."),
+    dsa_strategy: Optional[str] = typer.Option(None, help="DSA families joined by '_' (default: the dataset's)."),
+    outer_loop: Optional[int] = typer.Option(None, help="dc/dsa: image updates per iteration (default by IPC)."),
+    inner_loop: Optional[int] = typer.Option(None, help="dc/dsa: network epochs between image updates (default by IPC)."),
+    lr_net: Optional[float] = typer.Option(None, help="dc/dsa: network learning rate in the inner loop (0.01)."),
+    batch_train: Optional[int] = typer.Option(None, help="dc/dsa: inner-loop batch size (256)."),
+    dis_metric: Optional[str] = typer.Option(None, help="dc/dsa: gradient distance ours, mse or cos."),
+    device: Optional[str] = typer.Option(None, help="Torch device (default cpu)."),
+    checkpoint_every: int = typer.Option(100, help="Write checkpoint.pt and the synthetic set every K iterations."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML preset of these options (command line wins)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Distill a dataset into IPC synthetic images per class and save them in OUT."""
+    from fastdd.data import load_dataset
+    from fastdd.distill import get_distiller, run_distillation
+
+    preset = _read_preset(config)
+    given = {
+        k: v
+        for k, v in dict(
+            method=method, dataset=dataset, ipc=ipc, iterations=iterations, seed=seed, data_root=data_root,
+            image_size=image_size, model=model, width=width, depth=depth, norm=norm, zca=zca, init=init,
+            lr_img=lr_img, momentum_img=momentum_img, batch_real=batch_real, dsa=dsa, dsa_strategy=dsa_strategy,
+            outer_loop=outer_loop, inner_loop=inner_loop, lr_net=lr_net, batch_train=batch_train,
+            dis_metric=dis_metric, device=device,
+        ).items()
+        if v is not None
+    }
+    options = {**preset, **given}
+    method_name = str(options.pop("method", "dsa"))
+    distiller_class = get_distiller(method_name)
+    cfg = distiller_class.config_class.from_options(options, method=method_name)
+    out = out if out is not None else _default_out(method_name, cfg.dataset, cfg.ipc)
+    from fastdd.distill.runner import check_output_folder
+
+    check_output_folder(out, resume=resume)  # before the (possibly slow) data loading
+    data = load_dataset(cfg.dataset, data_root=cfg.data_root, image_size=cfg.image_size, zca=cfg.zca)
+    distiller = distiller_class(cfg, data)
+    run_distillation(distiller, out, checkpoint_every=checkpoint_every, resume=resume, progress=not quiet)
+    typer.echo(f"synthetic set written to {out}")
+
+
+def _split_models(models: list[str]) -> list[str]:
+    names = [name.strip() for item in models for name in item.split(",") if name.strip()]
+    from fastdd.models import MODELS
+
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise FastddError(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}.")
+    return names
+
+
+@app.command()
+@_user_errors
+def evaluate(
+    synset_dir: Path = typer.Argument(..., help="Folder written by `fastdd distill`."),
+    models: list[str] = typer.Option(["convnet"], "--models", help="Models to train, comma separated or repeated."),
+    runs: int = typer.Option(5, help="Fresh networks per model."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs (default 1000 with DSA, 300 without)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: the set's learned lr, else 0.01)."),
+    dsa: bool = typer.Option(True, "--dsa/--no-dsa", help="Augment while training on the synthetic set."),
+    seed: int = typer.Option(0, help="Seed of the evaluation generator."),
+    data_root: Optional[str] = typer.Option(None, help="Dataset folder (default: the one used to distill)."),
+    device: str = typer.Option("cpu", help="Torch device."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Train fresh networks on a synthetic set and report their test accuracy (mean ± std over runs)."""
+    from fastdd.evaluate import EvalConfig, dataset_for_synset, evaluate_synthetic_set
+    from fastdd.io import SyntheticSet, write_json
+
+    names = _split_models(models)
+    synset = SyntheticSet.load(synset_dir)
+    data = dataset_for_synset(synset, data_root=data_root)
+    config = EvalConfig(runs=runs, epochs=epochs, lr=lr, dsa=dsa, seed=seed, device=device)
+    total = len(names) * runs * config.epochs_or_default()
+    if quiet:
+        result = evaluate_synthetic_set(synset, data, models=names, config=config)
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+            TimeRemainingColumn(),
+        ) as progress:
+            task = progress.add_task("evaluate", total=total)
+
+            def on_epoch(model: str, run: int, epoch: int) -> None:
+                progress.update(task, advance=1, description=f"evaluate {model} run {run + 1}/{runs}")
+
+            result = evaluate_synthetic_set(synset, data, models=names, config=config, on_epoch=on_epoch)
+    for name, res in result["models"].items():
+        acc = res["acc"]
+        typer.echo(f"{name}: acc {acc['mean']:.2f} ± {acc['std']:.2f} % over {runs} runs "
+                   f"({result['dataset']}, {result['method']}, IPC {result['ipc']}, {result['epochs']} epochs)")
+    if json_out is not None:
+        write_json(json_out, result)
+        typer.echo(f"results written to {json_out}")
+
+
+@app.command()
+@_user_errors
+def show(
+    synset_dir: Path = typer.Argument(..., help="Folder written by `fastdd distill`."),
+    out: Optional[Path] = typer.Option(None, help="PNG to write (default SYNSET_DIR/synset.png)."),
+) -> None:
+    """Write the synthetic images as a PNG grid (one row per class, de-normalised or inverse-ZCA'd)."""
+    from fastdd.io import SYNSET_GRID, SyntheticSet, save_image_grid, synset_unit_images
+
+    synset = SyntheticSet.load(synset_dir)
+    target = out if out is not None else Path(synset_dir) / SYNSET_GRID
+    save_image_grid(synset_unit_images(synset), target, nrow=synset.meta.get("ipc"))
+    typer.echo(f"image grid written to {target}")
+
+
+@app.command()
+@_user_errors
+def export(
+    synset_dir: Path = typer.Argument(..., help="Folder written by `fastdd distill`."),
+    out: Optional[Path] = typer.Option(None, help="Folder to write into (default SYNSET_DIR)."),
+) -> None:
+    """Write images_best.pt, labels_best.pt and lr_best.pt so other dataset-distillation tools can read the set."""
+    import torch
+
+    from fastdd.io import SyntheticSet, atomic_write
+
+    synset = SyntheticSet.load(synset_dir)
+    target = out if out is not None else Path(synset_dir)
+    lr = synset.syn_lr if synset.syn_lr is not None else torch.tensor(0.01)
+    labels = synset.soft_labels if synset.soft_labels is not None else synset.labels
+    for name, tensor in (("images_best.pt", synset.images), ("labels_best.pt", labels), ("lr_best.pt", lr)):
+        atomic_write(target / name, lambda tmp, t=tensor: torch.save(t.clone(), tmp))
+    typer.echo(f"images_best.pt, labels_best.pt and lr_best.pt written to {target}")
+
+
+@app.command()
+def info() -> None:
+    """Versions, compiled backends and threads of this installation."""
+    import torch
+
+    import fastdd
+    from fastdd import _extension
+
+    rows: list[tuple[str, str]] = [
+        ("fastdd", fastdd.__version__),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+    ]
+    for module in ("torchvision", "triton", "kornia"):
+        try:
+            rows.append((module, __import__(module).__version__))
+        except Exception as exc:  # optional pieces: report rather than fail
+            rows.append((module, f"unavailable ({exc.__class__.__name__})"))
+    rows.append(("cuda available", f"{torch.cuda.is_available()} ({torch.cuda.device_count()} devices)"))
+    cpp = "loaded" if _extension.has_cpp() else f"not loaded: {_extension.load_error()}"
+    rows.append(("C++ extension fastdd._C", cpp))
+    rows.append(("CUDA kernels compiled", str(_extension.has_cuda_kernels())))
+    rows.append(("torch threads", str(torch.get_num_threads())))
+    rows.append(("platform", f"{platform.platform()} ({platform.machine()})"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        typer.echo(f"{key:<{width}}  {value}")
+
+
+def main() -> None:
+    """Entry point of the ``fastdd`` script."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Distillation methods on one Distiller interface, and the runner that drives them."""
+
+from __future__ import annotations
+
+from fastdd.distill.base import DistillConfig, Distiller
+from fastdd.distill.dc import DC, GradientMatchingConfig, loops_for_ipc
+from fastdd.distill.dm import DM, DMConfig
+from fastdd.distill.dsa import DSA, DSAConfig
+from fastdd.distill.gradient_distance import gradient_distance
+from fastdd.distill.runner import run_distillation
+from fastdd.errors import FastddError
+
+DISTILLERS: dict[str, type[Distiller]] = {cls.name: cls for cls in (DC, DSA, DM)}
+
+
+def get_distiller(method: str) -> type[Distiller]:
+    """The Distiller class registered as ``method``; an unknown name raises FastddError listing the known ones."""
+    try:
+        return DISTILLERS[method]
+    except KeyError:
+        raise FastddError(
+            f"unknown method {method!r}; choose one of {', '.join(sorted(DISTILLERS))}."
+        ) from None
+
+
+__all__ = [
+    "DC",
+    "DISTILLERS",
+    "DM",
+    "DMConfig",
+    "DSA",
+    "DSAConfig",
+    "DistillConfig",
+    "Distiller",
+    "GradientMatchingConfig",
+    "get_distiller",
+    "gradient_distance",
+    "loops_for_ipc",
+    "run_distillation",
+]

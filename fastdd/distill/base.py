@@ -1,0 +1,197 @@
+"""The Distiller interface: a synthetic set, its optimiser, the run's generator, and one ``step`` per iteration."""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+import fastdd
+from fastdd.data import ImageDataset
+from fastdd.errors import FastddError
+from fastdd.io import SyntheticSet
+from fastdd.models import build_model
+from fastdd.ops import AugmentParams, diff_augment, sample_augment_params
+
+INITS = ("real", "noise")
+
+
+@dataclass
+class DistillConfig:
+    """Settings shared by every method. Method configs subclass it and change defaults or add fields."""
+
+    dataset: str = "digits"
+    data_root: str | None = None
+    image_size: int | None = None
+    zca: bool = False
+    ipc: int = 10
+    iterations: int = 1000
+    seed: int = 0
+    model: str = "convnet"
+    width: int = 128
+    depth: int | None = None
+    norm: str = "instancenorm"
+    init: str = "real"
+    lr_img: float = 0.1
+    momentum_img: float = 0.5
+    batch_real: int = 256
+    dsa: bool = True
+    dsa_strategy: str | None = None
+    device: str = "cpu"
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any], *, method: str) -> "DistillConfig":
+        """Build a config from ``options`` (None values mean "use the default"); unknown keys raise FastddError."""
+        known = set(cls.field_names())
+        unknown = sorted(k for k, v in options.items() if k not in known and v is not None)
+        if unknown:
+            raise FastddError(
+                f"option(s) {', '.join(unknown)} do not apply to method {method!r}; "
+                f"it accepts: {', '.join(sorted(known))}."
+            )
+        return cls(**{k: v for k, v in options.items() if v is not None and k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Distiller(ABC):
+    """Learns ``ipc`` synthetic images per class for ``dataset``.
+
+    Subclasses define ``name``, ``config_class`` and :meth:`step`. All randomness comes from ``self.generator``
+    (seeded from ``config.seed``), so a run is reproducible and a checkpoint resumes it exactly.
+
+    Attributes:
+        images: ``[C * ipc, channels, H, W]`` leaf tensor being optimised (model space).
+        labels: ``[C * ipc]`` int64, class-major.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[DistillConfig]] = DistillConfig
+
+    def __init__(self, config: DistillConfig, dataset: ImageDataset) -> None:
+        self.config = config
+        self.dataset = dataset
+        self.device = torch.device(config.device)
+        self._validate()
+        self.generator = torch.Generator()
+        self.generator.manual_seed(config.seed)
+        self.class_index = dataset.class_index()
+        self.dsa_strategy = config.dsa_strategy if config.dsa_strategy is not None else dataset.dsa_strategy
+        self.images = self._initial_images().to(self.device).requires_grad_(True)
+        self.labels = torch.arange(dataset.num_classes).repeat_interleave(config.ipc).to(self.device)
+        self.optimizer = torch.optim.SGD([self.images], lr=config.lr_img, momentum=config.momentum_img)
+
+    # -- set-up -------------------------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        cfg, ds = self.config, self.dataset
+        if cfg.ipc < 1:
+            raise FastddError(f"--ipc must be at least 1, got {cfg.ipc}.")
+        counts = ds.class_index().counts
+        smallest = int(counts.min())
+        if cfg.ipc > smallest:
+            c = int(counts.argmin())
+            raise FastddError(
+                f"--ipc {cfg.ipc} is larger than the smallest class of {ds.name} "
+                f"(class {ds.class_names[c]!r} has {smallest} training images); use --ipc {smallest} or less."
+            )
+        if cfg.init not in INITS:
+            raise FastddError(f"--init must be one of {', '.join(INITS)}, got {cfg.init!r}.")
+        if cfg.iterations < 0:
+            raise FastddError(f"--iterations must be 0 or more, got {cfg.iterations}.")
+
+    def _initial_images(self) -> torch.Tensor:
+        cfg, ds = self.config, self.dataset
+        if cfg.init == "noise":
+            shape = (ds.num_classes * cfg.ipc, ds.channels, *ds.image_size)
+            return torch.randn(shape, generator=self.generator)
+        picks = [self.class_index.sample(c, cfg.ipc, self.generator) for c in range(ds.num_classes)]
+        return ds.train_images[torch.cat(picks)].clone()
+
+    # -- helpers for subclasses ---------------------------------------------------------------------------------
+    def new_network(self) -> torch.nn.Module:
+        """A freshly initialised network (from the run's generator) on the run's device."""
+        cfg, ds = self.config, self.dataset
+        net = build_model(
+            cfg.model,
+            channels=ds.channels,
+            num_classes=ds.num_classes,
+            image_size=ds.image_size,
+            width=cfg.width,
+            depth=cfg.depth,
+            norm=cfg.norm,
+            generator=self.generator,
+        )
+        return net.to(self.device)
+
+    def real_batch(self, c: int, n: int) -> torch.Tensor:
+        """Up to ``n`` random training images of class ``c``: ``[min(n, count_c), C, H, W]`` on the run's device."""
+        n = min(n, int(self.class_index.counts[c]))
+        idx = self.class_index.sample(c, n, self.generator)
+        return self.dataset.train_images[idx].to(self.device)
+
+    def augment_params(self, batch: int) -> AugmentParams | None:
+        """DSA parameters for ``batch`` images (1 = one shared transform), or None when DSA is off."""
+        if not self.config.dsa:
+            return None
+        return sample_augment_params(
+            batch, self.dataset.image_size, strategy=self.dsa_strategy, generator=self.generator, device=self.device
+        )
+
+    @staticmethod
+    def augment(x: torch.Tensor, params: AugmentParams | None) -> torch.Tensor:
+        return x if params is None else diff_augment(x, params)
+
+    # -- the loop body ------------------------------------------------------------------------------------------
+    @abstractmethod
+    def step(self, iteration: int) -> dict[str, float]:
+        """Run one outer iteration (update ``self.images``) and return metrics, at least ``{"loss": ...}``."""
+
+    # -- persistence --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run exactly (tensors and plain values only)."""
+        return {
+            "images": self.images.detach().cpu(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.images.copy_(state["images"].to(self.device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+
+    def synthetic_set(self) -> SyntheticSet:
+        """The current synthetic set with its metadata."""
+        ds, cfg = self.dataset, self.config
+        zca = ds.zca.state_tensors() if ds.zca is not None else None
+        meta = {
+            "format": "fastdd-synset/1",
+            "fastdd_version": fastdd.__version__,
+            "method": self.name,
+            "dataset": ds.name,
+            "data_root": cfg.data_root,
+            "image_size": cfg.image_size,
+            "ipc": cfg.ipc,
+            "num_classes": ds.num_classes,
+            "class_names": list(ds.class_names),
+            "image_shape": [ds.channels, *ds.image_size],
+            "mean": list(ds.mean),
+            "std": list(ds.std),
+            "zca": cfg.zca,
+            "dsa_strategy": self.dsa_strategy,
+            "model": cfg.model,
+            "seed": cfg.seed,
+            "hyperparameters": cfg.to_dict(),
+        }
+        return SyntheticSet(
+            images=self.images.detach().cpu().clone(), labels=self.labels.cpu().clone(), meta=meta, zca=zca
+        )
