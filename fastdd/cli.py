@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import platform
 import sys
 from pathlib import Path
@@ -71,11 +70,15 @@ def _default_out(method: str, dataset: str, ipc: int) -> Path:
 @app.command()
 @_user_errors
 def distill(
-    method: Optional[str] = typer.Option(None, help="Distillation method: dc, dsa or dm (default dsa)."),
+    method: Optional[str] = typer.Option(
+        None, help="Distillation method: dc, dsa, dm, mtt, tesla or tesla-compat (default dsa)."
+    ),
     dataset: Optional[str] = typer.Option(None, help="Dataset name (default digits, embedded)."),
     ipc: Optional[int] = typer.Option(None, help="Synthetic images per class (default 10)."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default runs/METHOD-DATASET-ipcIPC)."),
-    iterations: Optional[int] = typer.Option(None, help="Outer iterations (default: the method's, e.g. 1000 for dc/dsa, 20000 for dm)."),
+    iterations: Optional[int] = typer.Option(
+        None, help="Outer iterations (default: the method's; 1000 for dc/dsa, 20000 for dm, 5000 for mtt/tesla)."
+    ),
     seed: Optional[int] = typer.Option(None, help="Seed of the run's generator (default 0)."),
     data_root: Optional[str] = typer.Option(None, help="Folder holding the dataset files."),
     image_size: Optional[int] = typer.Option(None, help="Image side for imagefolder datasets."),
@@ -85,7 +88,9 @@ def distill(
     norm: Optional[str] = typer.Option(None, help="instancenorm, batchnorm or none (default instancenorm)."),
     zca: Optional[bool] = typer.Option(None, "--zca/--no-zca", help="ZCA-whiten the data (kornia, eps 0.1)."),
     init: Optional[str] = typer.Option(None, help="Initialise from 'real' images or 'noise' (default real)."),
-    lr_img: Optional[float] = typer.Option(None, help="Learning rate of the images (dc/dsa 0.1, dm 1.0)."),
+    lr_img: Optional[float] = typer.Option(
+        None, help="Learning rate of the images (dc/dsa 0.1, dm 1.0, mtt/tesla: the preset)."
+    ),
     momentum_img: Optional[float] = typer.Option(None, help="Momentum of the image optimiser (default 0.5)."),
     batch_real: Optional[int] = typer.Option(None, help="Real images per class per step (default 256)."),
     dsa: Optional[bool] = typer.Option(None, "--dsa/--no-dsa", help="Differentiable siamese augmentation."),
@@ -95,9 +100,28 @@ def distill(
     lr_net: Optional[float] = typer.Option(None, help="dc/dsa: network learning rate in the inner loop (0.01)."),
     batch_train: Optional[int] = typer.Option(None, help="dc/dsa: inner-loop batch size (256)."),
     dis_metric: Optional[str] = typer.Option(None, help="dc/dsa: gradient distance ours, mse or cos."),
+    experts: Optional[str] = typer.Option(
+        None, help="mtt/tesla: folder of expert trajectories (default: train and cache them beside --out)."
+    ),
+    syn_steps: Optional[int] = typer.Option(None, help="mtt/tesla: student steps per iteration (preset)."),
+    expert_epochs: Optional[int] = typer.Option(None, help="mtt/tesla: expert epochs to match (preset)."),
+    max_start_epoch: Optional[int] = typer.Option(None, help="mtt/tesla: start epochs are drawn below it (preset)."),
+    lr_lr: Optional[float] = typer.Option(None, help="mtt/tesla: learning rate of the student lr (preset)."),
+    lr_teacher: Optional[float] = typer.Option(None, help="mtt/tesla: initial student lr (preset)."),
+    batch_syn: Optional[int] = typer.Option(None, help="mtt/tesla: student minibatch (default all images)."),
+    soft_labels: Optional[bool] = typer.Option(
+        None, "--soft-labels/--hard-labels", help="mtt/tesla: targets from the target expert's softmax."
+    ),
+    students: Optional[int] = typer.Option(None, help="mtt/tesla: independent students per iteration (1)."),
+    num_experts: Optional[int] = typer.Option(None, help="mtt/tesla: experts to train when --experts is not given (5)."),
+    expert_train_epochs: Optional[int] = typer.Option(
+        None, help="mtt/tesla: epochs per auto-trained expert (default max_start_epoch + expert_epochs)."
+    ),
+    expert_seed: Optional[int] = typer.Option(None, help="mtt/tesla: seed of auto-trained experts (0)."),
     device: Optional[str] = typer.Option(None, help="Torch device (default cpu)."),
     checkpoint_every: int = typer.Option(100, help="Write checkpoint.pt and the synthetic set every K iterations."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run saved in --out."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML preset of these options (command line wins)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -113,22 +137,81 @@ def distill(
             image_size=image_size, model=model, width=width, depth=depth, norm=norm, zca=zca, init=init,
             lr_img=lr_img, momentum_img=momentum_img, batch_real=batch_real, dsa=dsa, dsa_strategy=dsa_strategy,
             outer_loop=outer_loop, inner_loop=inner_loop, lr_net=lr_net, batch_train=batch_train,
-            dis_metric=dis_metric, device=device,
+            dis_metric=dis_metric, device=device, experts=experts, syn_steps=syn_steps, expert_epochs=expert_epochs,
+            max_start_epoch=max_start_epoch, lr_lr=lr_lr, lr_teacher=lr_teacher, batch_syn=batch_syn,
+            soft_labels=soft_labels, students=students, num_experts=num_experts,
+            expert_train_epochs=expert_train_epochs, expert_seed=expert_seed,
         ).items()
         if v is not None
     }
     options = {**preset, **given}
     method_name = str(options.pop("method", "dsa"))
     distiller_class = get_distiller(method_name)
-    cfg = distiller_class.config_class.from_options(options, method=method_name)
+    cfg = distiller_class.config_class.from_options(options, method=method_name).resolved()
     out = out if out is not None else _default_out(method_name, cfg.dataset, cfg.ipc)
     from fastdd.distill.runner import check_output_folder
 
-    check_output_folder(out, resume=resume)  # before the (possibly slow) data loading
-    data = load_dataset(cfg.dataset, data_root=cfg.data_root, image_size=cfg.image_size, zca=cfg.zca)
+    check_output_folder(out, resume=resume, overwrite=overwrite)  # before the (possibly slow) data loading
+    data = load_dataset(cfg.dataset, data_root=cfg.data_root, image_size=cfg.image_size, zca=bool(cfg.zca))
     distiller = distiller_class(cfg, data)
-    run_distillation(distiller, out, checkpoint_every=checkpoint_every, resume=resume, progress=not quiet)
+    run_distillation(
+        distiller, out, checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, progress=not quiet
+    )
     typer.echo(f"synthetic set written to {out}")
+
+
+@app.command("experts")
+@_user_errors
+def experts_command(
+    dataset: str = typer.Option("digits", help="Dataset name."),
+    model: str = typer.Option("convnet", help="Network architecture."),
+    num_experts: int = typer.Option(10, help="Number of experts the folder should hold."),
+    epochs: int = typer.Option(50, help="Epochs per expert (snapshots = epochs + 1)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default runs/experts-DATASET-MODEL-HASH)."),
+    data_root: Optional[str] = typer.Option(None, help="Folder holding the dataset files."),
+    image_size: Optional[int] = typer.Option(None, help="Image side for imagefolder datasets."),
+    zca: bool = typer.Option(False, "--zca/--no-zca", help="ZCA-whiten the data."),
+    width: int = typer.Option(128, help="ConvNet width."),
+    depth: Optional[int] = typer.Option(None, help="ConvNet depth (default by image size)."),
+    norm: str = typer.Option("instancenorm", help="instancenorm, batchnorm or none."),
+    lr_teacher: float = typer.Option(0.01, help="SGD learning rate."),
+    momentum: float = typer.Option(0.0, help="SGD momentum."),
+    weight_decay: float = typer.Option(0.0, help="SGD weight decay."),
+    batch_size: int = typer.Option(256, help="Minibatch size."),
+    dsa: bool = typer.Option(True, "--dsa/--no-dsa", help="Augment every minibatch (one transform per image)."),
+    dsa_strategy: Optional[str] = typer.Option(None, help="DSA families joined by '_' (default: the dataset's)."),
+    seed: int = typer.Option(0, help="Base seed; expert k uses a seed derived from (seed, k)."),
+    keep_snapshots: Optional[int] = typer.Option(None, help="Keep only the first K snapshots (and train K-1 epochs)."),
+    device: str = typer.Option("cpu", help="Torch device."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Train expert trajectories for mtt/tesla: one file of snapshots (init + every epoch) per expert.
+
+    Run the same command again to continue an interrupted training or to add experts to the folder.
+    """
+    from fastdd.data import load_dataset
+    from fastdd.distill.experts import ExpertConfig, default_expert_folder, train_experts
+
+    cfg = ExpertConfig(
+        dataset=dataset, data_root=data_root, image_size=image_size, zca=zca, model=model, width=width, depth=depth,
+        norm=norm, num_experts=num_experts, epochs=epochs, lr_teacher=lr_teacher, momentum=momentum,
+        weight_decay=weight_decay, batch_size=batch_size, dsa=dsa, dsa_strategy=dsa_strategy, seed=seed,
+        keep_snapshots=keep_snapshots, device=device,
+    )
+    data = load_dataset(dataset, data_root=data_root, image_size=image_size, zca=zca)
+    folder = out if out is not None else default_expert_folder(cfg, "runs")
+
+    def report(index: int, acc: float) -> None:
+        typer.echo(f"expert {index}: test accuracy {100 * acc:.2f} %")
+
+    try:
+        result = train_experts(cfg, data, folder, progress=not quiet, on_expert=report)
+    except KeyboardInterrupt:
+        _fail("interrupted; finished experts are kept: run the same command again to continue", 130)
+    accs = result.test_accuracies
+    mean = 100 * sum(accs) / len(accs)
+    typer.echo(f"{result.num_experts} experts with {result.num_snapshots} snapshots in {folder} "
+               f"(mean test accuracy {mean:.2f} %)")
 
 
 def _split_models(models: list[str]) -> list[str]:

@@ -27,6 +27,8 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
 _OPTIONAL_TENSORS = ("soft_labels", "outlier_images", "syn_lr")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -35,6 +37,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the permissions open() would
     try:
         write(tmp)
         os.replace(tmp, path)

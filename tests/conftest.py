@@ -6,6 +6,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
+# Tests run many tiny ops: one thread avoids the cost of waking a second one (large when the machine is busy),
+# and keeps timings stable. Bit-identity tests compare runs within this one setting.
+torch.set_num_threads(1)
+
 
 @pytest.fixture
 def generator():

@@ -95,3 +95,15 @@ def test_bad_preset(tmp_path):
     preset = tmp_path / "bad.yaml"
     preset.write_text("ipc: [1, 2\n")
     assert_one_sentence_error(invoke("distill", "--config", preset, "--out", tmp_path / "o"), "YAML")
+
+
+def test_overwrite_replaces_an_earlier_run(tmp_path):
+    out = tmp_path / "run"
+    assert invoke("distill", "--method", "dm", "--ipc", "1", "--out", out, *TINY).exit_code == 0
+    before = (out / "synset.safetensors").read_bytes()
+    result = invoke("distill", "--method", "dm", "--ipc", "1", "--seed", "5", "--overwrite", "--out", out, *TINY)
+    assert result.exit_code == 0, result.output
+    assert (out / "synset.safetensors").read_bytes() != before
+    assert_one_sentence_error(
+        invoke("distill", "--method", "dm", "--resume", "--overwrite", "--out", out, *TINY), "contradict"
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -60,6 +61,10 @@ class DistillConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def resolved(self) -> "DistillConfig":
+        """The config with defaults that depend on other fields filled in (methods with presets override this)."""
+        return self
 
 
 class Distiller(ABC):
@@ -150,6 +155,9 @@ class Distiller(ABC):
         return x if params is None else diff_augment(x, params)
 
     # -- the loop body ------------------------------------------------------------------------------------------
+    def prepare(self, out: Path, *, progress: bool) -> None:
+        """Called once by the runner before the first iteration (e.g. to train or load experts). No-op by default."""
+
     @abstractmethod
     def step(self, iteration: int) -> dict[str, float]:
         """Run one outer iteration (update ``self.images``) and return metrics, at least ``{"loss": ...}``."""

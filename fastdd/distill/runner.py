@@ -11,7 +11,10 @@ from fastdd.distill.base import Distiller
 from fastdd.errors import FastddError
 from fastdd.io import (
     CHECKPOINT,
+    METRICS,
+    SYNSET_GRID,
     SYNSET_META,
+    SYNSET_TENSORS,
     MetricsLog,
     SyntheticSet,
     load_checkpoint,
@@ -19,12 +22,18 @@ from fastdd.io import (
 )
 
 
-def check_output_folder(out: Path, *, resume: bool) -> None:
-    """Refuse to overwrite an earlier run unless resuming it; refuse to resume where there is nothing to resume."""
+RUN_FILES = (CHECKPOINT, SYNSET_TENSORS, SYNSET_META, SYNSET_GRID, METRICS)
+
+
+def check_output_folder(out: Path, *, resume: bool, overwrite: bool = False) -> None:
+    """Refuse to replace an earlier run unless resuming or overwriting it; refuse to resume from nothing."""
+    if resume and overwrite:
+        raise FastddError("--resume and --overwrite contradict each other; pass one of them.")
     has_run = (out / CHECKPOINT).exists() or (out / SYNSET_META).exists()
-    if has_run and not resume:
+    if has_run and not (resume or overwrite):
         raise FastddError(
-            f"{out} already holds a distillation run; pass --resume to continue it or choose another --out."
+            f"{out} already holds a distillation run; pass --resume to continue it, --overwrite to replace it, "
+            "or choose another --out."
         )
     if resume and not (out / CHECKPOINT).exists():
         raise FastddError(f"--resume was given but {out} holds no {CHECKPOINT} to continue from.")
@@ -43,12 +52,14 @@ def run_distillation(
     *,
     checkpoint_every: int = 100,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> SyntheticSet:
     """Run ``distiller`` for ``config.iterations`` iterations, writing everything into ``out``.
 
     Writes ``metrics.jsonl`` (one record per iteration), ``checkpoint.pt`` every ``checkpoint_every`` iterations and
-    at the end (atomically), and the synthetic set. With ``resume`` the run continues from ``checkpoint.pt`` with
+    at the end (atomically), and the synthetic set. ``overwrite`` replaces an earlier run in ``out`` (otherwise it
+    is refused). With ``resume`` the run continues from ``checkpoint.pt`` with
     the same settings and ends bit-identical to an uninterrupted run. A non-finite loss stops the run with
     FastddError and leaves the last checkpoint and synthetic set untouched.
 
@@ -57,7 +68,10 @@ def run_distillation(
     """
     out = Path(out)
     config = distiller.config
-    check_output_folder(out, resume=resume)
+    check_output_folder(out, resume=resume, overwrite=overwrite)
+    if overwrite:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
     start = 0
     if resume:
         state = load_checkpoint(out)
@@ -70,11 +84,12 @@ def run_distillation(
         distiller.load_state_dict(state["distiller"])
         start = int(state["iteration"])
     out.mkdir(parents=True, exist_ok=True)
+    distiller.prepare(out, progress=progress)
     log = MetricsLog(out, resume_from=start if resume else None)
     total = config.iterations
     checkpoint_every = max(1, checkpoint_every)
 
-    def checkpoint(iteration: int) -> None:
+    def checkpoint(iteration: int) -> SyntheticSet:
         save_checkpoint(
             out,
             {
@@ -84,7 +99,7 @@ def run_distillation(
                 "distiller": distiller.state_dict(),
             },
         )
-        save_synthetic_set(distiller, out)
+        return save_synthetic_set(distiller, out)
 
     bar = _ProgressBar(total, start, distiller.name, enabled=progress)
     t0 = time.perf_counter()
@@ -101,8 +116,7 @@ def run_distillation(
             bar.advance(loss)
             if (iteration + 1) % checkpoint_every == 0 and iteration + 1 < total:
                 checkpoint(iteration + 1)
-    checkpoint(total)
-    return distiller.synthetic_set()
+    return checkpoint(total)
 
 
 def _differs_beyond_iterations(saved: dict, current: dict) -> bool:
