@@ -7,10 +7,12 @@ from fastdd.distill.dc import DC, GradientMatchingConfig, loops_for_ipc
 from fastdd.distill.dm import DM, DMConfig
 from fastdd.distill.dsa import DSA, DSAConfig
 from fastdd.distill.gradient_distance import gradient_distance
+from fastdd.distill.mtt import MTT, TESLA, TESLACompat, TrajectoryConfig
+from fastdd.distill.trajectory import match_gradients
 from fastdd.distill.runner import run_distillation
 from fastdd.errors import FastddError
 
-DISTILLERS: dict[str, type[Distiller]] = {cls.name: cls for cls in (DC, DSA, DM)}
+DISTILLERS: dict[str, type[Distiller]] = {cls.name: cls for cls in (DC, DSA, DM, MTT, TESLA, TESLACompat)}
 
 
 def get_distiller(method: str) -> type[Distiller]:
@@ -33,8 +35,13 @@ __all__ = [
     "DistillConfig",
     "Distiller",
     "GradientMatchingConfig",
+    "MTT",
+    "TESLA",
+    "TESLACompat",
+    "TrajectoryConfig",
     "get_distiller",
     "gradient_distance",
     "loops_for_ipc",
+    "match_gradients",
     "run_distillation",
 ]

@@ -1,0 +1,256 @@
+"""Trajectory matching distillers: ``mtt`` (full unroll), ``tesla`` (exact, constant memory), ``tesla-compat``.
+
+The three differ only in how :func:`fastdd.distill.trajectory.match_gradients` computes the gradient; sampling,
+optimisers, soft labels and students are shared, so the same seed gives the same experts, start epochs, minibatches
+and augmentations in every mode (and ``mtt`` and ``tesla`` the same synthetic set, up to floating-point rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from fastdd.distill.base import DistillConfig, Distiller
+from fastdd.distill.experts import (
+    ExpertConfig,
+    default_expert_folder,
+    ensure_experts,
+    expected_metadata,
+    load_experts,
+)
+from fastdd.distill.trajectory import match_gradients
+from fastdd.distill.trajectory_presets import trajectory_preset
+from fastdd.errors import FastddError
+from fastdd.io import SyntheticSet
+from fastdd.models import flat_parameters, functional_forward
+
+
+@dataclass
+class TrajectoryConfig(DistillConfig):
+    """Trajectory-matching settings. Fields left at None take the preset for (dataset, ipc)
+    (see :func:`trajectory_preset`); an explicit value always wins."""
+
+    iterations: int = 5000
+    lr_img: float | None = None  # type: ignore[assignment]
+    zca: bool | None = None  # type: ignore[assignment]
+    syn_steps: int | None = None
+    expert_epochs: int | None = None
+    max_start_epoch: int | None = None
+    lr_lr: float | None = None
+    lr_teacher: float | None = None
+    momentum_lr: float = 0.5
+    batch_syn: int | None = None
+    soft_labels: bool = False
+    students: int = 1
+    experts: str | None = None
+    num_experts: int = 5
+    expert_train_epochs: int | None = None
+    expert_batch: int = 256
+    expert_seed: int = 0
+
+    def resolved(self) -> "TrajectoryConfig":
+        """A copy with every None field that the preset knows filled in."""
+        preset = trajectory_preset(self.dataset, self.ipc)
+        values = self.to_dict()
+        for key, value in preset.items():
+            if key in values and values[key] is None:
+                values[key] = value
+        return type(self)(**values)
+
+
+class TrajectoryMatching(Distiller):
+    """Learns the images and the student learning rate so that ``syn_steps`` student steps on them from an expert's
+    epoch-``s`` snapshot land near its epoch-``s + expert_epochs`` snapshot."""
+
+    name: ClassVar[str] = "mtt"
+    mode: ClassVar[str] = "unrolled"
+    config_class = TrajectoryConfig
+
+    def __init__(self, config: TrajectoryConfig, dataset) -> None:
+        config = config.resolved()
+        self._check(config, dataset)
+        super().__init__(config, dataset)
+        self.syn_lr = torch.tensor(float(config.lr_teacher), device=self.device).requires_grad_(True)
+        self.lr_optimizer = torch.optim.SGD([self.syn_lr], lr=config.lr_lr, momentum=config.momentum_lr)
+        self.net = self.new_network()
+        self.experts = None
+
+    @staticmethod
+    def _check(config: TrajectoryConfig, dataset) -> None:
+        if bool(config.zca) != (dataset.zca is not None):
+            raise FastddError(
+                f"the preset for {config.dataset} at IPC {config.ipc} uses zca={bool(config.zca)} but the dataset was "
+                f"loaded with zca={dataset.zca is not None}; load it with zca={bool(config.zca)} or pass --zca/--no-zca."
+            )
+        for name in ("syn_steps", "expert_epochs", "students", "num_experts"):
+            if getattr(config, name) < 1:
+                raise FastddError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}.")
+        if config.max_start_epoch < 1:
+            raise FastddError(f"--max-start-epoch must be at least 1, got {config.max_start_epoch}.")
+        if config.lr_teacher <= 0:
+            raise FastddError(f"--lr-teacher (the initial student learning rate) must be positive, got {config.lr_teacher}.")
+        total = dataset.num_classes * config.ipc
+        if config.batch_syn is not None and not 1 <= config.batch_syn <= total:
+            raise FastddError(f"--batch-syn must be between 1 and the {total} synthetic images, got {config.batch_syn}.")
+
+    # -- experts ------------------------------------------------------------------------------------------------
+    @property
+    def snapshots_needed(self) -> int:
+        return self.config.max_start_epoch + self.config.expert_epochs + 1
+
+    def expert_config(self) -> ExpertConfig:
+        cfg = self.config
+        return ExpertConfig(
+            dataset=cfg.dataset,
+            data_root=cfg.data_root,
+            image_size=cfg.image_size,
+            zca=bool(cfg.zca),
+            model=cfg.model,
+            width=cfg.width,
+            depth=cfg.depth,
+            norm=cfg.norm,
+            num_experts=cfg.num_experts,
+            epochs=cfg.expert_train_epochs or self.snapshots_needed - 1,
+            lr_teacher=0.01,
+            batch_size=cfg.expert_batch,
+            dsa=cfg.dsa,
+            dsa_strategy=cfg.dsa_strategy,
+            seed=cfg.expert_seed,
+            device=cfg.device,
+        )
+
+    def prepare(self, out: Path, *, progress: bool) -> None:
+        """Load the experts from ``config.experts``, or train (once) and cache them in ``out``'s parent folder."""
+        expert_cfg = self.expert_config()
+        if self.config.experts is not None:
+            self.experts = load_experts(
+                self.config.experts,
+                expect=expected_metadata(expert_cfg, self.dataset),
+                max_snapshots=self.snapshots_needed,
+            )
+        else:
+            folder = default_expert_folder(expert_cfg, Path(out).parent / "experts")
+            self.experts = ensure_experts(expert_cfg, self.dataset, folder, progress=progress)
+
+    # -- one iteration ------------------------------------------------------------------------------------------
+    def soft_targets(self, params: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Softmax of the network with flat ``params`` on ``images`` ``[n, C, H, W]``: ``[n, classes]``."""
+        with torch.no_grad():
+            self.net.eval()
+            probs = torch.softmax(functional_forward(self.net, params, images), dim=1)
+            self.net.train()
+        return probs
+
+    def step(self, iteration: int) -> dict[str, float]:
+        if self.experts is None:
+            raise RuntimeError("call prepare() before step(): the experts are not loaded")
+        cfg = self.config
+        grad_images = torch.zeros_like(self.images)
+        grad_lr = torch.zeros_like(self.syn_lr)
+        losses = []
+        augment = self.dsa_strategy if cfg.dsa else None
+        for _ in range(cfg.students):
+            expert = int(torch.randint(self.experts.num_experts, (), generator=self.generator))
+            start = int(torch.randint(cfg.max_start_epoch, (), generator=self.generator))
+            theta0, target = self.experts.pair(expert, start, cfg.expert_epochs)
+            theta0, target = theta0.to(self.device), target.to(self.device)
+            targets = self.labels
+            if cfg.soft_labels:
+                targets = SoftTargets(self, target, self.images.detach())
+            loss, g_img, g_lr = match_gradients(
+                self.net,
+                self.images.detach(),
+                targets,
+                theta0,
+                target,
+                self.syn_lr.detach(),
+                syn_steps=cfg.syn_steps,
+                batch_syn=cfg.batch_syn,
+                mode=self.mode,
+                augment=augment,
+                generator=self.generator,
+            )
+            grad_images += g_img
+            grad_lr += g_lr
+            losses.append(float(loss))
+        loss = sum(losses) / len(losses)
+        if not math.isfinite(loss):
+            return {"loss": loss, "syn_lr": self.syn_lr.item()}
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_optimizer.zero_grad(set_to_none=True)
+        self.images.grad = grad_images / cfg.students
+        self.syn_lr.grad = grad_lr / cfg.students
+        self.optimizer.step()
+        self.lr_optimizer.step()
+        lr = self.syn_lr.item()
+        if not math.isfinite(lr) or lr <= 0:
+            raise FastddError(
+                f"the learned student learning rate became {lr:.3g} at iteration {iteration + 1}; the run stopped and "
+                "the last checkpoint was kept (lower --lr-lr or --lr-img)."
+            )
+        return {"loss": loss, "syn_lr": lr}
+
+    # -- persistence --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["syn_lr"] = self.syn_lr.detach().cpu()
+        state["lr_optimizer"] = self.lr_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        with torch.no_grad():
+            self.syn_lr.copy_(state["syn_lr"].to(self.device))
+        self.lr_optimizer.load_state_dict(state["lr_optimizer"])
+
+    def synthetic_set(self) -> SyntheticSet:
+        synset = super().synthetic_set()
+        synset.syn_lr = self.syn_lr.detach().cpu().clone()
+        synset.meta["mode"] = self.mode
+        synset.meta["experts"] = str(self.experts.folder) if self.experts is not None else self.config.experts
+        if self.config.soft_labels and self.experts is not None:
+            # Evaluation targets: the last usable snapshot of expert 0, on the final images.
+            final = self.experts.snapshot(0, self.snapshots_needed - 1).to(self.device)
+            synset.soft_labels = self.soft_targets(final, self.images.detach()).cpu()
+        return synset
+
+
+class SoftTargets:
+    """Soft labels from the target expert, computed only for the images a student step uses (and cached)."""
+
+    def __init__(self, distiller: TrajectoryMatching, params: torch.Tensor, images: torch.Tensor) -> None:
+        self.distiller, self.params, self.images = distiller, params, images
+        self.shape = (images.shape[0], distiller.dataset.num_classes)
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        missing = [i for i in idx.tolist() if i not in self._cache]
+        if missing:
+            rows = self.distiller.soft_targets(self.params, self.images[missing])
+            self._cache.update(zip(missing, rows))
+        return torch.stack([self._cache[i] for i in idx.tolist()])
+
+
+class MTT(TrajectoryMatching):
+    """MTT: autograd through the whole student unroll (memory grows with ``syn_steps``)."""
+
+    name = "mtt"
+    mode = "unrolled"
+
+
+class TESLA(TrajectoryMatching):
+    """fastdd's TESLA: the exact MTT gradient by reverse accumulation, memory flat in ``syn_steps``."""
+
+    name = "tesla"
+    mode = "exact"
+
+
+class TESLACompat(TrajectoryMatching):
+    """The published TESLA gradient (a stop-gradient unroll, without the shipped factor-2 defect)."""
+
+    name = "tesla-compat"
+    mode = "compat"

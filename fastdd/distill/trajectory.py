@@ -1,0 +1,223 @@
+"""The trajectory-matching gradient (MTT), computed three ways.
+
+A student starts at an expert's snapshot ``theta_0`` and takes ``N`` SGD steps on (augmented) minibatches of the
+synthetic images with learning rate ``alpha``::
+
+    theta_{i+1} = theta_i - alpha * grad_theta CE(f(A_i(S[b_i]), theta_i), y[b_i])
+    L = ||theta_N - theta*||^2 / ||theta_0 - theta*||^2
+
+``match_gradients`` returns ``L`` and its gradients with respect to the images ``S`` and to ``alpha``:
+
+- ``"unrolled"``: autograd through the whole unroll (MTT's reference semantics; memory grows with ``N``).
+- ``"exact"``: the same gradient by reverse accumulation over the stored ``theta_i`` (an adjoint pass). Only the
+  ``N + 1`` parameter vectors and one step's graph are alive at a time, so memory is flat in ``N``.
+- ``"compat"``: TESLA's published semantics: the gradient of a stop-gradient unroll, which drops every path through
+  ``theta_i``'s own dependence on ``S`` (no Hessian terms). Offered to compare with the paper.
+
+All three draw the minibatches and augmentation parameters in the same order from ``generator``, so the same
+generator state gives the same student in every mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+import torch.nn.functional as F
+
+from fastdd.models.functional import functional_forward, parameter_layout
+from fastdd.ops import AugmentParams, diff_augment, sample_augment_params
+
+MODES = ("exact", "compat", "unrolled")
+
+# An augmentation is a DSA strategy string ("color_crop_..."), or a callable that samples the parameters for a batch.
+AugmentSampler = Callable[[int, torch.Generator], AugmentParams]
+Augment = Union[str, AugmentSampler, None]
+
+
+@dataclass
+class StudentPlan:
+    """The minibatch indices and augmentation parameters of every student step, drawn once and replayed.
+
+    Attributes:
+        batches: ``syn_steps`` LongTensors of image indices (on the images' device).
+        augment: per step, the augmentation parameters of that minibatch (one transform per image), or None.
+    """
+
+    batches: list[torch.Tensor]
+    augment: list[AugmentParams | None]
+
+
+def plan_student(
+    num_images: int,
+    image_size: tuple[int, int],
+    *,
+    syn_steps: int,
+    batch_syn: int | None,
+    augment: Augment,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> StudentPlan:
+    """Draw the minibatches (chunks of fresh permutations, as MTT does) and their augmentation parameters.
+
+    The draws alternate per step: permutation (when the previous one is used up), then that step's augmentation.
+    """
+    batch = num_images if batch_syn is None else batch_syn
+    if not 1 <= batch <= num_images:
+        raise ValueError(f"batch_syn must be in [1, {num_images}], got {batch_syn}")
+    if generator is None:
+        generator = torch.Generator()
+    sampler = _augment_sampler(augment, image_size, device)
+    batches: list[torch.Tensor] = []
+    params: list[AugmentParams | None] = []
+    chunks: list[torch.Tensor] = []
+    for _ in range(syn_steps):
+        if not chunks:
+            chunks = list(torch.randperm(num_images, generator=generator).split(batch))
+        idx = chunks.pop(0)
+        batches.append(idx.to(device))
+        params.append(sampler(idx.numel(), generator) if sampler is not None else None)
+    return StudentPlan(batches, params)
+
+
+def _augment_sampler(augment: Augment, image_size: tuple[int, int], device: torch.device) -> AugmentSampler | None:
+    if augment is None or augment == "":
+        return None
+    if isinstance(augment, str):
+        strategy = augment
+
+        def sample(batch: int, generator: torch.Generator) -> AugmentParams:
+            return sample_augment_params(batch, image_size, strategy=strategy, generator=generator, device=device)
+
+        return sample
+    if callable(augment):
+        return augment
+    raise TypeError(f"augment must be None, a DSA strategy string or a callable, got {type(augment).__name__}")
+
+
+# Targets: [n] labels, [n, classes] soft labels, or a callable giving the targets of an index tensor.
+Targets = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _step_loss(net, theta, images, idx, params, targets) -> torch.Tensor:
+    x = images[idx]
+    if params is not None:
+        x = diff_augment(x, params)
+    return F.cross_entropy(functional_forward(net, theta, x), targets)
+
+
+def match_gradients(
+    net: torch.nn.Module,
+    images: torch.Tensor,
+    labels: Targets,
+    start_params: torch.Tensor,
+    target_params: torch.Tensor,
+    syn_lr: torch.Tensor | float,
+    *,
+    syn_steps: int,
+    batch_syn: int | None = None,
+    mode: str = "exact",
+    augment: Augment = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The trajectory-matching loss and its gradients with respect to the images and the student learning rate.
+
+    Args:
+        net: any fastdd model; only its architecture (and buffers) are used.
+        images: ``[n, C, H, W]`` synthetic images.
+        labels: ``[n]`` int64 class labels, ``[n, num_classes]`` soft targets, or a callable mapping an index tensor
+            ``[b]`` to the targets of those images (so soft labels are computed only for the images a step uses).
+            Targets are constants: no gradient flows through them.
+        start_params: ``[P]`` expert snapshot the student starts from, in
+            ``parameters_to_vector(net.parameters())`` order.
+        target_params: ``[P]`` expert snapshot ``expert_epochs`` later.
+        syn_lr: the student learning rate ``alpha`` (float or 0-d tensor).
+        syn_steps: number of student steps ``N`` (>= 1).
+        batch_syn: minibatch size; None means all images every step.
+        mode: ``"exact"``, ``"compat"`` or ``"unrolled"`` (see the module docstring).
+        augment: None (no augmentation), a DSA strategy string, or ``sampler(batch, generator) -> AugmentParams``.
+        generator: source of minibatch orders and augmentation parameters.
+
+    Returns:
+        ``(loss, grad_images, grad_lr)``: 0-d detached loss, ``[n, C, H, W]`` gradient for ``images`` and a 0-d
+        gradient for ``syn_lr``, all in ``images``' dtype.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if syn_steps < 1:
+        raise ValueError(f"syn_steps must be at least 1, got {syn_steps}")
+    if images.dim() != 4:
+        raise ValueError(f"images must be [n, C, H, W], got shape {tuple(images.shape)}")
+    if isinstance(labels, torch.Tensor) and labels.shape[0] != images.shape[0]:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match images {tuple(images.shape)}")
+    numel = parameter_layout(net).numel
+    if start_params.shape != (numel,) or target_params.shape != (numel,):
+        raise ValueError(
+            f"start_params and target_params must be [{numel}], got {tuple(start_params.shape)} and "
+            f"{tuple(target_params.shape)}"
+        )
+    images = images.detach()
+    alpha = torch.as_tensor(syn_lr, dtype=images.dtype, device=images.device).detach().reshape(())
+    theta0 = start_params.detach().to(images.dtype)
+    target = target_params.detach().to(images.dtype)
+    plan = plan_student(
+        images.shape[0],
+        tuple(images.shape[-2:]),
+        syn_steps=syn_steps,
+        batch_syn=batch_syn,
+        augment=augment,
+        generator=generator,
+        device=images.device,
+    )
+    targets = [
+        labels[idx].detach() if isinstance(labels, torch.Tensor) else labels(idx).detach() for idx in plan.batches
+    ]
+    denominator = ((theta0 - target) ** 2).sum()
+    if mode == "unrolled":
+        return _unrolled(net, images, targets, theta0, target, alpha, denominator, plan)
+    return _reverse_accumulation(net, images, targets, theta0, target, alpha, denominator, plan, exact=mode == "exact")
+
+
+def _unrolled(net, images, targets, theta0, target, alpha, denominator, plan):
+    images = images.requires_grad_(True)
+    alpha = alpha.clone().requires_grad_(True)
+    theta = theta0.clone().requires_grad_(True)
+    for idx, params, y in zip(plan.batches, plan.augment, targets):
+        loss = _step_loss(net, theta, images, idx, params, y)
+        (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
+        theta = theta - alpha * grad
+    matching = ((theta - target) ** 2).sum() / denominator
+    grad_images, grad_lr = torch.autograd.grad(matching, (images, alpha))
+    return matching.detach(), grad_images, grad_lr
+
+
+def _reverse_accumulation(net, images, targets, theta0, target, alpha, denominator, plan, *, exact: bool):
+    # Forward: store theta_0 .. theta_N, no graph kept across steps.
+    thetas = [theta0]
+    for idx, params, y in zip(plan.batches, plan.augment, targets):
+        theta = thetas[-1].clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(_step_loss(net, theta, images, idx, params, y), theta)
+        thetas.append((theta - alpha * grad).detach())
+    residual = thetas[-1] - target
+    matching = (residual**2).sum() / denominator
+    # Backward: lam = dL/dtheta_{i+1}; one double-backward per step gives the image term and H_i @ lam.
+    lam = 2 * residual / denominator
+    grad_images = torch.zeros_like(images)
+    grad_lr = torch.zeros_like(alpha)
+    for i in reversed(range(len(plan.batches))):
+        idx, params = plan.batches[i], plan.augment[i]
+        theta = thetas[i].clone().requires_grad_(True)
+        batch = images[idx].requires_grad_(True)
+        x = diff_augment(batch, params) if params is not None else batch
+        loss = F.cross_entropy(functional_forward(net, theta, x), targets[i])
+        (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
+        directional = (grad * lam).sum()
+        if exact:
+            d_batch, hvp = torch.autograd.grad(directional, (batch, theta))
+            lam = lam - alpha * hvp
+        else:
+            (d_batch,) = torch.autograd.grad(directional, batch)
+        grad_images.index_add_(0, idx, d_batch, alpha=-float(alpha))
+        grad_lr = grad_lr - directional.detach()
+    return matching.detach(), grad_images, grad_lr
