@@ -14,7 +14,7 @@ import fastdd
 from fastdd.data import ImageDataset
 from fastdd.errors import FastddError
 from fastdd.io import SyntheticSet
-from fastdd.models import build_model
+from fastdd.models import build_model_for
 from fastdd.ops import AugmentParams, diff_augment, sample_augment_params
 
 INITS = ("real", "noise")
@@ -123,16 +123,9 @@ class Distiller(ABC):
     # -- helpers for subclasses ---------------------------------------------------------------------------------
     def new_network(self) -> torch.nn.Module:
         """A freshly initialised network (from the run's generator) on the run's device."""
-        cfg, ds = self.config, self.dataset
-        net = build_model(
-            cfg.model,
-            channels=ds.channels,
-            num_classes=ds.num_classes,
-            image_size=ds.image_size,
-            width=cfg.width,
-            depth=cfg.depth,
-            norm=cfg.norm,
-            generator=self.generator,
+        cfg = self.config
+        net = build_model_for(
+            self.dataset, cfg.model, width=cfg.width, depth=cfg.depth, norm=cfg.norm, generator=self.generator
         )
         return net.to(self.device)
 

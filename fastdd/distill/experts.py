@@ -37,7 +37,7 @@ from fastdd.data import ImageDataset
 from fastdd.data.registry import get_spec
 from fastdd.errors import FastddError
 from fastdd.io import atomic_write, write_json
-from fastdd.models import build_model, flat_parameters, parameter_layout
+from fastdd.models import build_model_for, flat_parameters, parameter_layout
 from fastdd.models.registry import default_convnet_depth
 from fastdd.training import accuracy, train_epoch
 
@@ -276,15 +276,8 @@ def _train_one(config, dataset, index, strategy, images, labels, out, bar) -> tu
 
 
 def _build(config: ExpertConfig, dataset: ImageDataset, generator: torch.Generator | None) -> torch.nn.Module:
-    return build_model(
-        config.model,
-        channels=dataset.channels,
-        num_classes=dataset.num_classes,
-        image_size=dataset.image_size,
-        width=config.width,
-        depth=config.depth,
-        norm=config.norm,
-        generator=generator,
+    return build_model_for(
+        dataset, config.model, width=config.width, depth=config.depth, norm=config.norm, generator=generator
     )
 
 

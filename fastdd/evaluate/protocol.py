@@ -10,7 +10,7 @@ import torch
 from fastdd.data import ImageDataset, load_dataset
 from fastdd.errors import FastddError
 from fastdd.io import SyntheticSet
-from fastdd.models import build_model
+from fastdd.models import build_model_for
 from fastdd.training import accuracy, train_epoch
 
 DEFAULT_LR = 0.01
@@ -125,11 +125,9 @@ def evaluate_synthetic_set(
         same_as_distillation = model == meta.get("model")
         accs = []
         for run in range(config.runs):
-            net = build_model(
+            net = build_model_for(
+                dataset,
                 model,
-                channels=dataset.channels,
-                num_classes=dataset.num_classes,
-                image_size=dataset.image_size,
                 width=hyper.get("width", 128) if same_as_distillation else 128,
                 depth=hyper.get("depth") if same_as_distillation else None,
                 norm=hyper.get("norm", "instancenorm") if same_as_distillation else "instancenorm",

@@ -7,7 +7,7 @@ from fastdd.models.alexnet import AlexNet
 from fastdd.models.convnet import ConvNet
 from fastdd.models.functional import ParameterLayout, flat_parameters, functional_forward, parameter_layout
 from fastdd.models.init import init_parameters
-from fastdd.models.registry import MODELS, build_model
+from fastdd.models.registry import MODELS, build_model, build_model_for
 from fastdd.models.vgg import VGG11
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "ResNet18",
     "VGG11",
     "build_model",
+    "build_model_for",
     "flat_parameters",
     "functional_forward",
     "init_parameters",

@@ -89,3 +89,26 @@ def build_model(
 
             net = ResNet18(channels, num_classes, size, norm=norm)
     return init_parameters(net.to_empty(device=device), generator)
+
+
+def build_model_for(
+    dataset,
+    name: str,
+    *,
+    width: int = 128,
+    depth: int | None = None,
+    norm: str = "instancenorm",
+    generator: torch.Generator | None = None,
+) -> nn.Module:
+    """`build_model` sized for ``dataset``: anything with ``channels``, ``num_classes`` and ``image_size`` (H, W),
+    such as a `fastdd.data.ImageDataset`."""
+    return build_model(
+        name,
+        channels=dataset.channels,
+        num_classes=dataset.num_classes,
+        image_size=dataset.image_size,
+        width=width,
+        depth=depth,
+        norm=norm,
+        generator=generator,
+    )
