@@ -1,12 +1,15 @@
-"""Measurement helpers shared by the benchmarks: machine description, median wall time, peak tensor memory."""
+"""Measurement helpers shared by the benchmarks: machine description, median wall time, peak tensor and RSS memory."""
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -21,6 +24,22 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_counts() -> tuple[int | None, int | None]:
+    """(physical cores, hardware threads) from /proc/cpuinfo (Linux); physical cores is None where it is not listed."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            blocks = [block for block in cpuinfo.read().split("\n\n") if block.strip()]
+    except OSError:
+        return None, os.cpu_count()
+    cores = set()
+    for block in blocks:
+        fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        if "physical id" in fields and "core id" in fields:
+            cores.add((fields["physical id"], fields["core id"]))
+    return (len(cores) or None), len(blocks)
 
 
 def describe_machine(device: torch.device) -> str:
@@ -47,8 +66,8 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, *, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed calls."""
+def wall_times(fn: Callable[[], object], device: torch.device, *, repeats: int, warmup: int = 1) -> list[float]:
+    """Wall time in seconds of each of ``repeats`` calls of ``fn()``, after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
     _synchronize(device)
@@ -58,7 +77,12 @@ def median_seconds(fn: Callable[[], object], device: torch.device, *, repeats: i
         fn()
         _synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, *, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed calls."""
+    return statistics.median(wall_times(fn, device, repeats=repeats, warmup=warmup))
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
@@ -93,3 +117,62 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
         current += size
         peak = max(peak, current)
     return peak
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (Unix), or None where the OS does not report it."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def _status_bytes(field: str) -> int:
+    """A ``kB`` field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field} field")
+
+
+def _release_free_heap() -> None:
+    """Collect garbage and hand glibc's free heap pages back to the OS, so the resident set holds only live data."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class RssPeak:
+    """Resident-set growth of one call.
+
+    Attributes:
+        increase: peak resident bytes during the call minus the resident bytes just before it.
+        baseline: resident bytes just before the call (inputs, model, torch itself).
+        reset: True if the kernel's high-water mark was reset before the call; if False, ``increase`` is the
+            process's lifetime peak minus ``baseline`` and is the call's own only in a fresh process whose setup
+            stayed below the call's peak.
+    """
+
+    increase: int
+    baseline: int
+    reset: bool
+
+
+def peak_rss_increase(fn: Callable[[], object]) -> RssPeak:
+    """How far ``fn()`` raises this process's resident set (Linux /proc), counting every byte the process touches.
+
+    Unlike ``peak_memory_bytes`` this sees all memory (tensors, allocator slack, Python objects, library buffers),
+    which is what decides whether a job fits in RAM. Free heap pages are returned to the OS first, and the kernel's
+    high-water mark (VmHWM) is reset by writing 5 to /proc/self/clear_refs where permitted.
+    """
+    _release_free_heap()
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        reset = True
+    except OSError:
+        reset = False
+    baseline = _status_bytes("VmRSS")
+    fn()
+    return RssPeak(_status_bytes("VmHWM") - baseline, baseline, reset)
