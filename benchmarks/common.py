@@ -6,6 +6,7 @@ import ctypes
 import gc
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -78,6 +79,39 @@ def wall_times(fn: Callable[[], object], device: torch.device, *, repeats: int, 
         _synchronize(device)
         times.append(time.perf_counter() - start)
     return times
+
+
+@dataclass
+class CallCost:
+    """What one call cost: wall seconds, CPU seconds of the whole process (all threads, user + system), the
+    system (kernel) part of those, and the minor page faults taken (fresh pages the kernel had to map and zero)."""
+
+    wall: float
+    cpu: float
+    system: float
+    minor_faults: int
+
+
+def call_costs(fn: Callable[[], object], device: torch.device, *, repeats: int, warmup: int = 1) -> list[CallCost]:
+    """``CallCost`` of each of ``repeats`` calls of ``fn()``, after ``warmup`` untimed calls.
+
+    With one torch thread, CPU time is steadier than wall time when other processes compete for the cores (with
+    several, threads spin-wait while a descheduled peer catches up, so CPU time inflates too). Minor page faults
+    (Unix) count the fresh pages the kernel mapped and zeroed, e.g. for memory the allocator handed back to the OS
+    at the previous free and asked for again.
+    """
+    for _ in range(warmup):
+        fn()
+    _synchronize(device)
+    costs = []
+    for _ in range(repeats):
+        usage, cpu, start = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
+        fn()
+        _synchronize(device)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        costs.append(CallCost(wall, cpu, after.ru_stime - usage.ru_stime, after.ru_minflt - usage.ru_minflt))
+    return costs
 
 
 def median_seconds(fn: Callable[[], object], device: torch.device, *, repeats: int, warmup: int = 1) -> float:

@@ -10,10 +10,14 @@ through the unroll, MTT's reference semantics), ``exact`` (fastdd's ``tesla``: t
 accumulation) and ``compat`` (TESLA's published stop-gradient gradient).
 
 Each (mode, syn_steps) runs in a fresh process. Time is the median wall time of ``--repeats`` calls after one
-warm-up. Peak memory, on CPU, is how far one more call raises the process's resident set (VmHWM after the call,
-reset through /proc/self/clear_refs, minus VmRSS before it, free heap returned to the OS first): everything the
-process touches, which is what decides whether a run fits in RAM. ``--allocator-peak`` adds the torch profiler's
-count of tensor bytes (slow for long unrolls). On CUDA the peak is ``torch.cuda.max_memory_allocated``.
+warm-up, with the process's CPU time, its kernel part and the page faults beside it: on a shared machine the wall
+time follows the other processes (``--threads 1`` makes CPU time a steadier measure), and on Linux a large share of
+the time can be the kernel zero-filling the pages glibc unmapped at the previous free (``--heap-reuse`` runs the
+children with glibc settings that keep freed memory for reuse). Peak memory, on CPU, is how far one more call
+raises the process's resident set (VmHWM after the call, reset through /proc/self/clear_refs, minus VmRSS before
+it, free heap returned to the OS first): everything the process touches, which is what decides whether a run fits
+in RAM. ``--allocator-peak`` adds the torch profiler's count of tensor bytes (slow for long unrolls). On CUDA the
+peak is ``torch.cuda.max_memory_allocated``.
 
 The targets printed at the end are information, not an exit code: ``exact`` peak memory at the most vs the fewest
 steps (40 vs 10 by default) <= 1.15x, and at the middle step count (20) ``exact``/``unrolled`` peak memory <= 0.3x
@@ -26,6 +30,8 @@ import argparse
 import datetime
 import json
 import multiprocessing
+import os
+import resource
 import statistics
 import sys
 import traceback
@@ -33,12 +39,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 from common import (
+    call_costs,
     cpu_counts,
     describe_machine,
     load_average,
     peak_memory_bytes,
     peak_rss_increase,
-    wall_times,
 )
 
 from fastdd.distill.trajectory import MODES, match_gradients
@@ -47,6 +53,10 @@ from fastdd.models import build_model, flat_parameters
 DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 CLASSES = 10
 TARGET_NOISE = 1e-3  # std of the gaussian step from the start snapshot to the target snapshot
+# glibc serves every allocation above its mmap threshold (at most 32 MiB, less than one 100x128x32x32 activation)
+# with fresh pages and unmaps them on free, so each such tensor is zero-filled again by the kernel. These
+# settings (read at process start) keep freed memory in the heap for reuse.
+HEAP_REUSE_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**36)}
 
 MEMORY_FLAT_TARGET = 1.15  # exact peak at the most steps / at the fewest
 MEMORY_RATIO_TARGET = 0.3  # exact / unrolled peak at the middle step count
@@ -66,6 +76,7 @@ class Config:
     dtype: str
     device: str
     allocator_peak: bool
+    threads: int | None = None
     seed: int = 0
 
 
@@ -88,6 +99,8 @@ def _problem(config: Config):
 def _measure(config: Config, mode: str, steps: int) -> dict:
     """Time and peak memory of ``match_gradients`` in one mode, in this (fresh) process."""
     device = torch.device(config.device)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     net, images, labels, start, target = _problem(config)
 
     def call():
@@ -99,8 +112,17 @@ def _measure(config: Config, mode: str, steps: int) -> dict:
         )
 
     loss, grad_images, grad_lr = call()
-    times = wall_times(call, device, repeats=config.repeats, warmup=0)
-    result = {"mode": mode, "steps": steps, "seconds": times, "median_seconds": statistics.median(times)}
+    costs = call_costs(call, device, repeats=config.repeats, warmup=0)
+    page = resource.getpagesize()
+    result = {
+        "mode": mode,
+        "steps": steps,
+        "seconds": [cost.wall for cost in costs],
+        "median_seconds": statistics.median(cost.wall for cost in costs),
+        "median_cpu_seconds": statistics.median(cost.cpu for cost in costs),
+        "median_system_seconds": statistics.median(cost.system for cost in costs),
+        "median_fault_bytes": statistics.median(cost.minor_faults * page for cost in costs),
+    }
     if device.type == "cuda":
         result.update(peak_bytes=peak_memory_bytes(call, device), baseline_bytes=torch.cuda.memory_allocated(device))
         result["peak_source"] = "torch.cuda.max_memory_allocated"
@@ -182,6 +204,8 @@ def targets(rows: dict[tuple[str, int], dict], steps: list[int]) -> list[dict]:
          get("unrolled", middle, "peak_bytes"), MEMORY_RATIO_TARGET),
         (f"exact / unrolled time at {middle} steps", get("exact", middle, "median_seconds"),
          get("unrolled", middle, "median_seconds"), TIME_RATIO_TARGET),
+        ("  same, in process CPU time", get("exact", middle, "median_cpu_seconds"),
+         get("unrolled", middle, "median_cpu_seconds"), TIME_RATIO_TARGET),
     ]
     if fewest != most:
         checks.insert(0, (f"exact peak memory, {most} vs {fewest} steps", get("exact", most, "peak_bytes"),
@@ -206,7 +230,16 @@ def main() -> None:
     parser.add_argument("--augment", action="store_true", help=f"DSA augmentation ({DSA_STRATEGY}) at every step")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch threads in the children (default: torch's); 1 makes CPU time robust to other processes",
+    )
     parser.add_argument("--allocator-peak", action="store_true", help="also the torch profiler's tensor-byte peak")
+    parser.add_argument(
+        "--heap-reuse", action="store_true",
+        help="run the children with " + " ".join(f"{k}={v}" for k, v in HEAP_REUSE_ENV.items())
+        + " (glibc keeps freed pages instead of unmapping big tensors)",
+    )
     parser.add_argument("--quick", action="store_true", help="20 images, width 16, steps 2 4 8, 1 repeat")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args()
@@ -222,9 +255,14 @@ def main() -> None:
     config = Config(
         images=args.images, width=args.width, image_size=args.image_size, syn_lr=args.syn_lr,
         augment=DSA_STRATEGY if args.augment else None, repeats=args.repeats, dtype=args.dtype, device=args.device,
-        allocator_peak=args.allocator_peak,
+        allocator_peak=args.allocator_peak, threads=args.threads,
     )
     device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)  # only so that the machine line below reports the children's count
+    if args.heap_reuse:
+        os.environ.update(HEAP_REUSE_ENV)  # inherited by the spawned children
+    malloc = " ".join(f"{k}={v}" for k, v in HEAP_REUSE_ENV.items()) if args.heap_reuse else "default glibc malloc"
     modes = ["unrolled"] + [m for m in args.modes if m != "unrolled"] if "unrolled" in args.modes else args.modes
 
     started = datetime.datetime.now().astimezone()
@@ -239,7 +277,7 @@ def main() -> None:
     peak_source = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "resident-set growth (VmHWM - VmRSS)"
     print(
         f"each (mode, steps) in a fresh process: time = median of {args.repeats} calls after 1 warm-up; "
-        f"peak = {peak_source} during one more call"
+        f"peak = {peak_source} during one more call; {malloc}"
     )
     print(flush=True)
 
@@ -251,33 +289,42 @@ def main() -> None:
 
     alloc = args.allocator_peak and device.type == "cpu"
     header = (
-        f"{'mode':<16}{'steps':>6}{'median s':>10}{'min-max s':>14}{'x unrolled':>11}{'peak MiB':>10}"
-        f"{'x unrolled':>11}{'setup MiB':>10}" + (f"{'tensor MiB':>11}" if alloc else "")
-        + f"{'grad rel err':>13}{'cosine':>9}{'load':>6}"
+        f"{'mode':<14}{'steps':>6}{'wall s':>9}{'min-max':>13}{'x unr':>8}{'cpu s':>8}{'x unr':>8}{'sys s':>7}"
+        f"{'faults':>9}{'peak MiB':>10}{'x unr':>8}{'setup':>7}" + (f"{'tensor':>8}" if alloc else "")
+        + f"{'grad err':>10}{'cosine':>8}{'load':>6}"
     )
     print(header)
     print("-" * len(header))
     for (mode, n), row in rows.items():
         name = "exact (tesla)" if mode == "exact" else mode
         if "error" in row:
-            print(f"{name:<16}{n:>6}  FAILED: {row['error'].strip().splitlines()[-1]}")
+            print(f"{name:<14}{n:>6}  FAILED: {row['error'].strip().splitlines()[-1]}")
             continue
         reference = rows.get(("unrolled", n), {})
         ok = "error" not in reference and reference
         time_ratio = _ratio(row["median_seconds"], reference.get("median_seconds")) if ok else None
+        cpu_ratio = _ratio(row["median_cpu_seconds"], reference.get("median_cpu_seconds")) if ok else None
         memory_ratio = _ratio(row["peak_bytes"], reference.get("peak_bytes")) if ok else None
         rel_err = _relative_error(row["grad_images"], reference["grad_images"]) if ok else None
         cosine = _cosine(row["grad_images"], reference["grad_images"]) if ok else None
-        row.update(time_ratio=time_ratio, memory_ratio=memory_ratio, grad_rel_err=rel_err, grad_cosine=cosine)
-        spread = f"{min(row['seconds']):.2f}-{max(row['seconds']):.2f}"
-        print(
-            f"{name:<16}{n:>6}{row['median_seconds']:>10.2f}{spread:>14}{_fmt(time_ratio, '.2f', 'x'):>11}"
-            f"{row['peak_bytes'] / 2**20:>10.0f}{_fmt(memory_ratio, '.3f', 'x'):>11}"
-            f"{row['baseline_bytes'] / 2**20:>10.0f}"
-            + (f"{row.get('allocator_peak_bytes', 0) / 2**20:>11.0f}" if alloc else "")
-            + f"{_fmt(rel_err, '.1e'):>13}{_fmt(cosine, '.4f'):>9}{_fmt(row['load_average'], '.1f'):>6}"
+        row.update(
+            time_ratio=time_ratio, cpu_ratio=cpu_ratio, memory_ratio=memory_ratio, grad_rel_err=rel_err,
+            grad_cosine=cosine,
         )
-
+        spread = f"{min(row['seconds']):.1f}-{max(row['seconds']):.1f}"
+        print(
+            f"{name:<14}{n:>6}{row['median_seconds']:>9.2f}{spread:>13}{_fmt(time_ratio, '.2f', 'x'):>8}"
+            f"{row['median_cpu_seconds']:>8.1f}{_fmt(cpu_ratio, '.2f', 'x'):>8}{row['median_system_seconds']:>7.1f}"
+            f"{row['median_fault_bytes'] / 2**30:>6.1f}GiB{row['peak_bytes'] / 2**20:>10.0f}"
+            f"{_fmt(memory_ratio, '.3f', 'x'):>8}{row['baseline_bytes'] / 2**20:>7.0f}"
+            + (f"{row.get('allocator_peak_bytes', 0) / 2**20:>8.0f}" if alloc else "")
+            + f"{_fmt(rel_err, '.1e'):>10}{_fmt(cosine, '.4f'):>8}{_fmt(row['load_average'], '.1f'):>6}"
+        )
+    print(
+        "wall s / cpu s: medians per call (cpu = all threads, user + system); sys s: kernel part; faults: fresh "
+        "pages mapped per call;\npeak, setup (resident set after setup) and tensor (profiler) in MiB; grad err / "
+        "cosine: image gradient vs unrolled's from the same draws"
+    )
     print()
     print("targets (information, not an exit code):")
     checks = targets(rows, steps)

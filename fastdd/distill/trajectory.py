@@ -205,6 +205,7 @@ def _reverse_accumulation(net, images, targets, theta0, target, alpha, denominat
     lam = 2 * residual / denominator
     grad_images = torch.zeros_like(images)
     grad_lr = torch.zeros_like(alpha)
+    neg_alpha = -float(alpha)  # once: on CUDA, float() of a tensor is a device sync
     for i in reversed(range(len(plan.batches))):
         idx, params = plan.batches[i], plan.augment[i]
         theta = thetas[i].clone().requires_grad_(True)
@@ -218,6 +219,6 @@ def _reverse_accumulation(net, images, targets, theta0, target, alpha, denominat
             lam = lam - alpha * hvp
         else:
             (d_batch,) = torch.autograd.grad(directional, batch)
-        grad_images.index_add_(0, idx, d_batch, alpha=-float(alpha))
+        grad_images.index_add_(0, idx, d_batch, alpha=neg_alpha)
         grad_lr = grad_lr - directional.detach()
     return matching.detach(), grad_images, grad_lr
