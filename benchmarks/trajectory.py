@@ -12,8 +12,9 @@ accumulation) and ``compat`` (TESLA's published stop-gradient gradient).
 Each (mode, syn_steps) runs in a fresh process. Time is the median wall time of ``--repeats`` calls after one
 warm-up, with the process's CPU time, its kernel part and the page faults beside it: on a shared machine the wall
 time follows the other processes (``--threads 1`` makes CPU time a steadier measure), and on Linux a large share of
-the time can be the kernel zero-filling the pages glibc unmapped at the previous free (``--heap-reuse`` runs the
-children with glibc settings that keep freed memory for reuse). Peak memory, on CPU, is how far one more call
+the time can be the kernel zero-filling the pages glibc unmapped at the previous free. The children apply the
+``fastdd`` command line's heap setting (``fastdd.runtime.keep_freed_memory``: freed memory stays in the heap for
+reuse); ``--system-malloc`` measures glibc's defaults instead. Peak memory, on CPU, is how far one more call
 raises the process's resident set (VmHWM after the call, reset through /proc/self/clear_refs, minus VmRSS before
 it, free heap returned to the OS first): everything the process touches, which is what decides whether a run fits
 in RAM. ``--allocator-peak`` adds the torch profiler's count of tensor bytes (slow for long unrolls). On CUDA the
@@ -30,7 +31,6 @@ import argparse
 import datetime
 import json
 import multiprocessing
-import os
 import resource
 import statistics
 import sys
@@ -49,14 +49,11 @@ from common import (
 
 from fastdd.distill.trajectory import MODES, match_gradients
 from fastdd.models import build_model, flat_parameters
+from fastdd.runtime import keep_freed_memory
 
 DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 CLASSES = 10
 TARGET_NOISE = 1e-3  # std of the gaussian step from the start snapshot to the target snapshot
-# glibc serves every allocation above its mmap threshold (at most 32 MiB, less than one 100x128x32x32 activation)
-# with fresh pages and unmaps them on free, so each such tensor is zero-filled again by the kernel. These
-# settings (read at process start) keep freed memory in the heap for reuse.
-HEAP_REUSE_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**36)}
 
 MEMORY_FLAT_TARGET = 1.15  # exact peak at the most steps / at the fewest
 MEMORY_RATIO_TARGET = 0.3  # exact / unrolled peak at the middle step count
@@ -77,6 +74,7 @@ class Config:
     device: str
     allocator_peak: bool
     threads: int | None = None
+    system_malloc: bool = False
     seed: int = 0
 
 
@@ -99,6 +97,8 @@ def _problem(config: Config):
 def _measure(config: Config, mode: str, steps: int) -> dict:
     """Time and peak memory of ``match_gradients`` in one mode, in this (fresh) process."""
     device = torch.device(config.device)
+    if not config.system_malloc:
+        keep_freed_memory()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     net, images, labels, start, target = _problem(config)
@@ -236,9 +236,9 @@ def main() -> None:
     )
     parser.add_argument("--allocator-peak", action="store_true", help="also the torch profiler's tensor-byte peak")
     parser.add_argument(
-        "--heap-reuse", action="store_true",
-        help="run the children with " + " ".join(f"{k}={v}" for k, v in HEAP_REUSE_ENV.items())
-        + " (glibc keeps freed pages instead of unmapping big tensors)",
+        "--system-malloc", action="store_true",
+        help="glibc's default malloc settings in the children (by default they keep freed memory for reuse, as the "
+        "fastdd command line does)",
     )
     parser.add_argument("--quick", action="store_true", help="20 images, width 16, steps 2 4 8, 1 repeat")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -255,14 +255,12 @@ def main() -> None:
     config = Config(
         images=args.images, width=args.width, image_size=args.image_size, syn_lr=args.syn_lr,
         augment=DSA_STRATEGY if args.augment else None, repeats=args.repeats, dtype=args.dtype, device=args.device,
-        allocator_peak=args.allocator_peak, threads=args.threads,
+        allocator_peak=args.allocator_peak, threads=args.threads, system_malloc=args.system_malloc,
     )
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # only so that the machine line below reports the children's count
-    if args.heap_reuse:
-        os.environ.update(HEAP_REUSE_ENV)  # inherited by the spawned children
-    malloc = " ".join(f"{k}={v}" for k, v in HEAP_REUSE_ENV.items()) if args.heap_reuse else "default glibc malloc"
+    malloc = "glibc defaults" if args.system_malloc else "freed memory kept in the heap (fastdd.runtime)"
     modes = ["unrolled"] + [m for m in args.modes if m != "unrolled"] if "unrolled" in args.modes else args.modes
 
     started = datetime.datetime.now().astimezone()

@@ -338,6 +338,9 @@ def info() -> None:
 
 def main() -> None:
     """Entry point of the ``fastdd`` script."""
+    from fastdd.runtime import keep_freed_memory
+
+    keep_freed_memory()
     app()
 
 

@@ -192,33 +192,53 @@ def _unrolled(net, images, targets, theta0, target, alpha, denominator, plan):
     return matching.detach(), grad_images, grad_lr
 
 
+def _differentiable_step(net, theta, images, idx, params, targets):
+    """One student step's gradient with its graph kept: ``(theta, batch, grad)``, with ``theta`` and the minibatch
+    ``batch = images[idx]`` as leaves, so the graph can be differentiated again with respect to both."""
+    theta = theta.clone().requires_grad_(True)  # a view of the stored thetas would see their later writes
+    batch = images[idx].requires_grad_(True)
+    x = diff_augment(batch, params) if params is not None else batch
+    loss = F.cross_entropy(functional_forward(net, theta, x), targets)
+    (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
+    return theta, batch, grad
+
+
 def _reverse_accumulation(net, images, targets, theta0, target, alpha, denominator, plan, *, exact: bool):
-    # Forward: store theta_0 .. theta_N, no graph kept across steps.
-    thetas = [theta0]
-    for idx, params, y in zip(plan.batches, plan.augment, targets):
-        theta = thetas[-1].clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(_step_loss(net, theta, images, idx, params, y), theta)
-        thetas.append((theta - alpha * grad).detach())
+    steps = len(plan.batches)
+    neg_alpha = -float(alpha)  # once: on CUDA, float() of a tensor is a device sync
+    # Forward: store theta_0 .. theta_N in one preallocated [N + 1, P] tensor (no long-lived allocations between the
+    # steps' large temporaries, so a heap allocator can reuse their memory), no graph kept across steps. The last
+    # step is built differentiable: the backward pass starts with it, and one step's graph is what that pass holds
+    # at its peak anyway.
+    thetas = theta0.new_empty(steps + 1, theta0.numel())
+    thetas[0] = theta0
+    for i in range(steps - 1):
+        theta = thetas[i].detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(
+            _step_loss(net, theta, images, plan.batches[i], plan.augment[i], targets[i]), theta
+        )
+        torch.add(thetas[i], grad, alpha=neg_alpha, out=thetas[i + 1])
+    last_step = _differentiable_step(net, thetas[-2], images, plan.batches[-1], plan.augment[-1], targets[-1])
+    torch.add(thetas[-2], last_step[2].detach(), alpha=neg_alpha, out=thetas[-1])
     residual = thetas[-1] - target
     matching = (residual**2).sum() / denominator
     # Backward: lam = dL/dtheta_{i+1}; one double-backward per step gives the image term and H_i @ lam.
     lam = 2 * residual / denominator
     grad_images = torch.zeros_like(images)
     grad_lr = torch.zeros_like(alpha)
-    neg_alpha = -float(alpha)  # once: on CUDA, float() of a tensor is a device sync
-    for i in reversed(range(len(plan.batches))):
+    for i in reversed(range(steps)):
         idx, params = plan.batches[i], plan.augment[i]
-        theta = thetas[i].clone().requires_grad_(True)
-        batch = images[idx].requires_grad_(True)
-        x = diff_augment(batch, params) if params is not None else batch
-        loss = F.cross_entropy(functional_forward(net, theta, x), targets[i])
-        (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
+        if i == steps - 1:
+            theta, batch, grad = last_step
+            del last_step
+        else:
+            theta, batch, grad = _differentiable_step(net, thetas[i], images, idx, params, targets[i])
         directional = (grad * lam).sum()
         if exact:
             d_batch, hvp = torch.autograd.grad(directional, (batch, theta))
-            lam = lam - alpha * hvp
+            lam.add_(hvp, alpha=neg_alpha)
         else:
             (d_batch,) = torch.autograd.grad(directional, batch)
         grad_images.index_add_(0, idx, d_batch, alpha=neg_alpha)
-        grad_lr = grad_lr - directional.detach()
+        grad_lr.sub_(directional.detach())
     return matching.detach(), grad_images, grad_lr
