@@ -77,7 +77,9 @@ def distill(
     ipc: Optional[int] = typer.Option(None, help="Synthetic images per class (default 10)."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default runs/METHOD-DATASET-ipcIPC)."),
     iterations: Optional[int] = typer.Option(
-        None, help="Outer iterations (default: the method's; 1000 for dc/dsa, 20000 for dm, 5000 for mtt/tesla)."
+        None,
+        help="Outer iterations (default: the method's; 1000 for dc/dsa, 20000 for dm, 5000 for mtt/tesla, 200 for "
+        "mtt/tesla on digits).",
     ),
     seed: Optional[int] = typer.Option(None, help="Seed of the run's generator (default 0)."),
     data_root: Optional[str] = typer.Option(None, help="Folder holding the dataset files."),

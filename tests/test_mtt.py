@@ -9,7 +9,7 @@ from fastdd.data import load_dataset
 from fastdd.distill import get_distiller, run_distillation
 from fastdd.distill import mtt as mtt_module
 from fastdd.distill.experts import ExpertConfig, train_experts
-from fastdd.distill.trajectory_presets import PUBLISHED, trajectory_preset
+from fastdd.distill.trajectory_presets import DEFAULT_ITERATIONS, PUBLISHED, trajectory_preset
 from fastdd.errors import FastddError
 from fastdd.evaluate import EvalConfig, evaluate_synthetic_set
 
@@ -116,9 +116,17 @@ def test_experts_of_another_model_are_refused(digits, experts, tmp_path):
 
 
 def test_presets():
-    assert trajectory_preset("cifar10", 10) == PUBLISHED[("cifar10", 10)]
+    assert trajectory_preset("cifar10", 10) == {"iterations": DEFAULT_ITERATIONS, **PUBLISHED[("cifar10", 10)]}
     borrowed = trajectory_preset("fashion-mnist", 10)
     assert borrowed["zca"] is False and borrowed["syn_steps"] == PUBLISHED[("cifar10", 10)]["syn_steps"]
     assert trajectory_preset("cifar100", 20)["syn_steps"] == PUBLISHED[("cifar100", 10)]["syn_steps"]
     cfg = get_distiller("tesla").config_class(dataset="cifar100", ipc=50, syn_steps=7).resolved()
     assert cfg.syn_steps == 7 and cfg.batch_syn == 125 and cfg.zca is True
+    assert cfg.iterations == DEFAULT_ITERATIONS
+
+
+def test_digits_default_run_is_short_and_flags_win():
+    tesla = get_distiller("tesla").config_class
+    assert tesla(dataset="digits", ipc=10).resolved().iterations == 200
+    assert tesla(dataset="digits", ipc=10, iterations=7).resolved().iterations == 7
+    assert tesla(dataset="fashion-mnist", ipc=10).resolved().iterations == DEFAULT_ITERATIONS

@@ -34,7 +34,7 @@ class TrajectoryConfig(DistillConfig):
     """Trajectory-matching settings. Fields left at None take the preset for (dataset, ipc)
     (see :func:`trajectory_preset`); an explicit value always wins."""
 
-    iterations: int = 5000
+    iterations: int | None = None  # type: ignore[assignment]
     lr_img: float | None = None  # type: ignore[assignment]
     zca: bool | None = None  # type: ignore[assignment]
     syn_steps: int | None = None
