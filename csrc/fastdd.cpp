@@ -23,6 +23,11 @@ TORCH_LIBRARY(fastdd, m) {
       "nearest_synthetic_backward(Tensor grad_sq_dist, Tensor points, Tensor centers, Tensor index)"
       " -> (Tensor grad_points, Tensor grad_centers)",
       {at::Tag::pt2_compliant_tag});
+  // Upper-tail CVaR per cluster: cvar[g] = mean of the ceil(alpha * n_g) largest losses[i] with assign[i] = g (0 for
+  // an empty cluster; equal losses select the lower index first; NaN counts as the largest). weight[i] = 1 / k_g
+  // for a selected sample, else 0: the gradient of cvar[assign[i]] w.r.t. losses[i].
+  m.def("cluster_cvar(Tensor losses, Tensor assign, int num_clusters, float alpha) -> (Tensor cvar, Tensor weight)",
+        {at::Tag::pt2_compliant_tag});
 }
 
 // Importing fastdd._C loads this shared library, and loading it runs the static registrations above and in the

@@ -6,6 +6,14 @@ the tensors' device).
 """
 
 from fastdd.ops.augment import AugmentParams, diff_augment, sample_augment_params
+from fastdd.ops.cvar import cluster_cvar, group_cvar_loss
 from fastdd.ops.nearest import nearest_synthetic
 
-__all__ = ["AugmentParams", "diff_augment", "sample_augment_params", "nearest_synthetic"]
+__all__ = [
+    "AugmentParams",
+    "diff_augment",
+    "sample_augment_params",
+    "nearest_synthetic",
+    "cluster_cvar",
+    "group_cvar_loss",
+]
