@@ -47,6 +47,23 @@ def _user_errors(command: Callable) -> Callable:
     return wrapper
 
 
+@app.callback()
+def _global_options(
+    threads: Optional[int] = typer.Option(
+        None,
+        "--threads",
+        help="Torch CPU threads for the command (default: torch's, one per core); fewer when other jobs share the "
+        "cores, as threads that wait for a descheduled peer slow every step.",
+    ),
+) -> None:
+    if threads is not None:
+        if threads < 1:
+            _fail(f"--threads must be at least 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _read_preset(path: Optional[Path]) -> dict[str, Any]:
     if path is None:
         return {}

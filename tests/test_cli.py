@@ -107,3 +107,16 @@ def test_overwrite_replaces_an_earlier_run(tmp_path):
     assert_one_sentence_error(
         invoke("distill", "--method", "dm", "--resume", "--overwrite", "--out", out, *TINY), "contradict"
     )
+
+
+def test_threads_option_sets_torch_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        result = invoke("--threads", 2, "info")
+        assert result.exit_code == 0, result.output
+        assert any(line.split()[-1] == "2" for line in result.output.splitlines() if line.startswith("torch threads"))
+    finally:
+        torch.set_num_threads(before)
+    assert_one_sentence_error(invoke("--threads", 0, "info"), "--threads")
