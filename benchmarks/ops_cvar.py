@@ -44,8 +44,28 @@ def _fastdd_loss(real: torch.Tensor, synthetic: torch.Tensor, losses: torch.Tens
     return group_cvar_loss(losses, assign, synthetic.shape[0], alpha)
 
 
-def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    return median_seconds(fn, device, repeats=repeats)
+def _print_table(title: str, candidates: dict[str, Callable[[], torch.Tensor]], leaf: torch.Tensor,
+                 device: torch.device, repeats: int) -> None:
+    """Forward and forward+backward median times of each candidate (a call returning a scalar or [G] tensor that
+    depends on ``leaf``), and speedups over the first candidate."""
+    header = f"{title:<44}{'forward ms':>12}{'speedup':>9}{'fwd+bwd ms':>12}{'speedup':>9}"
+    print(header)
+    print("-" * len(header))
+    base = None
+    for name, call in candidates.items():
+        def forward(call=call):
+            with torch.no_grad():
+                call()
+
+        def forward_backward(call=call):
+            call().sum().backward()
+            leaf.grad = None
+
+        times = (median_seconds(forward, device, repeats=repeats), median_seconds(forward_backward, device, repeats=repeats))
+        base = base or times
+        print(f"{name:<44}{times[0] * 1e3:>12.2f}{base[0] / times[0]:>8.1f}x{times[1] * 1e3:>12.2f}"
+              f"{base[1] / times[1]:>8.1f}x")
+    print()
 
 
 def main() -> None:
@@ -73,45 +93,19 @@ def main() -> None:
     backends = ["reference"] + [b for b in ("cpp", "triton") if cvar._unavailable_reason(b, losses) is None]
     if device.type != "cuda" and "triton" in backends:
         backends.remove("triton")  # the interpreter is a correctness tool, not a speed one
-    header = f"{'cluster_cvar backend':<28}{'forward ms':>12}{'speedup':>9}{'fwd+bwd ms':>12}{'speedup':>9}"
-    print(header)
-    print("-" * len(header))
-    base = None
-    for backend in backends:
-        def forward(backend=backend):
-            with torch.no_grad():
-                cvar.cluster_cvar(losses, assign, args.m, args.alpha, backend=backend)
-
-        def forward_backward(backend=backend):
-            cvar.cluster_cvar(losses, assign, args.m, args.alpha, backend=backend).sum().backward()
-            losses.grad = None
-
-        times = (_timed(forward, device, args.repeats), _timed(forward_backward, device, args.repeats))
-        base = base or times
-        print(f"{backend:<28}{times[0] * 1e3:>12.2f}{base[0] / times[0]:>8.1f}x{times[1] * 1e3:>12.2f}"
-              f"{base[1] / times[1]:>8.1f}x")
-    print()
-
-    header = f"{'group-robust loss':<44}{'forward ms':>12}{'speedup':>9}{'fwd+bwd ms':>12}{'speedup':>9}"
-    print(header)
-    print("-" * len(header))
-    base = None
-    for name, loss_fn in (
-        ("reference code (cdist + loop with sort)", _reference_code_loss),
-        ("fastdd (nearest_synthetic + group_cvar)", _fastdd_loss),
-    ):
-        def forward(loss_fn=loss_fn):
-            with torch.no_grad():
-                loss_fn(real, synthetic, losses, args.alpha)
-
-        def forward_backward(loss_fn=loss_fn):
-            loss_fn(real, synthetic, losses, args.alpha).backward()
-            losses.grad = None
-
-        times = (_timed(forward, device, args.repeats), _timed(forward_backward, device, args.repeats))
-        base = base or times
-        print(f"{name:<44}{times[0] * 1e3:>12.2f}{base[0] / times[0]:>8.1f}x{times[1] * 1e3:>12.2f}"
-              f"{base[1] / times[1]:>8.1f}x")
+    _print_table(
+        "cluster_cvar backend",
+        {b: lambda b=b: cvar.cluster_cvar(losses, assign, args.m, args.alpha, backend=b) for b in backends},
+        losses, device, args.repeats,
+    )
+    _print_table(
+        "group-robust loss",
+        {
+            "reference code (cdist + loop with sort)": lambda: _reference_code_loss(real, synthetic, losses, args.alpha),
+            "fastdd (nearest_synthetic + group_cvar)": lambda: _fastdd_loss(real, synthetic, losses, args.alpha),
+        },
+        losses, device, args.repeats,
+    )
     with torch.no_grad():
         same = torch.allclose(
             _reference_code_loss(real, synthetic, losses, args.alpha), _fastdd_loss(real, synthetic, losses, args.alpha)

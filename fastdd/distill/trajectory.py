@@ -100,10 +100,9 @@ def _augment_sampler(augment: Augment, image_size: tuple[int, int], device: torc
 Targets = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 
 
-def _step_loss(net, theta, images, idx, params, targets) -> torch.Tensor:
-    x = images[idx]
-    if params is not None:
-        x = diff_augment(x, params)
+def _step_loss(net, theta, batch, params, targets) -> torch.Tensor:
+    """Cross-entropy of the student with flat parameters ``theta`` on the (augmented) minibatch ``batch``."""
+    x = diff_augment(batch, params) if params is not None else batch
     return F.cross_entropy(functional_forward(net, theta, x), targets)
 
 
@@ -184,7 +183,7 @@ def _unrolled(net, images, targets, theta0, target, alpha, denominator, plan):
     alpha = alpha.clone().requires_grad_(True)
     theta = theta0.clone().requires_grad_(True)
     for idx, params, y in zip(plan.batches, plan.augment, targets):
-        loss = _step_loss(net, theta, images, idx, params, y)
+        loss = _step_loss(net, theta, images[idx], params, y)
         (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
         theta = theta - alpha * grad
     matching = ((theta - target) ** 2).sum() / denominator
@@ -197,9 +196,7 @@ def _differentiable_step(net, theta, images, idx, params, targets):
     ``batch = images[idx]`` as leaves, so the graph can be differentiated again with respect to both."""
     theta = theta.clone().requires_grad_(True)  # a view of the stored thetas would see their later writes
     batch = images[idx].requires_grad_(True)
-    x = diff_augment(batch, params) if params is not None else batch
-    loss = F.cross_entropy(functional_forward(net, theta, x), targets)
-    (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
+    (grad,) = torch.autograd.grad(_step_loss(net, theta, batch, params, targets), theta, create_graph=True)
     return theta, batch, grad
 
 
@@ -215,7 +212,7 @@ def _reverse_accumulation(net, images, targets, theta0, target, alpha, denominat
     for i in range(steps - 1):
         theta = thetas[i].detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(
-            _step_loss(net, theta, images, plan.batches[i], plan.augment[i], targets[i]), theta
+            _step_loss(net, theta, images[plan.batches[i]], plan.augment[i], targets[i]), theta
         )
         torch.add(thetas[i], grad, alpha=neg_alpha, out=thetas[i + 1])
     last_step = _differentiable_step(net, thetas[-2], images, plan.batches[-1], plan.augment[-1], targets[-1])

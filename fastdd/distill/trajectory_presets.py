@@ -35,12 +35,11 @@ def trajectory_preset(dataset: str, ipc: int) -> dict[str, Any]:
     """Settings for ``dataset`` at ``ipc``: the published row if there is one, else the CIFAR-10 row of the nearest
     published IPC (1, 10, 50; ties go to the smaller) with the dataset's overrides. ``batch_syn`` is capped by the
     synthetic set size by the caller."""
-    key = (dataset, ipc)
-    if key in PUBLISHED:
-        return {"iterations": DEFAULT_ITERATIONS, **PUBLISHED[key]}
-    table_ipcs = sorted({i for d, i in PUBLISHED if d == dataset}) or [1, 10, 50]
-    nearest = min(table_ipcs, key=lambda i: (abs(i - ipc), i))
-    source = dataset if (dataset, nearest) in PUBLISHED else "cifar10"
-    preset = {"iterations": DEFAULT_ITERATIONS, **PUBLISHED[(source, nearest)]}
-    preset.update(BORROWED_OVERRIDES.get(dataset, {}))
-    return preset
+    if (dataset, ipc) in PUBLISHED:
+        row, overrides = PUBLISHED[(dataset, ipc)], {}
+    else:
+        table_ipcs = sorted({i for d, i in PUBLISHED if d == dataset}) or [1, 10, 50]
+        nearest = min(table_ipcs, key=lambda i: (abs(i - ipc), i))
+        source = dataset if (dataset, nearest) in PUBLISHED else "cifar10"
+        row, overrides = PUBLISHED[(source, nearest)], BORROWED_OVERRIDES.get(dataset, {})
+    return {"iterations": DEFAULT_ITERATIONS, **row, **overrides}

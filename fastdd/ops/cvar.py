@@ -19,20 +19,14 @@ for a selected sample and 0 otherwise, so the backward is one gather and a produ
 
 from __future__ import annotations
 
-import functools
-import importlib
 import math
-import os
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
 from fastdd import _extension
-
-BACKENDS = ("auto", "reference", "cpp", "triton")
-
-_KERNEL_DTYPES = (torch.float32, torch.float64)
+from fastdd.ops._dispatch import choose_backend, triton_module, unavailable_reason
 
 # alpha * n that is an integer up to rounding (0.7 * 10 = 7.000000000000001) counts as that integer.
 _TAIL_TOLERANCE = 1e-9
@@ -128,15 +122,7 @@ def resolve_backend(backend: str, losses: Tensor) -> str:
 
     Raises ValueError for an unknown name and RuntimeError, with the reason, for a backend that cannot run here.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown cluster_cvar backend {backend!r}; valid backends are {', '.join(BACKENDS)}")
-    if backend == "auto":
-        preferred = ("triton",) if losses.device.type == "cuda" else ("cpp",)
-        return next((name for name in preferred if _unavailable_reason(name, losses) is None), "reference")
-    reason = _unavailable_reason(backend, losses)
-    if reason is not None:
-        raise RuntimeError(f"cluster_cvar backend {backend!r} is unavailable: {reason}")
-    return backend
+    return choose_backend("cluster_cvar", backend, losses, triton_kernel="cluster_cvar", cuda_kernel=False)
 
 
 def _check_inputs(losses: Tensor, assign: Tensor, num_clusters: int, alpha: float) -> None:
@@ -167,34 +153,11 @@ def _check_inputs(losses: Tensor, assign: Tensor, num_clusters: int, alpha: floa
 
 def _unavailable_reason(backend: str, losses: Tensor) -> str | None:
     """Why ``backend`` cannot run ``cluster_cvar`` on tensors like ``losses``, or None when it can."""
-    if backend == "reference":
-        return None
-    if losses.dtype not in _KERNEL_DTYPES:
-        return f"its kernels support float32 and float64, got {losses.dtype}; use backend='reference'"
-    device = losses.device.type
-    if backend == "cpp":
-        if not _extension.has_cpp():
-            return (
-                f"the compiled extension fastdd._C did not load ({_extension.load_error()}); build it with "
-                "`python setup.py build_ext --inplace` or reinstall fastdd"
-            )
-        if device != "cpu":
-            return f"fastdd._C has a CPU kernel only (got {device} tensors); use backend='triton' on CUDA"
-        return None
-    if device != "cuda" and not (device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        return f"Triton kernels need CUDA tensors (got {device}), or TRITON_INTERPRET=1 set before fastdd imports them"
-    module, error = _triton_kernels()
-    if module is None:
-        return f"fastdd.kernels.cluster_cvar could not be imported ({error})"
-    return None
+    return unavailable_reason(backend, losses, triton_kernel="cluster_cvar", cuda_kernel=False)
 
 
-@functools.cache
 def _triton_kernels() -> tuple[ModuleType | None, str | None]:
-    try:
-        return importlib.import_module("fastdd.kernels.cluster_cvar"), None
-    except ImportError as error:
-        return None, f"{type(error).__name__}: {error}"
+    return triton_module("cluster_cvar")
 
 
 def _backward(grad_cvar: Tensor, assign: Tensor, weight: Tensor) -> Tensor:

@@ -19,20 +19,13 @@ decides an assignment. A NaN distance wins the argmin, as in ``torch.argmin``, s
 
 from __future__ import annotations
 
-import functools
-import importlib
-import os
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
 from fastdd import _extension
-
-BACKENDS = ("auto", "reference", "cpp", "triton")
-
-# The compiled kernels (C++, CUDA, Triton) are written for these dtypes; others go to the reference.
-_KERNEL_DTYPES = (torch.float32, torch.float64)
+from fastdd.ops._dispatch import choose_backend, triton_module, unavailable_reason
 
 # The reference compares points with a block of centers at once; blocks hold about this many differences.
 _REFERENCE_BLOCK_ELEMENTS = 1 << 22
@@ -67,19 +60,11 @@ def nearest_synthetic(points: Tensor, centers: Tensor, *, backend: str = "auto")
 
 
 def resolve_backend(backend: str, points: Tensor) -> str:
-    """The backend ``nearest_synthetic`` runs for ``points`` ([N, D]): ``backend`` itself, or auto's choice.
+    """The backend ``nearest_synthetic`` runs for ``points``: ``backend`` itself, or auto's choice.
 
     Raises ValueError for an unknown name and RuntimeError, with the reason, for a backend that cannot run here.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown nearest_synthetic backend {backend!r}; valid backends are {', '.join(BACKENDS)}")
-    if backend == "auto":
-        preferred = ("triton", "cpp") if points.device.type == "cuda" else ("cpp",)
-        return next((name for name in preferred if _unavailable_reason(name, points) is None), "reference")
-    reason = _unavailable_reason(backend, points)
-    if reason is not None:
-        raise RuntimeError(f"nearest_synthetic backend {backend!r} is unavailable: {reason}")
-    return backend
+    return choose_backend("nearest_synthetic", backend, points, triton_kernel="nearest_synthetic", cuda_kernel=True)
 
 
 def nearest_synthetic_reference(points: Tensor, centers: Tensor) -> tuple[Tensor, Tensor]:
@@ -135,36 +120,11 @@ def _check_inputs(points: Tensor, centers: Tensor) -> None:
 
 def _unavailable_reason(backend: str, points: Tensor) -> str | None:
     """Why ``backend`` cannot run ``nearest_synthetic`` on tensors like ``points``, or None when it can."""
-    if backend == "reference":
-        return None
-    if points.dtype not in _KERNEL_DTYPES:
-        return f"its kernels support float32 and float64, got {points.dtype}; use backend='reference'"
-    device = points.device.type
-    if backend == "cpp":
-        if not _extension.has_cpp():
-            return (
-                f"the compiled extension fastdd._C did not load ({_extension.load_error()}); build it with "
-                "`python setup.py build_ext --inplace` or reinstall fastdd"
-            )
-        if device == "cuda" and not _extension.has_cuda_kernels():
-            return "fastdd._C was built without CUDA kernels; rebuild it with a CUDA toolkit or use backend='triton'"
-        if device not in ("cpu", "cuda"):
-            return f"fastdd._C has no kernel for {device} tensors"
-        return None
-    if device != "cuda" and not (device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        return f"Triton kernels need CUDA tensors (got {device}), or TRITON_INTERPRET=1 set before fastdd imports them"
-    module, error = _triton_kernels()
-    if module is None:
-        return f"fastdd.kernels.nearest_synthetic could not be imported ({error})"
-    return None
+    return unavailable_reason(backend, points, triton_kernel="nearest_synthetic", cuda_kernel=True)
 
 
-@functools.cache
 def _triton_kernels() -> tuple[ModuleType | None, str | None]:
-    try:
-        return importlib.import_module("fastdd.kernels.nearest_synthetic"), None
-    except ImportError as error:
-        return None, f"{type(error).__name__}: {error}"
+    return triton_module("nearest_synthetic")
 
 
 class _TritonNearestSynthetic(torch.autograd.Function):
