@@ -49,6 +49,8 @@ from common import (
     peak_rss_increase,
 )
 
+from reference_mtt import reference_mtt_gradients
+
 from fastdd.distill.trajectory import MODES, match_gradients
 from fastdd.models import build_model, flat_parameters
 from fastdd.runtime import keep_freed_memory
@@ -56,6 +58,9 @@ from fastdd.runtime import keep_freed_memory
 DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 CLASSES = 10
 TARGET_NOISE = 1e-3  # std of the gaussian step from the start snapshot to the target snapshot
+
+# The MTT reference code's way of doing an unrolled step (benchmarks/reference_mtt.py), measured like a mode.
+REFERENCE_MTT = "reference-mtt"
 
 MEMORY_FLAT_TARGET = 1.15  # exact peak at the most steps / at the fewest
 MEMORY_RATIO_TARGET = 0.3  # exact / unrolled peak at the middle step count
@@ -108,6 +113,11 @@ def _measure(config: Config, mode: str, steps: int) -> dict:
     def call():
         # The same draws every call, so every call (and every mode) does the same work.
         generator = torch.Generator().manual_seed(config.seed + 1)
+        if mode == REFERENCE_MTT:
+            return reference_mtt_gradients(
+                net, images, labels, start, target, config.syn_lr, syn_steps=steps, augment=config.augment,
+                generator=generator,
+            )
         return match_gradients(
             net, images, labels, start, target, config.syn_lr, syn_steps=steps, mode=mode,
             augment=config.augment, generator=generator,
@@ -229,7 +239,7 @@ def targets(rows: dict[tuple[str, int], dict], steps: list[int]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", default=None, help="syn_steps values (default 10 20 40)")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=["unrolled", "exact", "compat"])
+    parser.add_argument("--modes", nargs="+", choices=(*MODES, REFERENCE_MTT), default=["unrolled", "exact", "compat"])
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 3)")
     parser.add_argument("--images", type=int, default=None, help="synthetic images, a multiple of 10 (default 100)")
     parser.add_argument("--width", type=int, default=None, help="ConvNet channels (default 128)")

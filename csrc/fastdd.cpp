@@ -28,6 +28,24 @@ TORCH_LIBRARY(fastdd, m) {
   // for a selected sample, else 0: the gradient of cvar[assign[i]] w.r.t. losses[i].
   m.def("cluster_cvar(Tensor losses, Tensor assign, int num_clusters, float alpha) -> (Tensor cvar, Tensor weight)",
         {at::Tag::pt2_compliant_tag});
+  // y = pool(relu(weight[c] * (x - mean) * rstd + bias[c])) per (image, channel) instance of x [N, C, H, W]:
+  // GroupNorm with one group per channel (biased variance, eps), ReLU, then a 2x2 average pool (floor) when pool
+  // is true. mean and rstd [N, C] are returned for the derivatives, which are ops of their own so that the fused
+  // block is differentiable twice (trajectory matching differentiates a student step's gradient).
+  m.def("instance_norm_relu_pool(Tensor x, Tensor weight, Tensor bias, float eps, bool pool)"
+        " -> (Tensor y, Tensor mean, Tensor rstd)",
+        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "instance_norm_relu_pool_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor mean,"
+      " Tensor rstd, bool pool) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)",
+      {at::Tag::pt2_compliant_tag});
+  // Derivatives of <gg_x, grad_x> + <gg_weight, grad_weight> + <gg_bias, grad_bias> w.r.t. grad_y, x and weight
+  // (bias has none: the ReLU mask is piecewise constant). A missing gg_* counts as zeros.
+  m.def(
+      "instance_norm_relu_pool_double_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor mean,"
+      " Tensor rstd, Tensor? gg_x, Tensor? gg_weight, Tensor? gg_bias, bool pool)"
+      " -> (Tensor grad_grad_y, Tensor grad_x, Tensor grad_weight)",
+      {at::Tag::pt2_compliant_tag});
 }
 
 // Importing fastdd._C loads this shared library, and loading it runs the static registrations above and in the

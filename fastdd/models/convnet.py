@@ -7,6 +7,7 @@ from torch import nn
 
 from fastdd.errors import FastddError
 from fastdd.models.layers import as_image_size, check_input, check_norm, first_conv_padding, make_norm
+from fastdd.ops.norm_relu_pool import instance_norm_relu_pool
 
 POOLINGS = ("avgpool", "maxpool", "none")
 
@@ -87,7 +88,17 @@ class ConvNet(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Flattened features before the head: [B, C, H, W] -> [B, feature_dim]."""
         check_input(x, (self.channels, *self.image_size), "ConvNet")
-        return self.features(x).flatten(-3)
+        if self.norm != "instancenorm" or self.pooling == "maxpool" or x.dim() != 4:
+            return self.features(x).flatten(-3)
+        # conv, norm, ReLU (, pool) per block: the norm-ReLU-pool epilogue runs as one fused op, differentiable
+        # twice, which is most of a trajectory-matching step's elementwise work.
+        block = 4 if self.pooling == "avgpool" else 3
+        for first in range(0, len(self.features), block):
+            conv, norm = self.features[first], self.features[first + 1]
+            x = instance_norm_relu_pool(
+                conv(x), norm.weight, norm.bias, eps=norm.eps, pool=self.pooling == "avgpool"
+            )
+        return x.flatten(-3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits: [B, C, H, W] -> [B, num_classes]."""

@@ -1,0 +1,233 @@
+"""fastdd's speed in one run: every compiled op against its reference, a tesla iteration against the reference MTT
+unroll, the share of the machine's fp32 matmul peak that a tesla iteration reaches, and batched students.
+
+    python benchmarks/throughput.py [--repeats 5] [--steps 20] [--threads N] [--json FILE]
+    python benchmarks/throughput.py --quick      # tiny sizes: checks that every section runs, in about a minute
+
+Sections (medians of ``--repeats`` timed calls after a warm-up; speedup = reference time / fastdd time):
+
+1. Ops: each op's ``cpp`` backend against its pure-PyTorch reference, forward and forward+backward (and, for the
+   fused ConvNet epilogue, the double backward trajectory matching needs), at the sizes of a CIFAR-10 IPC 10 run.
+2. Trajectory matching, ConvNet-3 (instancenorm, width 128), 100 synthetic images 3x32x32, ``--steps`` student
+   steps on all images, DSA at every step: fastdd's ``tesla`` (``exact``) and ``unrolled`` modes against the same
+   work written the way the MTT reference code does it (``benchmarks/reference_mtt.py``: the whole unroll in the
+   autograd graph, unfused modules and augmentation). Each in a fresh process: time, resident peak, and the
+   cosine of the image gradient with the reference's (the three compute the same gradient).
+3. Hardware use: the fp32 FLOPs of one tesla iteration (convolutions and matmuls, counted by
+   ``torch.utils.flop_counter``) divided by its time, against this machine's fp32 matmul peak measured here
+   (a 2048 x 2048 x 2048 ``torch.mm``).
+4. Batched students: S = 4 students run as one grouped network (``fastdd.models.batched``) against 4 students run
+   one after another: student steps per second for the first-order step (tesla's forward sweep) and for the
+   reverse-accumulation step (gradient with its graph, then the Hessian-vector and image terms).
+
+Targets on a 2-core CPU are printed with PASS/MISS; they are information, not an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+from common import describe_machine, load_average, median_seconds
+from ops_norm_relu_pool import norm_relu_pool_rows
+from trajectory import DSA_STRATEGY, REFERENCE_MTT, Config, _cosine, _problem, measure_in_fresh_process
+
+from fastdd.distill.trajectory import match_gradients
+from fastdd.models import build_model, flat_parameters
+from fastdd.models.batched import batched_functional_forward
+from fastdd.models.functional import functional_forward
+
+TESLA_TIME_TARGET = 0.5  # tesla / reference MTT unroll, time
+TESLA_MEMORY_TARGET = 0.3  # tesla / reference MTT unroll, resident peak
+BATCHED_TARGET = 1.5  # batched / sequential student steps per second, 4 students
+STUDENTS = 4
+
+
+def _verdict(value: float | None, limit: float, higher_is_better: bool) -> str:
+    if value is None:
+        return "n/a"
+    return "PASS" if (value >= limit if higher_is_better else value <= limit) else "MISS"
+
+
+def op_rows(repeats: int, device: torch.device, quick: bool) -> list[dict]:
+    """Rows of every op benchmark: op, case, reference_ms, fastdd_ms, speedup (and target where the issue sets one)."""
+    rows = norm_relu_pool_rows(repeats, device, batch=4 if quick else 100, width=8 if quick else 128)
+    return rows
+
+
+def matmul_peak_gflops(repeats: int, size: int = 2048) -> float:
+    """This machine's fp32 matmul throughput with the current torch threads: median of a square ``torch.mm``."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    seconds = median_seconds(lambda: torch.mm(a, b), torch.device("cpu"), repeats=repeats)
+    return 2 * size**3 / seconds / 1e9
+
+
+def tesla_flops(config: Config, steps: int) -> int:
+    """Convolution and matmul FLOPs of one ``exact`` (tesla) call on the benchmark problem."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net, images, labels, start, target = _problem(config)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        match_gradients(
+            net, images, labels, start, target, config.syn_lr, syn_steps=steps, mode="exact",
+            augment=config.augment, generator=torch.Generator().manual_seed(config.seed + 1),
+        )
+    return counter.get_total_flops()
+
+
+def batched_student_rows(repeats: int, batch: int, width: int, image_size: int) -> list[dict]:
+    """Student steps per second of S students run one after another and as one batched network."""
+    generator = torch.Generator().manual_seed(0)
+    net = build_model("convnet", channels=3, num_classes=10, image_size=image_size, width=width, generator=generator)
+    base = flat_parameters(net).detach()
+    thetas = torch.stack([base + 0.01 * torch.randn(base.shape, generator=generator) for _ in range(STUDENTS)])
+    images = torch.randn(STUDENTS, batch, 3, image_size, image_size, generator=generator)
+    labels = torch.randint(0, 10, (STUDENTS, batch), generator=generator)
+    directions = 1e-3 * torch.randn(thetas.shape, generator=generator)
+
+    def sequential_logits(theta, x):
+        return torch.stack([functional_forward(net, theta[s], x[s]) for s in range(STUDENTS)])
+
+    def first_order(logits_fn):
+        def step():
+            theta = thetas.clone().requires_grad_(True)
+            loss = F.cross_entropy(logits_fn(theta, images).flatten(0, 1), labels.flatten(), reduction="sum")
+            torch.autograd.grad(loss, theta)
+        return step
+
+    def reverse(logits_fn):
+        def step():
+            theta = thetas.clone().requires_grad_(True)
+            x = images.clone().requires_grad_(True)
+            loss = F.cross_entropy(logits_fn(theta, x).flatten(0, 1), labels.flatten(), reduction="sum")
+            (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
+            torch.autograd.grad((grad * directions).sum(), (x, theta))
+        return step
+
+    rows = []
+    for name, make in (("first-order step", first_order), ("reverse step", reverse)):
+        sequential = median_seconds(make(sequential_logits), torch.device("cpu"), repeats=repeats)
+        batched = median_seconds(make(lambda t, x: batched_functional_forward(net, t, x)), torch.device("cpu"),
+                                 repeats=repeats)
+        rows.append({
+            "step": name, "batch": batch, "students": STUDENTS,
+            "sequential_steps_per_s": STUDENTS / sequential, "batched_steps_per_s": STUDENTS / batched,
+            "speedup": sequential / batched,
+        })
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per op measurement (default 5)")
+    parser.add_argument("--trajectory-repeats", type=int, default=3, help="timed calls per trajectory mode")
+    parser.add_argument("--steps", type=int, default=20, help="student steps of the trajectory comparison")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--skip-trajectory", action="store_true", help="only the op and batched-student sections")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every section")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    repeats = 1 if args.quick else args.repeats
+    started = datetime.datetime.now().astimezone()
+    report: dict = {"machine": describe_machine(device), "started": started.isoformat(), "quick": args.quick}
+    print(f"machine: {report['machine']}")
+    print(f"started {started:%Y-%m-%d %H:%M:%S %Z}; medians of {repeats} timed calls after a warm-up\n", flush=True)
+
+    print("1. ops: cpp backend vs pure-PyTorch reference")
+    rows = op_rows(repeats, device, args.quick)
+    header = f"{'op':<26}{'case':<34}{'reference ms':>13}{'fastdd ms':>11}{'speedup':>9}{'target':>8}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        target = row.get("target")
+        verdict = f"{_verdict(row['speedup'], target, True)}" if target else ""
+        print(f"{row['op']:<26}{row['case']:<34}{row['reference_ms']:>13.2f}{row['fastdd_ms']:>11.2f}"
+              f"{row['speedup']:>8.1f}x{(f'>={target}x ' + verdict) if target else '':>14}")
+    report["ops"] = rows
+    print(flush=True)
+
+    config = Config(
+        images=20 if args.quick else 100, width=8 if args.quick else 128, image_size=32, syn_lr=0.01,
+        augment=DSA_STRATEGY, repeats=1 if args.quick else args.trajectory_repeats, dtype="float32", device="cpu",
+        allocator_peak=False, threads=args.threads,
+    )
+    steps = 3 if args.quick else args.steps
+    if not args.skip_trajectory:
+        print(f"2. trajectory matching: ConvNet-3 width {config.width}, {config.images} images 3x32x32, {steps} "
+              f"steps, DSA, each mode in a fresh process")
+        results = {}
+        for mode in (REFERENCE_MTT, "unrolled", "exact"):
+            print(f"  measuring {mode} ...", file=sys.stderr, flush=True)
+            results[mode] = measure_in_fresh_process(config, mode, steps)
+        reference = results[REFERENCE_MTT]
+        header = f"{'implementation':<34}{'wall s':>8}{'x ref':>8}{'peak MiB':>10}{'x ref':>8}{'cosine':>8}{'load':>6}"
+        print(header)
+        print("-" * len(header))
+        names = {REFERENCE_MTT: "reference MTT unroll", "unrolled": "fastdd unrolled", "exact": "fastdd tesla (exact)"}
+        for mode, row in results.items():
+            if "error" in row or "error" in reference:
+                print(f"{names[mode]:<34}FAILED: {(row.get('error') or reference['error']).strip().splitlines()[-1]}")
+                continue
+            row["time_ratio"] = row["median_seconds"] / reference["median_seconds"]
+            row["memory_ratio"] = row["peak_bytes"] / reference["peak_bytes"]
+            row["grad_cosine"] = _cosine(row["grad_images"], reference["grad_images"])
+            print(f"{names[mode]:<34}{row['median_seconds']:>8.2f}{row['time_ratio']:>7.2f}x"
+                  f"{row['peak_bytes'] / 2**20:>10.0f}{row['memory_ratio']:>7.3f}x{row['grad_cosine']:>8.4f}"
+                  f"{row['load_average']:>6.1f}")
+        tesla = results["exact"]
+        if "time_ratio" in tesla:
+            print(f"  tesla / reference time  {tesla['time_ratio']:.2f}x  (target <= {TESLA_TIME_TARGET}x)  "
+                  f"{_verdict(tesla['time_ratio'], TESLA_TIME_TARGET, False)}")
+            print(f"  tesla / reference peak  {tesla['memory_ratio']:.3f}x  (target <= {TESLA_MEMORY_TARGET}x)  "
+                  f"{_verdict(tesla['memory_ratio'], TESLA_MEMORY_TARGET, False)}")
+        report["trajectory"] = {
+            mode: {k: v for k, v in row.items() if k != "grad_images"} for mode, row in results.items()
+        }
+        print(flush=True)
+
+        print("3. hardware use of a tesla iteration")
+        peak = matmul_peak_gflops(repeats)
+        flops = tesla_flops(config, steps)
+        if "median_seconds" in tesla:
+            achieved = flops / tesla["median_seconds"] / 1e9
+            print(f"  fp32 matmul peak (2048^3 mm, {torch.get_num_threads()} threads): {peak:.0f} GFLOP/s")
+            print(f"  tesla iteration: {flops / 1e9:.1f} GFLOP (conv + matmul) in {tesla['median_seconds']:.2f} s = "
+                  f"{achieved:.0f} GFLOP/s = {achieved / peak:.0%} of the matmul peak")
+            report["hardware"] = {"matmul_peak_gflops": peak, "tesla_gflop": flops / 1e9,
+                                  "tesla_gflops_per_s": achieved, "fraction_of_peak": achieved / peak}
+        print(flush=True)
+
+    print(f"4. batched students: {STUDENTS} students as one grouped network vs one after another")
+    header = (f"{'student step':<20}{'batch':>6}{'sequential steps/s':>20}{'batched steps/s':>17}{'speedup':>9}"
+              f"{'target':>15}")
+    print(header)
+    print("-" * len(header))
+    batched_rows = []
+    for batch in ((4,) if args.quick else (100, 10)):
+        batched_rows += batched_student_rows(repeats, batch, 8 if args.quick else 128, 32)
+    for row in batched_rows:
+        print(f"{row['step']:<20}{row['batch']:>6}{row['sequential_steps_per_s']:>20.2f}"
+              f"{row['batched_steps_per_s']:>17.2f}{row['speedup']:>8.2f}x"
+              f"{'>=' + str(BATCHED_TARGET) + 'x ' + _verdict(row['speedup'], BATCHED_TARGET, True):>15}")
+    report["batched_students"] = batched_rows
+
+    finished = datetime.datetime.now().astimezone()
+    report["finished"] = finished.isoformat()
+    print(f"\nfinished {finished:%Y-%m-%d %H:%M:%S %Z} ({(finished - started).total_seconds() / 60:.1f} min), "
+          f"load average {load_average() or 0:.1f}")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(report, out, indent=2, default=float)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The epilogue of a ConvNet block, fused: instance normalisation, ReLU and 2x2 average pooling in one op.
+
+``instance_norm_relu_pool(x, weight, bias)`` equals ``avg_pool2d(relu(group_norm(x, C, weight, bias)), 2)`` with one
+group per channel, the "instancenorm" of dataset distillation. Trajectory matching differentiates a student step's
+gradient again, so the block is differentiable twice: forward, backward and double backward are each one op and
+one pass per (image, channel) feature map, and only ``x`` plus two numbers per map are saved, where the unfused
+chain keeps four full-size tensors per block and runs about forty elementwise kernels in its double backward.
+
+Backends:
+  ``"reference"``  ``F.group_norm`` + ``F.relu`` + ``F.avg_pool2d``; the test oracle and the fallback.
+  ``"cpp"``        ``torch.ops.fastdd.instance_norm_relu_pool`` (CPU kernel, OpenMP over feature maps), with its
+                   backward and double backward as ops of their own.
+  ``"auto"``       cpp for CPU tensors when the extension is built, else reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastdd import _extension
+from fastdd.ops._dispatch import choose_backend
+
+DEFAULT_EPS = 1e-5  # nn.GroupNorm's
+
+
+def instance_norm_relu_pool(
+    x: Tensor, weight: Tensor, bias: Tensor, *, eps: float = DEFAULT_EPS, pool: bool = True, backend: str = "auto"
+) -> Tensor:
+    """``pool(relu(weight * (x - mean) / sqrt(var + eps) + bias))`` per (image, channel) feature map.
+
+    Args:
+        x: [N, C, H, W] floating-point feature maps (e.g. a convolution's output).
+        weight, bias: [C] per-channel affine of the normalisation, same dtype and device as x.
+        eps: added to the biased variance, as in ``nn.GroupNorm``.
+        pool: True for a 2x2 average pool with stride 2 (a trailing odd row or column is dropped, as
+            ``F.avg_pool2d`` does), False for none.
+        backend: ``"auto"``, ``"reference"`` or ``"cpp"`` (see the module docstring).
+
+    Returns:
+        [N, C, H // 2, W // 2] (pool) or [N, C, H, W], differentiable twice w.r.t. x, weight and bias.
+
+    Raises:
+        ValueError: bad shapes or an unknown backend. RuntimeError: the requested backend cannot run here.
+    """
+    _check_inputs(x, weight, bias, pool)
+    chosen = resolve_backend(backend, x)
+    if chosen == "reference":
+        return instance_norm_relu_pool_reference(x, weight, bias, eps=eps, pool=pool)
+    return torch.ops.fastdd.instance_norm_relu_pool(x, weight, bias, float(eps), bool(pool))[0]
+
+
+def resolve_backend(backend: str, x: Tensor) -> str:
+    """The backend ``instance_norm_relu_pool`` runs for ``x``: ``backend`` itself, or auto's choice."""
+    if backend == "triton":
+        raise ValueError("instance_norm_relu_pool has no Triton kernel; valid backends are auto, reference, cpp")
+    return choose_backend(
+        "instance_norm_relu_pool", backend, x, triton_kernel="instance_norm_relu_pool", cuda_kernel=False
+    )
+
+
+def instance_norm_relu_pool_reference(
+    x: Tensor, weight: Tensor, bias: Tensor, *, eps: float = DEFAULT_EPS, pool: bool = True
+) -> Tensor:
+    """Pure-PyTorch ``instance_norm_relu_pool``: x [N, C, H, W] -> [N, C, H // 2, W // 2] (pool) or x's shape."""
+    y = F.relu(F.group_norm(x, x.shape[1], weight, bias, eps))
+    return F.avg_pool2d(y, 2) if pool else y
+
+
+def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor, pool: bool) -> None:
+    if not all(isinstance(t, Tensor) for t in (x, weight, bias)):
+        raise TypeError("instance_norm_relu_pool expects tensors x [N, C, H, W], weight [C] and bias [C]")
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"instance_norm_relu_pool expects floating-point x [N, C, H, W], got {x.dtype} {tuple(x.shape)}")
+    min_size = 2 if pool else 1
+    if x.shape[2] < min_size or x.shape[3] < min_size:
+        raise ValueError(f"instance_norm_relu_pool needs feature maps of at least {min_size}x{min_size}, got {tuple(x.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if tuple(t.shape) != (x.shape[1],):
+            raise ValueError(f"instance_norm_relu_pool: {name} must be [{x.shape[1]}], got {tuple(t.shape)}")
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"instance_norm_relu_pool: {name} must have x's dtype and device ({x.dtype}, {x.device})")
+
+
+def _register_compiled_op() -> None:
+    """Fake implementations and the autograd formulas of the three ``torch.ops.fastdd.instance_norm_relu_pool*`` ops.
+
+    The forward's backward is the backward op, and the backward op's backward is the double-backward op, so
+    autograd can differentiate the block twice; the double-backward op itself is used once-differentiably.
+    """
+    ops = torch.ops.fastdd
+
+    def out_shape(x: Tensor, pool: bool) -> tuple[int, ...]:
+        n, c, h, w = x.shape
+        return (n, c, h // 2, w // 2) if pool else (n, c, h, w)
+
+    @torch.library.register_fake("fastdd::instance_norm_relu_pool")
+    def _forward_fake(x, weight, bias, eps, pool):
+        stats = x.new_empty(x.shape[:2])
+        return x.new_empty(out_shape(x, pool)), stats, torch.empty_like(stats)
+
+    @torch.library.register_fake("fastdd::instance_norm_relu_pool_backward")
+    def _backward_fake(grad_y, x, weight, bias, mean, rstd, pool):
+        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
+
+    @torch.library.register_fake("fastdd::instance_norm_relu_pool_double_backward")
+    def _double_backward_fake(grad_y, x, weight, bias, mean, rstd, gg_x, gg_weight, gg_bias, pool):
+        return torch.empty_like(grad_y), torch.empty_like(x), torch.empty_like(weight)
+
+    def forward_setup(ctx, inputs, output) -> None:
+        x, weight, bias, _, pool = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.pool = pool
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def forward_backward(ctx, grad_y, _grad_mean, _grad_rstd):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = ops.instance_norm_relu_pool_backward(
+            grad_y, x, weight, bias, mean, rstd, ctx.pool
+        )
+        return grad_x, grad_weight, grad_bias, None, None
+
+    def backward_setup(ctx, inputs, output) -> None:
+        grad_y, x, weight, bias, mean, rstd, pool = inputs
+        ctx.save_for_backward(grad_y, x, weight, bias, mean, rstd)
+        ctx.pool = pool
+
+    def backward_backward(ctx, gg_x, gg_weight, gg_bias):
+        grad_y, x, weight, bias, mean, rstd = ctx.saved_tensors
+        grad_grad_y, grad_x, grad_weight = ops.instance_norm_relu_pool_double_backward(
+            grad_y, x, weight, bias, mean, rstd, gg_x, gg_weight, gg_bias, ctx.pool
+        )
+        # mean and rstd are functions of x; the double-backward formula already differentiates through them.
+        return grad_grad_y, grad_x, grad_weight, None, None, None, None
+
+    torch.library.register_autograd("fastdd::instance_norm_relu_pool", forward_backward, setup_context=forward_setup)
+    torch.library.register_autograd(
+        "fastdd::instance_norm_relu_pool_backward", backward_backward, setup_context=backward_setup
+    )
+
+
+if _extension.has_cpp():
+    _register_compiled_op()

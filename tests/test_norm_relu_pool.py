@@ -1,0 +1,157 @@
+"""instance_norm_relu_pool: the fused C++ op against the unfused PyTorch chain, to second order, and in ConvNet."""
+
+import pytest
+import torch
+
+from fastdd import _extension
+from fastdd.models import build_model
+from fastdd.models.functional import flat_parameters, functional_forward, parameter_layout
+from fastdd.ops.norm_relu_pool import instance_norm_relu_pool, instance_norm_relu_pool_reference
+
+pytestmark = pytest.mark.skipif(not _extension.has_cpp(), reason=f"fastdd._C unavailable: {_extension.load_error()}")
+
+# (N, C, H, W, pool): odd sizes drop a trailing row/column when pooling, 1x1 maps without pooling.
+CASES = [(2, 3, 5, 7, True), (1, 2, 6, 6, True), (3, 4, 4, 5, False), (2, 1, 1, 1, False), (2, 3, 2, 3, True)]
+
+
+def _inputs(n, c, h, w, generator, dtype=torch.float64):
+    x = torch.randn(n, c, h, w, generator=generator, dtype=dtype)
+    weight = torch.randn(c, generator=generator, dtype=dtype)
+    bias = torch.randn(c, generator=generator, dtype=dtype) * 0.5
+    return [t.requires_grad_(True) for t in (x, weight, bias)]
+
+
+def _first_and_second_order(fn, x, weight, bias, generator):
+    """y, (grad_x, grad_weight, grad_bias) for a random grad_y, and the gradient of a random linear function of
+    those w.r.t. (x, weight, bias, grad_y): every quantity trajectory matching takes from the block."""
+    y = fn(x, weight, bias)
+    grad_y = torch.randn(y.shape, generator=generator, dtype=y.dtype).requires_grad_(True)
+    grads = torch.autograd.grad(y, (x, weight, bias), grad_y, create_graph=True)
+    probes = [torch.randn(g.shape, generator=generator, dtype=g.dtype) for g in grads]
+    directional = sum((g * p).sum() for g, p in zip(grads, probes))
+    second = torch.autograd.grad(directional, (x, weight, bias, grad_y), allow_unused=True)
+    return y, grads, second
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_reference_to_second_order(case, dtype, generator):
+    *shape, pool = case
+    if dtype == torch.float32 and shape[2] * shape[3] == 1:
+        pytest.skip("a 1x1 map has zero variance: rstd = 1/sqrt(eps) magnifies float32 rounding of the reference")
+    x, weight, bias = _inputs(*shape, generator, dtype)
+    seed = int(torch.randint(1 << 30, (1,), generator=generator))
+    results = []
+    for fn in (
+        lambda x, w, b: instance_norm_relu_pool(x, w, b, pool=pool, backend="cpp"),
+        lambda x, w, b: instance_norm_relu_pool_reference(x, w, b, pool=pool),
+    ):
+        results.append(_first_and_second_order(fn, x, weight, bias, torch.Generator().manual_seed(seed)))
+    tol = {"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 2e-5, "rtol": 1e-4}
+    (y, grads, second), (y_ref, grads_ref, second_ref) = results
+    torch.testing.assert_close(y, y_ref, **tol)
+    for got, expected in zip(grads, grads_ref):
+        torch.testing.assert_close(got, expected, **tol)
+    for got, expected in zip(second, second_ref):
+        # bias enters the ReLU mask only, so its second-order gradient is zero (None from either side).
+        expected = torch.zeros_like(got) if expected is None and got is not None else expected
+        got = torch.zeros_like(expected) if got is None and expected is not None else got
+        if got is not None:
+            torch.testing.assert_close(got, expected, **tol)
+
+
+def test_gradcheck_and_gradgradcheck(generator):
+    for pool, shape in ((True, (2, 3, 5, 4)), (False, (1, 2, 3, 3))):
+        inputs = _inputs(*shape, generator)
+        fn = lambda x, w, b: instance_norm_relu_pool(x, w, b, pool=pool, backend="cpp")  # noqa: E731
+        assert torch.autograd.gradcheck(fn, inputs)
+        assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_partial_second_order_gradients(generator):
+    """Only grad_weight is differentiated again (no cotangent for grad_x): the double backward gets None there."""
+    x, weight, bias = _inputs(2, 3, 6, 6, generator)
+    out = []
+    for fn in (lambda *a: instance_norm_relu_pool(*a, backend="cpp"), instance_norm_relu_pool_reference):
+        y = fn(x, weight, bias)
+        _, grad_weight, _ = torch.autograd.grad(y.square().sum(), (x, weight, bias), create_graph=True)
+        out.append(torch.autograd.grad(grad_weight.sum(), (x, weight)))
+    for got, expected in zip(*out):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+
+
+def test_non_contiguous_input(generator):
+    x, weight, bias = _inputs(2, 4, 6, 8, generator)
+    channels_last = x.detach().to(memory_format=torch.channels_last).requires_grad_(True)
+    transposed = x.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_(True)
+    expected = instance_norm_relu_pool_reference(x, weight, bias)
+    for variant in (channels_last, transposed):
+        torch.testing.assert_close(instance_norm_relu_pool(variant, weight, bias, backend="cpp"), expected)
+        assert torch.autograd.gradcheck(lambda v: instance_norm_relu_pool(v, weight, bias, backend="cpp"), (variant,))
+
+
+def test_opcheck(generator):
+    x, weight, bias = _inputs(2, 3, 4, 6, generator)
+    y, mean, rstd = torch.ops.fastdd.instance_norm_relu_pool(x, weight, bias, 1e-5, True)
+    grad_y = torch.randn(y.shape, generator=generator, dtype=y.dtype, requires_grad=True)
+    ops = torch.ops.fastdd
+    torch.library.opcheck(ops.instance_norm_relu_pool.default, (x, weight, bias, 1e-5, True))
+    saved = (x, weight, bias, mean.detach(), rstd.detach())
+    torch.library.opcheck(ops.instance_norm_relu_pool_backward.default, (grad_y, *saved, True))
+    gg = [torch.randn(t.shape, generator=generator, dtype=t.dtype) for t in (x, weight, bias)]
+    torch.library.opcheck(
+        ops.instance_norm_relu_pool_double_backward.default,
+        tuple(t.detach() for t in (grad_y, *saved)) + (*gg, True),
+    )
+    torch.library.opcheck(
+        ops.instance_norm_relu_pool_double_backward.default,
+        tuple(t.detach() for t in (grad_y, *saved)) + (None, None, None, True),
+    )
+
+
+def test_convnet_fused_equals_unfused_student_step(generator):
+    """ConvNet's fused blocks give the nn.Sequential result, and so the same trajectory-matching quantities: the
+    step gradient, and the image gradient and Hessian-vector product of <gradient, lambda>."""
+    net = build_model("convnet", channels=3, num_classes=4, image_size=(9, 10), width=6, depth=2, generator=generator)
+    net = net.double()
+    theta = flat_parameters(net).detach().requires_grad_(True)
+    images = torch.randn(5, 3, 9, 10, generator=generator, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3, 1])
+    lam = torch.randn(theta.shape, generator=generator, dtype=torch.float64)
+
+    def quantities(forward):
+        loss = torch.nn.functional.cross_entropy(forward(theta, images), labels)
+        (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
+        return (grad.detach(), *torch.autograd.grad((grad * lam).sum(), (images, theta)))
+
+    fused = quantities(lambda t, x: functional_forward(net, t, x))
+    unfused = quantities(lambda t, x: _sequential_forward(net, t, x))
+    for got, expected in zip(fused, unfused):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+
+
+def _sequential_forward(net, flat, x):
+    """The ConvNet computed by its nn.Sequential of blocks (GroupNorm, ReLU, AvgPool2d modules), unfused."""
+    params = parameter_layout(net).unflatten(flat)
+    features = {name.removeprefix("features."): p for name, p in params.items() if name.startswith("features.")}
+    embedding = torch.func.functional_call(net.features, features, (x,)).flatten(1)
+    return torch.nn.functional.linear(embedding, params["classifier.weight"], params["classifier.bias"])
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: instance_norm_relu_pool(torch.zeros(2, 3, 4), torch.ones(3), torch.zeros(3)), r"\[N, C, H, W\]"),
+        (lambda: instance_norm_relu_pool(torch.zeros(1, 3, 4, 4), torch.ones(2), torch.zeros(3)), r"weight must be \[3\]"),
+        (lambda: instance_norm_relu_pool(torch.zeros(1, 3, 1, 4), torch.ones(3), torch.zeros(3)), "at least 2x2"),
+        (
+            lambda: instance_norm_relu_pool(torch.zeros(1, 3, 4, 4), torch.ones(3, dtype=torch.float64), torch.zeros(3)),
+            "x's dtype",
+        ),
+        (lambda: instance_norm_relu_pool(torch.zeros(1, 3, 4, 4), torch.ones(3), torch.zeros(3), backend="x"), "valid backends"),
+        (lambda: instance_norm_relu_pool(torch.zeros(1, 3, 4, 4), torch.ones(3), torch.zeros(3), backend="triton"), "no Triton"),
+    ],
+)
+def test_bad_input(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()
