@@ -65,7 +65,11 @@ def kernel_arguments(params: AugmentParams, device: torch.device) -> KernelArgum
         dim=1,
     )
     ints = torch.stack(
-        [*pair(params.crop_shift, torch.int64), *pair(params.cutout_center, torch.int64), column(params.flip, torch.int64)],
+        [
+            *pair(params.crop_shift, torch.int64),
+            *pair(params.cutout_center, torch.int64),
+            column(params.flip, torch.int64),
+        ],
         dim=1,
     )
     return KernelArguments(
