@@ -46,6 +46,19 @@ TORCH_LIBRARY(fastdd, m) {
       " Tensor rstd, Tensor? gg_x, Tensor? gg_weight, Tensor? gg_bias, bool pool)"
       " -> (Tensor grad_grad_y, Tensor grad_x, Tensor grad_weight)",
       {at::Tag::pt2_compliant_tag});
+  // DSA augmentation of images [B, C, H, W] by the families in `families` ("color_crop_flip", applied in that order)
+  // with parameter rows real_params [P, 6] float64 (brightness, saturation, contrast, scale_x, scale_y, rotation)
+  // and int_params [P, 5] int64 (crop_row, crop_col, cutout_row, cutout_col, flip); P = 1 (shared) or B. The map is
+  // affine in the images: with_offset=False leaves out the brightness offset (its linear part).
+  m.def(
+      "diff_augment(Tensor images, str families, Tensor real_params, Tensor int_params, int[2] cutout_size,"
+      " bool align_corners, bool with_offset=True) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // The transpose of diff_augment's linear part applied to grad [B, C, H, W]: the gradient w.r.t. the images.
+  m.def(
+      "diff_augment_adjoint(Tensor grad, str families, Tensor real_params, Tensor int_params, int[2] cutout_size,"
+      " bool align_corners) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
 }
 
 // Importing fastdd._C loads this shared library, and loading it runs the static registrations above and in the

@@ -427,3 +427,156 @@ def test_wrong_types_raise_type_error():
 
 SHARED = sample_augment_params(1, 8, mode="M", generator=seeded(0))
 PER_IMAGE_3 = sample_augment_params(3, 8, mode="M", generator=seeded(0))
+
+
+# ------------------------------------------------------------------------------------ compiled backends (cpp, triton)
+
+from fastdd import _extension  # noqa: E402
+from fastdd.ops import _augment_compiled  # noqa: E402
+from fastdd.ops.augment import backend_unavailable_reason  # noqa: E402
+
+_TRITON_MODULE = _augment_compiled._triton_kernels()
+needs_cpp = pytest.mark.skipif(not _extension.has_cpp(), reason=f"fastdd._C not built: {_extension.load_error()}")
+needs_triton = pytest.mark.skipif(
+    backend_unavailable_reason("triton", torch.zeros(1)) is not None,
+    reason=f"Triton kernels unavailable: {backend_unavailable_reason('triton', torch.zeros(1))}",
+)
+COMPILED = [pytest.param("cpp", marks=needs_cpp), pytest.param("triton", marks=needs_triton)]
+# Family sequences: each family alone, mode M, and orders that put color between the bilinear families.
+SEQUENCES = [*FAMILIES, ALL, "rotate_color_crop", "scale_rotate_color", "flip_scale_cutout_color_rotate_crop"]
+SHAPES = [(3, 3, 9, 6), (2, 1, 5, 7)]  # odd sizes, C = 3 and C = 1
+
+
+def sequence_params(strategy, batch, shape, seed, align_corners=True):
+    config = AugmentConfig(align_corners=align_corners, flip_probability=0.7)
+    return sample_augment_params(batch, shape[2:], strategy=strategy, mode="M", generator=seeded(seed), config=config)
+
+
+def reference_and_grad(x, params, upstream):
+    leaf = x.detach().clone().requires_grad_(True)
+    out = diff_augment(leaf, params, backend="reference")
+    (grad,) = torch.autograd.grad(out, leaf, upstream)
+    return out.detach(), grad
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("batch", ["shared", "per-image"])
+@pytest.mark.parametrize("strategy", SEQUENCES)
+def test_compiled_backend_matches_reference_float64(backend, strategy, batch, shape):
+    seed = SEQUENCES.index(strategy) * 10 + SHAPES.index(shape)
+    x = torch.randn(*shape, dtype=torch.float64, generator=seeded(seed))
+    upstream = torch.randn(*shape, dtype=torch.float64, generator=seeded(seed + 1))
+    params = sequence_params(strategy, 1 if batch == "shared" else shape[0], shape, seed + 2)
+    expected, expected_grad = reference_and_grad(x, params, upstream)
+    leaf = x.clone().requires_grad_(True)
+    out = diff_augment(leaf, params, backend=backend)
+    (grad,) = torch.autograd.grad(out, leaf, upstream)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_compiled_backend_honours_align_corners(backend, align_corners):
+    x = torch.randn(2, 3, 8, 7, dtype=torch.float64, generator=seeded(40))
+    for seed in range(3):
+        params = sequence_params("scale_rotate", 2, x.shape, 41 + seed, align_corners)
+        expected = diff_augment(x, params, backend="reference")
+        torch.testing.assert_close(diff_augment(x, params, backend=backend), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_compiled_backend_float32(backend):
+    x = torch.randn(3, 3, 10, 9, generator=seeded(42))
+    for batch in (1, 3):
+        params = sequence_params(ALL, batch, x.shape, 43 + batch)
+        out = diff_augment(x, params, backend=backend)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, diff_augment(x.double(), params, backend="reference").float())
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_compiled_backend_non_contiguous_input(backend):
+    x = torch.randn(3, 7, 9, 3, dtype=torch.float64, generator=seeded(44)).permute(0, 3, 1, 2)  # [3, 3, 7, 9]
+    assert not x.is_contiguous()
+    for batch in (1, 3):
+        params = sequence_params(ALL, batch, x.shape, 45 + batch)
+        expected = diff_augment(x.contiguous(), params, backend="reference")
+        torch.testing.assert_close(diff_augment(x, params, backend=backend), expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(diff_augment(x[::2], params.select([0, 2]), backend=backend), expected[::2])
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_compiled_backend_gradient_is_the_adjoint(backend):
+    # <A x - A 0, g> == <x, A^T g>: the gradient is the transpose of the linear part of the map.
+    x = torch.randn(2, 3, 7, 8, dtype=torch.float64, generator=seeded(46))
+    g = torch.randn(2, 3, 7, 8, dtype=torch.float64, generator=seeded(47))
+    for strategy in (ALL, "rotate_color_crop"):
+        params = sequence_params(strategy, 2, x.shape, 48)
+        linear = diff_augment(x, params, backend=backend) - diff_augment(torch.zeros_like(x), params, backend=backend)
+        leaf = torch.zeros_like(x, requires_grad=True)
+        (adjoint,) = torch.autograd.grad(diff_augment(leaf, params, backend=backend), leaf, g)
+        torch.testing.assert_close((linear * g).sum(), (x * adjoint).sum(), rtol=1e-12, atol=1e-12)
+
+
+@needs_cpp
+@pytest.mark.parametrize("strategy", ["color", "crop_flip", "scale", "cutout_rotate", ALL])
+def test_cpp_gradcheck_and_gradgradcheck(strategy):
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, generator=seeded(49), requires_grad=True)
+    for batch in (1, 2):
+        params = sequence_params(strategy, batch, x.shape, 50 + batch)
+        assert torch.autograd.gradcheck(lambda t: diff_augment(t, params, backend="cpp"), (x,))
+        assert torch.autograd.gradgradcheck(lambda t: diff_augment(t, params, backend="cpp"), (x,))
+
+
+@needs_triton
+@pytest.mark.parametrize("strategy", [ALL, "rotate_color_crop"])
+def test_triton_gradcheck_and_gradgradcheck(strategy):
+    # The interpreter runs a few calls per second: a tiny image and gradcheck's random-projection mode.
+    x = torch.randn(1, 2, 4, 3, dtype=torch.float64, generator=seeded(55), requires_grad=True)
+    params = sequence_params(strategy, 1, x.shape, 56)
+    call = lambda t: diff_augment(t, params, backend="triton")  # noqa: E731
+    assert torch.autograd.gradcheck(call, (x,), fast_mode=True)
+    assert torch.autograd.gradgradcheck(call, (x,), fast_mode=True)
+
+
+@needs_cpp
+@pytest.mark.parametrize("batch", [1, 2])
+def test_opcheck_registered_ops(batch):
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, generator=seeded(51), requires_grad=True)
+    params = sequence_params(ALL, batch, x.shape, 52)
+    args = _augment_compiled.kernel_arguments(params, x.device)
+    torch.library.opcheck(torch.ops.fastdd.diff_augment.default, (x, *args))
+    torch.library.opcheck(torch.ops.fastdd.diff_augment.default, (x, *args, False))
+    torch.library.opcheck(torch.ops.fastdd.diff_augment_adjoint.default, (x, *args))
+
+
+@needs_cpp
+def test_auto_picks_cpp_on_cpu_and_reference_for_other_dtypes():
+    from fastdd.ops.augment import resolve_backend
+
+    assert resolve_backend("auto", torch.zeros(1, 3, 4, 4)) == "cpp"
+    assert resolve_backend("auto", torch.zeros(1, 3, 4, 4, dtype=torch.bfloat16)) == "reference"
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=seeded(53))
+    params = sequence_params(ALL, 2, x.shape, 54)
+    torch.testing.assert_close(diff_augment(x, params), diff_augment(x, params, backend="reference"))
+
+
+def test_unavailable_backend_says_why():
+    with pytest.raises(RuntimeError, match="diff_augment backend 'cpp' is unavailable: its kernels support float32"):
+        diff_augment(torch.zeros(1, 3, 8, 8, dtype=torch.float16), SHARED, backend="cpp")
+    reason = backend_unavailable_reason("triton", torch.zeros(1, 3, 8, 8, device="meta"))
+    assert reason is not None and "Triton kernels need CUDA tensors" in reason
+    with pytest.raises(ValueError, match="valid backends are auto, reference, cpp, triton"):
+        diff_augment(torch.zeros(1, 3, 8, 8), SHARED, backend="fast")
+
+
+@needs_cpp
+def test_registered_op_rejects_bad_parameter_tensors():
+    x = torch.zeros(2, 3, 8, 8)
+    args = _augment_compiled.kernel_arguments(PER_IMAGE_3, x.device)
+    with pytest.raises(RuntimeError, match=r"real_params must be \[1, 6\] or \[2, 6\]"):
+        torch.ops.fastdd.diff_augment(x, *args)
+    with pytest.raises(RuntimeError, match="unknown family 'blur'"):
+        torch.ops.fastdd.diff_augment(torch.zeros(3, 3, 8, 8), "color_blur", *args[1:])

@@ -8,6 +8,7 @@ the tensors' device).
 from fastdd.ops.augment import AugmentParams, diff_augment, sample_augment_params
 from fastdd.ops.cvar import cluster_cvar, group_cvar_loss
 from fastdd.ops.nearest import nearest_synthetic
+from fastdd.ops.norm_relu_pool import instance_norm_relu_pool
 
 __all__ = [
     "AugmentParams",
@@ -16,4 +17,5 @@ __all__ = [
     "nearest_synthetic",
     "cluster_cvar",
     "group_cvar_loss",
+    "instance_norm_relu_pool",
 ]

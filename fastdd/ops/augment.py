@@ -12,6 +12,13 @@ Families (DSA defaults, see ``AugmentConfig``): ``color`` (brightness, then satu
 (integer translation with zero fill), ``cutout`` (a zeroed rectangle), ``flip`` (horizontal), ``scale`` and
 ``rotate`` (bilinear resampling). Mode ``"S"`` applies one family drawn uniformly per call (the DSA/MTT default),
 mode ``"M"`` applies every family of the strategy in strategy order.
+
+Backends of ``diff_augment`` (all give the same result up to rounding, differentiable at any order):
+  ``"reference"``  pure PyTorch, one function per family (``_augment_reference``); the test oracle and the fallback.
+  ``"cpp"``        ``torch.ops.fastdd.diff_augment``: each image runs through all its families in one pass
+                   (OpenMP over images); the gradient is the adjoint op ``torch.ops.fastdd.diff_augment_adjoint``.
+  ``"triton"``     ``fastdd.kernels.diff_augment`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
+  ``"auto"``       CUDA tensor: triton, else reference. CPU tensor: cpp, else reference.
 """
 
 from __future__ import annotations
@@ -25,11 +32,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fastdd.ops import _augment_reference
+from fastdd.ops import _augment_compiled, _augment_reference
+from fastdd.ops._dispatch import BACKENDS, choose_backend, unavailable_reason
 
 FAMILIES: tuple[str, ...] = ("color", "crop", "cutout", "flip", "scale", "rotate")
 MODES: tuple[str, ...] = ("S", "M", "none")
-BACKENDS: tuple[str, ...] = ("auto", "reference")
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
 
@@ -314,10 +321,17 @@ def diff_augment(x: Tensor, params: AugmentParams, *, backend: str = "auto") -> 
         params: from ``sample_augment_params``; ``params.batch`` must be 1 (same transform for all images) or B.
             They may stay on CPU while x is on a GPU (each tensor is copied where it is needed); shared crop and
             flip parameters are read as Python numbers, so keeping params on CPU avoids a device sync.
-        backend: ``"auto"`` or ``"reference"`` (pure PyTorch; the only backend so far).
+        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"`` (see the module docstring). The compiled
+            backends take float32 and float64 images.
 
     Returns:
-        [B, C, H, W] augmented images in x's dtype (``x`` itself when no family applies).
+        [B, C, H, W] augmented images in x's dtype (``x`` itself when no family applies), contiguous for the
+        compiled backends.
+
+    Raises:
+        TypeError: x is not a tensor or params is not ``AugmentParams``.
+        ValueError: bad shapes or dtype, params of another batch or image size, or an unknown backend.
+        RuntimeError: the requested backend cannot run these images here (the message says why).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown diff_augment backend {backend!r}; valid backends are {', '.join(BACKENDS)}")
@@ -340,4 +354,25 @@ def diff_augment(x: Tensor, params: AugmentParams, *, backend: str = "auto") -> 
         )
     if not params.families:
         return x
-    return _augment_reference.augment_reference(x, params)
+    chosen = resolve_backend(backend, x)
+    if chosen == "reference":
+        return _augment_reference.augment_reference(x, params)
+    args = _augment_compiled.kernel_arguments(params, x.device)
+    if chosen == "cpp":
+        return _augment_compiled.augment_cpp(x, args)
+    return _augment_compiled.augment_triton(x, args)
+
+
+def resolve_backend(backend: str, x: Tensor) -> str:
+    """The backend ``diff_augment`` runs for images ``x``: ``backend`` itself, or auto's choice.
+
+    Raises ValueError for an unknown name and RuntimeError, with the reason, for a backend that cannot run here.
+    """
+    return choose_backend(
+        "diff_augment", backend, x, triton_kernel=_augment_compiled.TRITON_KERNEL, cuda_kernel=False
+    )
+
+
+def backend_unavailable_reason(backend: str, x: Tensor) -> str | None:
+    """Why ``backend`` cannot run ``diff_augment`` on images like ``x``, or None when it can."""
+    return unavailable_reason(backend, x, triton_kernel=_augment_compiled.TRITON_KERNEL, cuda_kernel=False)
