@@ -1,6 +1,11 @@
 """nearest_synthetic: every backend against the float64 reference, with and without groups; ties, NaNs, gradients,
 opcheck, dispatch."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -439,3 +444,26 @@ def test_compiled_op_checks_its_groups():
         torch.ops.fastdd.nearest_synthetic(
             torch.zeros(3, 2), torch.zeros(2, 2), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)
         )
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_cpp_narrower_simd_copies(capability):
+    # The CPU kernel has one copy per x86-64 level (AVX-512, AVX2, SSE2) and picks the widest at load time;
+    # ATEN_CPU_CAPABILITY caps it, so the narrower copies run here too (in a fresh process: the choice is made once).
+    script = (
+        "import torch\n"
+        "from fastdd.ops.nearest import nearest_synthetic, nearest_synthetic_reference\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for dtype in (torch.float64, torch.float32):\n"
+        "    points, centers = torch.randn(43, 37, generator=g, dtype=dtype), torch.randn(13, 37, generator=g, dtype=dtype)\n"
+        "    groups = torch.randint(0, 3, (43,), generator=g), torch.arange(13) % 3\n"
+        "    for kw in ({}, {'point_groups': groups[0], 'center_groups': groups[1]}):\n"
+        "        index, sq_dist = nearest_synthetic(points, centers, backend='cpp', **kw)\n"
+        "        want_index, want_dist = nearest_synthetic_reference(points.double(), centers.double(), *kw.values())\n"
+        "        assert torch.equal(index, want_index), (dtype, kw.keys())\n"
+        "        torch.testing.assert_close(sq_dist.double(), want_dist, rtol=1e-5, atol=1e-5)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": str(root)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
