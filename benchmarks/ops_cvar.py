@@ -1,16 +1,21 @@
 """Benchmark of fastdd.ops.cluster_cvar and of the whole group-robust loss against the way reference code does it.
 
-    python benchmarks/ops_cvar.py [--n 2560 --m 100 --d 3072 --alpha 0.8 --repeats 5 --device cpu]
+    python benchmarks/ops_cvar.py [--classes 10 --real-per-class 256 --ipc 10 --d 3072 --alpha 0.8 --repeats 5]
 
-Two tables, median wall time of ``--repeats`` runs after a warm-up, forward and forward+backward, as speedups over
-the reference (reference / backend, so > 1 is faster):
+Two tables, median wall time of ``--repeats`` runs after a warm-up, forward (under ``torch.no_grad``) and
+forward+backward (w.r.t. the per-sample losses), as speedups over the reference (reference / fastdd, > 1 is faster):
 
-1. ``cluster_cvar`` alone on N losses in M clusters: each backend against ``cluster_cvar_reference`` (a Python loop
-   over clusters with a stable sort).
-2. The group-robust loss of one network update, from real samples [N, D], synthetic samples [M, D] and per-sample
-   losses [N]: ``nearest_synthetic`` + ``group_cvar_loss`` (fastdd, auto backends) against the group-DRO reference
-   code's way: ``torch.cdist``, an argmin, then a Python loop over clusters that sorts each cluster's losses.
-   The default size is CIFAR-10 at IPC 10: 2560 real images (256 per class), 100 synthetic, 3x32x32 pixels.
+1. ``cluster_cvar`` alone, N = classes x real-per-class losses in classes x IPC clusters: each compiled backend
+   against ``cluster_cvar_reference`` (a Python loop over clusters with a stable sort).
+2. The group-robust loss of one network update at CIFAR-10 IPC 10 by default: 2560 real images (256 per class,
+   10 classes), 100 synthetic (10 per class), 3x32x32 = 3072 pixels. Every real sample is assigned to the nearest
+   synthetic sample of its own class, then loss = mean + max over the clusters of the upper-tail CVaR_alpha.
+   Reference: the group-DRO code's way, a Python loop over classes with ``torch.cdist(real_c, syn_c).argmin(1)``,
+   then a loop over that class's clusters that sorts the members' losses and keeps the ceil(alpha n) largest.
+   fastdd: one ``nearest_synthetic(real, syn, point_groups=..., center_groups=...)`` (exact distances, no graph for
+   the index) and one ``group_cvar_loss``.
+
+``cvar_rows`` and ``robust_loss_rows`` return the tables as dicts, for ``benchmarks/throughput.py``.
 """
 
 from __future__ import annotations
@@ -25,53 +30,138 @@ from common import describe_machine, median_seconds
 from fastdd.ops import cvar, group_cvar_loss, nearest_synthetic
 
 
-def _reference_code_loss(real: torch.Tensor, synthetic: torch.Tensor, losses: torch.Tensor, alpha: float):
-    """cdist + argmin + a per-cluster sort, as the group-DRO reference code computes it (upper tail here)."""
-    assign = torch.cdist(real, synthetic).argmin(dim=1)
-    values = []
-    for g in range(synthetic.shape[0]):
-        members = losses[assign == g]
-        if members.numel() == 0:
+def _timings(call: Callable[[], torch.Tensor], leaf: torch.Tensor, device: torch.device, repeats: int):
+    """(forward seconds, forward+backward seconds): medians of ``call()`` under no_grad, and of ``call()`` followed
+    by a backward pass to ``leaf``."""
+
+    def forward():
+        with torch.no_grad():
+            call()
+
+    def forward_backward():
+        call().sum().backward()
+        leaf.grad = None
+
+    return median_seconds(forward, device, repeats=repeats), median_seconds(forward_backward, device, repeats=repeats)
+
+
+def _row(name: str, reference: tuple[float, float], fastdd: tuple[float, float], **extra) -> dict:
+    return {
+        "name": name,
+        "reference_forward_ms": reference[0] * 1e3,
+        "fastdd_forward_ms": fastdd[0] * 1e3,
+        "forward_speedup": reference[0] / fastdd[0],
+        "reference_fwd_bwd_ms": reference[1] * 1e3,
+        "fastdd_fwd_bwd_ms": fastdd[1] * 1e3,
+        "fwd_bwd_speedup": reference[1] / fastdd[1],
+        **extra,
+    }
+
+
+def cvar_rows(
+    repeats: int = 5, device: str | torch.device = "cpu", *, n: int = 2560, clusters: int = 100, alpha: float = 0.8
+) -> list[dict]:
+    """``cluster_cvar`` of ``n`` random losses in ``clusters`` random clusters: one row per compiled backend that runs
+    here (Triton only on CUDA; its CPU interpreter is a correctness tool), against ``cluster_cvar_reference``."""
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(0)
+    losses = torch.rand(n, generator=generator).mul(3).to(device).requires_grad_(True)
+    assign = torch.randint(0, clusters, (n,), generator=generator).to(device)
+
+    def run(backend: str) -> Callable[[], torch.Tensor]:
+        return lambda: cvar.cluster_cvar(losses, assign, clusters, alpha, backend=backend)
+
+    reference = _timings(run("reference"), losses, device, repeats)
+    rows = []
+    for backend in ("cpp", "triton"):
+        if cvar._unavailable_reason(backend, losses) is not None or (backend == "triton" and device.type != "cuda"):
             continue
-        k = max(1, math.ceil(alpha * members.numel()))
-        values.append(torch.sort(members, descending=True).values[:k].mean())
+        rows.append(_row(f"cluster_cvar {backend} (N={n}, {clusters} clusters)", reference,
+                         _timings(run(backend), losses, device, repeats)))
+    return rows
+
+
+def reference_code_loss(real_by_class: list[torch.Tensor], syn_by_class: list[torch.Tensor],
+                        losses_by_class: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """The group-DRO reference code's loss (upper tail): per class, cdist + argmin to that class's synthetic samples,
+    then per cluster a descending sort that keeps the ceil(alpha n) largest losses; mean + max over the clusters."""
+    values = []
+    for real_c, syn_c, losses_c in zip(real_by_class, syn_by_class, losses_by_class, strict=True):
+        assign = torch.cdist(real_c, syn_c).argmin(dim=1)
+        for cluster in range(syn_c.shape[0]):
+            members = losses_c[assign == cluster]
+            if members.numel() == 0:
+                continue
+            k = max(1, math.ceil(alpha * members.numel()))
+            values.append(torch.sort(members, descending=True).values[:k].mean())
     stacked = torch.stack(values)
     return stacked.mean() + stacked.max()
 
 
-def _fastdd_loss(real: torch.Tensor, synthetic: torch.Tensor, losses: torch.Tensor, alpha: float):
-    assign, _ = nearest_synthetic(real, synthetic)
-    return group_cvar_loss(losses, assign, synthetic.shape[0], alpha)
+def fastdd_loss(real: torch.Tensor, syn: torch.Tensor, losses: torch.Tensor, real_labels: torch.Tensor,
+                syn_labels: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The same loss with fastdd: one grouped ``nearest_synthetic`` (the index needs no graph) + ``group_cvar_loss``."""
+    with torch.no_grad():
+        assign, _ = nearest_synthetic(real, syn, point_groups=real_labels, center_groups=syn_labels)
+    return group_cvar_loss(losses, assign, syn.shape[0], alpha)
 
 
-def _print_table(title: str, candidates: dict[str, Callable[[], torch.Tensor]], leaf: torch.Tensor,
-                 device: torch.device, repeats: int) -> None:
-    """Forward and forward+backward median times of each candidate (a call returning a scalar or [G] tensor that
-    depends on ``leaf``), and speedups over the first candidate."""
-    header = f"{title:<44}{'forward ms':>12}{'speedup':>9}{'fwd+bwd ms':>12}{'speedup':>9}"
+def robust_loss_rows(
+    repeats: int = 5,
+    device: str | torch.device = "cpu",
+    *,
+    classes: int = 10,
+    real_per_class: int = 256,
+    ipc: int = 10,
+    d: int = 3072,
+    alpha: float = 0.8,
+) -> list[dict]:
+    """The group-robust loss of one network update (module docstring, table 2): one row, with ``same_value`` =
+    whether both ways give the same loss (cdist's ||a||^2 + ||b||^2 - 2ab can flip a near tie; random data has none).
+
+    The real samples come class by class, as the reference code samples them; fastdd takes them concatenated with
+    their labels (built once, outside the timing), the synthetic set as one [classes x ipc, d] tensor.
+    """
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randn(classes * real_per_class, d, generator=generator).to(device)
+    syn = torch.randn(classes * ipc, d, generator=generator).to(device)
+    losses = torch.rand(classes * real_per_class, generator=generator).mul(3).to(device).requires_grad_(True)
+    real_labels = torch.arange(classes, device=device).repeat_interleave(real_per_class)
+    syn_labels = torch.arange(classes, device=device).repeat_interleave(ipc)
+    real_by_class = list(real.split(real_per_class))
+    syn_by_class = list(syn.split(ipc))
+
+    def reference_call():
+        return reference_code_loss(real_by_class, syn_by_class, list(losses.split(real_per_class)), alpha)
+
+    def fastdd_call():
+        return fastdd_loss(real, syn, losses, real_labels, syn_labels, alpha)
+
+    with torch.no_grad():
+        same = torch.allclose(reference_call(), fastdd_call(), rtol=1e-6, atol=1e-6)
+    name = f"group-robust loss ({classes} classes x {real_per_class} real, IPC {ipc}, D={d})"
+    return [_row(name, _timings(reference_call, losses, device, repeats), _timings(fastdd_call, losses, device, repeats),
+                 same_value=same)]
+
+
+def _print_rows(title: str, rows: list[dict]) -> None:
+    header = (f"{title:<56}{'ref fwd ms':>11}{'fwd ms':>9}{'speedup':>9}{'ref f+b ms':>11}{'f+b ms':>9}"
+              f"{'speedup':>9}")
     print(header)
     print("-" * len(header))
-    base = None
-    for name, call in candidates.items():
-        def forward(call=call):
-            with torch.no_grad():
-                call()
-
-        def forward_backward(call=call):
-            call().sum().backward()
-            leaf.grad = None
-
-        times = (median_seconds(forward, device, repeats=repeats), median_seconds(forward_backward, device, repeats=repeats))
-        base = base or times
-        print(f"{name:<44}{times[0] * 1e3:>12.2f}{base[0] / times[0]:>8.1f}x{times[1] * 1e3:>12.2f}"
-              f"{base[1] / times[1]:>8.1f}x")
+    for row in rows:
+        print(f"{row['name']:<56}{row['reference_forward_ms']:>11.2f}{row['fastdd_forward_ms']:>9.2f}"
+              f"{row['forward_speedup']:>8.1f}x{row['reference_fwd_bwd_ms']:>11.2f}{row['fastdd_fwd_bwd_ms']:>9.2f}"
+              f"{row['fwd_bwd_speedup']:>8.1f}x")
     print()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=2560, help="real samples (losses)")
-    parser.add_argument("--m", type=int, default=100, help="synthetic samples (clusters)")
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--real-per-class", type=int, default=256)
+    parser.add_argument("--ipc", type=int, default=10, help="synthetic samples per class (clusters per class)")
     parser.add_argument("--d", type=int, default=3072, help="features of the real and synthetic samples")
     parser.add_argument("--alpha", type=float, default=0.8)
     parser.add_argument("--repeats", type=int, default=5)
@@ -79,38 +169,16 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    generator = torch.Generator().manual_seed(0)
-    real = torch.randn(args.n, args.d, generator=generator).to(device)
-    synthetic = torch.randn(args.m, args.d, generator=generator).to(device)
-    losses = torch.rand(args.n, generator=generator).mul(3).to(device).requires_grad_(True)
-    assign = torch.randint(0, args.m, (args.n,), generator=generator).to(device)
-
-    print(f"cluster_cvar: N={args.n} losses, M={args.m} clusters, alpha {args.alpha}; loss pipeline D={args.d}; {device}")
+    n, clusters = args.classes * args.real_per_class, args.classes * args.ipc
     print(describe_machine(device))
-    print(f"median of {args.repeats} runs after 1 warm-up; speedup = reference time / time")
+    print(f"median of {args.repeats} runs after 1 warm-up; speedup = reference time / fastdd time")
     print()
-
-    backends = ["reference"] + [b for b in ("cpp", "triton") if cvar._unavailable_reason(b, losses) is None]
-    if device.type != "cuda" and "triton" in backends:
-        backends.remove("triton")  # the interpreter is a correctness tool, not a speed one
-    _print_table(
-        "cluster_cvar backend",
-        {b: lambda b=b: cvar.cluster_cvar(losses, assign, args.m, args.alpha, backend=b) for b in backends},
-        losses, device, args.repeats,
-    )
-    _print_table(
-        "group-robust loss",
-        {
-            "reference code (cdist + loop with sort)": lambda: _reference_code_loss(real, synthetic, losses, args.alpha),
-            "fastdd (nearest_synthetic + group_cvar)": lambda: _fastdd_loss(real, synthetic, losses, args.alpha),
-        },
-        losses, device, args.repeats,
-    )
-    with torch.no_grad():
-        same = torch.allclose(
-            _reference_code_loss(real, synthetic, losses, args.alpha), _fastdd_loss(real, synthetic, losses, args.alpha)
-        )
-    print(f"same loss value: {same} (cdist's expansion can differ from the exact distance on near ties)")
+    _print_rows("cluster_cvar vs cluster_cvar_reference", cvar_rows(args.repeats, device, n=n, clusters=clusters,
+                                                                     alpha=args.alpha))
+    robust = robust_loss_rows(args.repeats, device, classes=args.classes, real_per_class=args.real_per_class,
+                              ipc=args.ipc, d=args.d, alpha=args.alpha)
+    _print_rows("group-robust loss: reference code vs fastdd", robust)
+    print(f"same loss value: {robust[0]['same_value']}")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,14 @@
 
 TORCH_LIBRARY(fastdd, m) {
   // sq_dist[i] = min_j ||points[i] - centers[j]||^2, computed exactly as a sum of squared differences (no
-  // ||p||^2 + ||c||^2 - 2 p.c expansion), and index[i] = the lowest j attaining it. Values come before indices, as
-  // in torch.min(dim); the Python API fastdd.ops.nearest_synthetic returns (index, sq_dist).
-  m.def("nearest_synthetic(Tensor points, Tensor centers) -> (Tensor sq_dist, Tensor index)",
-        {at::Tag::pt2_compliant_tag});
+  // ||p||^2 + ||c||^2 - 2 p.c expansion), and index[i] = the lowest j attaining it. With group labels (both or
+  // neither), j ranges over the centers with center_groups[j] == point_groups[i] only (a point whose group has no
+  // center is a ValueError) and index stays an index into centers. Values come before indices, as in
+  // torch.min(dim); the Python API fastdd.ops.nearest_synthetic returns (index, sq_dist).
+  m.def(
+      "nearest_synthetic(Tensor points, Tensor centers, Tensor? point_groups=None, Tensor? center_groups=None)"
+      " -> (Tensor sq_dist, Tensor index)",
+      {at::Tag::pt2_compliant_tag});
   // Gradients of sq_dist: grad_points = 2 (p - c_index) g, grad_centers[j] = -sum over {i: index[i] = j} of the same.
   m.def(
       "nearest_synthetic_backward(Tensor grad_sq_dist, Tensor points, Tensor centers, Tensor index)"

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace fastdd {
 
 inline void check_nearest_synthetic_inputs(const at::Tensor& points, const at::Tensor& centers) {
@@ -16,6 +18,28 @@ inline void check_nearest_synthetic_inputs(const at::Tensor& points, const at::T
               ") and centers (", centers.scalar_type(), ") must have the same dtype");
   TORCH_CHECK(points.device() == centers.device(), "nearest_synthetic: points (", points.device(),
               ") and centers (", centers.device(), ") must be on the same device");
+}
+
+// Group labels: both or neither; int64 vectors of N and M entries on the device of points.
+inline void check_nearest_synthetic_inputs(const at::Tensor& points, const at::Tensor& centers,
+                                           const std::optional<at::Tensor>& point_groups,
+                                           const std::optional<at::Tensor>& center_groups) {
+  check_nearest_synthetic_inputs(points, centers);
+  TORCH_CHECK(point_groups.has_value() == center_groups.has_value(),
+              "nearest_synthetic: pass both point_groups and center_groups, or neither");
+  if (!point_groups.has_value()) {
+    return;
+  }
+  TORCH_CHECK(point_groups->dim() == 1 && point_groups->size(0) == points.size(0),
+              "nearest_synthetic: point_groups must have shape [", points.size(0), "], got ", point_groups->sizes());
+  TORCH_CHECK(center_groups->dim() == 1 && center_groups->size(0) == centers.size(0),
+              "nearest_synthetic: center_groups must have shape [", centers.size(0), "], got ",
+              center_groups->sizes());
+  TORCH_CHECK(point_groups->scalar_type() == at::kLong && center_groups->scalar_type() == at::kLong,
+              "nearest_synthetic: point_groups and center_groups must be int64, got ", point_groups->scalar_type(),
+              " and ", center_groups->scalar_type());
+  TORCH_CHECK(point_groups->device() == points.device() && center_groups->device() == points.device(),
+              "nearest_synthetic: point_groups and center_groups must be on ", points.device());
 }
 
 inline void check_nearest_synthetic_backward_inputs(const at::Tensor& grad_sq_dist, const at::Tensor& points,

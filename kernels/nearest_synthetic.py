@@ -5,6 +5,10 @@ Each program owns ``BLOCK_N`` points and sweeps the centers ``BLOCK_M`` at a tim
 the cancellation-prone ``||p||^2 + ||c||^2 - 2 p.c``), then folds the tile's argmin into a running best. Tiles come
 in increasing center order and only a strictly smaller distance replaces the best, so ties keep the lowest index;
 NaN distances are ranked as -inf, so the first NaN wins, as in ``torch.argmin``.
+
+With group labels, ``_nearest_synthetic_grouped_kernel`` masks every tile with "same group as the point": a tile's
+winner is the lowest allowed column at the tile's minimum, and a point takes its first allowed center whatever its
+distance (even +inf), then only strictly smaller ones. A point whose group has no center keeps index -1.
 """
 
 from __future__ import annotations
@@ -66,8 +70,69 @@ def _nearest_synthetic_kernel(
     tl.store(sq_dist_ptr + rows, sq_dist, mask=row_ok)
 
 
-def nearest_synthetic_forward(points: Tensor, centers: Tensor) -> tuple[Tensor, Tensor]:
-    """Launch the kernel: points [N, D], centers [M, D] (float32/float64, one device) -> (index [N], sq_dist [N]).
+@triton.jit
+def _nearest_synthetic_grouped_kernel(
+    points_ptr,
+    centers_ptr,
+    point_groups_ptr,
+    center_groups_ptr,
+    index_ptr,
+    sq_dist_ptr,
+    num_points,
+    num_centers,
+    dim,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < num_points
+    row_starts = rows.to(tl.int64) * dim
+    row_groups = tl.load(point_groups_ptr + rows, mask=row_ok, other=0)
+    dtype = sq_dist_ptr.dtype.element_ty
+    best_key = tl.full([BLOCK_N], float("inf"), dtype)
+    best_index = tl.full([BLOCK_N], -1, tl.int64)
+    for center_begin in range(0, num_centers, BLOCK_M):
+        cols = center_begin + tl.arange(0, BLOCK_M)
+        col_ok = cols < num_centers
+        col_starts = cols.to(tl.int64) * dim
+        col_groups = tl.load(center_groups_ptr + cols, mask=col_ok, other=0)
+        allowed = (row_groups[:, None] == col_groups[None, :]) & col_ok[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype)
+        for feature_begin in range(0, dim, BLOCK_D):
+            features = feature_begin + tl.arange(0, BLOCK_D)
+            feature_ok = features < dim
+            p = tl.load(
+                points_ptr + row_starts[:, None] + features[None, :],
+                mask=row_ok[:, None] & feature_ok[None, :],
+                other=0.0,
+            )
+            c = tl.load(
+                centers_ptr + col_starts[:, None] + features[None, :],
+                mask=col_ok[:, None] & feature_ok[None, :],
+                other=0.0,
+            )
+            diff = p[:, None, :] - c[None, :, :]
+            acc += tl.sum(diff * diff, axis=2)
+        key = tl.where(acc != acc, float("-inf"), acc)
+        tile_best = tl.min(tl.where(allowed, key, float("inf")), axis=1)
+        at_best = allowed & (key == tile_best[:, None])
+        tile_index = tl.min(tl.where(at_best, cols[None, :], num_centers), axis=1)
+        tile_has_allowed = tl.max(allowed.to(tl.int32), axis=1) > 0
+        closer = tile_has_allowed & ((best_index < 0) | (tile_best < best_key))
+        best_key = tl.where(closer, tile_best, best_key)
+        best_index = tl.where(closer, tile_index.to(tl.int64), best_index)
+    sq_dist = tl.where(best_key == float("-inf"), float("nan"), best_key)
+    tl.store(index_ptr + rows, best_index, mask=row_ok)
+    tl.store(sq_dist_ptr + rows, sq_dist, mask=row_ok)
+
+
+def nearest_synthetic_forward(
+    points: Tensor, centers: Tensor, point_groups: Tensor | None = None, center_groups: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Launch the kernel: points [N, D], centers [M, D] (float32/float64, one device), optional int64 group labels
+    point_groups [N] and center_groups [M] -> (index [N], sq_dist [N]); index is -1 for a point whose group has no
+    center (the caller reports it).
 
     Inputs are made contiguous; no autograd (``fastdd.ops.nearest`` wraps this in an autograd.Function).
     """
@@ -84,6 +149,22 @@ def nearest_synthetic_forward(points: Tensor, centers: Tensor) -> tuple[Tensor, 
     block_m = min(16, triton.next_power_of_2(num_centers))
     block_d = min(16, triton.next_power_of_2(max(dim, 1)))
     grid = (triton.cdiv(num_points, block_n),)
+    if point_groups is not None:
+        _nearest_synthetic_grouped_kernel[grid](
+            points,
+            centers,
+            point_groups.contiguous(),
+            center_groups.contiguous(),
+            index,
+            sq_dist,
+            num_points,
+            num_centers,
+            dim,
+            BLOCK_N=block_n,
+            BLOCK_M=block_m,
+            BLOCK_D=block_d,
+        )
+        return index, sq_dist
     _nearest_synthetic_kernel[grid](
         points,
         centers,

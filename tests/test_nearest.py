@@ -1,4 +1,10 @@
-"""nearest_synthetic: every backend against the float64 reference, ties, NaNs, gradients, opcheck, dispatch."""
+"""nearest_synthetic: every backend against the float64 reference, with and without groups; ties, NaNs, gradients,
+opcheck, dispatch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,3 +260,210 @@ def test_compiled_op_checks_its_arguments():
         torch.ops.fastdd.nearest_synthetic_backward(
             torch.zeros(2), torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0, 7])
         )
+
+
+# --- Groups: each point is compared only with the centers of its own group (e.g. its class) ---
+
+# (N, M, D, groups): odd sizes, groups of 1..7 centers (every register-tile remainder), one group, many groups.
+GROUP_SHAPES = [(37, 11, 13, 3), (9, 5, 6, 5), (23, 7, 4, 1), (50, 30, 17, 4), (0, 3, 4, 2)]
+
+
+def _grouped_problem(shape, generator, dtype=torch.float64):
+    """Random points and centers with unsorted group labels (arbitrary values: negative and large), every group of
+    the points having at least one center."""
+    n, m, d, num_groups = shape
+    labels = torch.tensor([-7, 3, 10**12, 0, 5])[:num_groups] if num_groups <= 5 else torch.arange(num_groups)
+    center_groups = labels[torch.cat([torch.arange(num_groups), torch.randint(0, num_groups, (m - num_groups,),
+                                                                             generator=generator)])]
+    center_groups = center_groups[torch.randperm(m, generator=generator)]
+    point_groups = labels[torch.randint(0, num_groups, (n,), generator=generator)]
+    return _random((n, d), generator, dtype), _random((m, d), generator, dtype), point_groups, center_groups
+
+
+def _grouped_definition(points, centers, point_groups, center_groups):
+    """The definition, point by point in float64: the first minimum over the centers of the point's group."""
+    index, dist = [], []
+    for i in range(points.shape[0]):
+        allowed = [j for j in range(centers.shape[0]) if int(center_groups[j]) == int(point_groups[i])]
+        sq = [float((points[i].double() - centers[j].double()).square().sum()) for j in allowed]
+        best = min(range(len(allowed)), key=lambda a: (sq[a], a))
+        index.append(allowed[best])
+        dist.append(sq[best])
+    return torch.tensor(index, dtype=torch.int64), torch.tensor(dist, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("shape", GROUP_SHAPES)
+def test_grouped_reference_matches_definition(shape, generator):
+    points, centers, point_groups, center_groups = _grouped_problem(shape, generator)
+    index, sq_dist = nearest_synthetic_reference(points, centers, point_groups, center_groups)
+    expected_index, expected_dist = _grouped_definition(points, centers, point_groups, center_groups)
+    assert index.dtype == torch.int64 and index.shape == (shape[0],)
+    torch.testing.assert_close(index, expected_index, rtol=0, atol=0)
+    torch.testing.assert_close(sq_dist, expected_dist, rtol=1e-12, atol=1e-12)
+    assert torch.equal(center_groups[index], point_groups)
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+@pytest.mark.parametrize("shape", GROUP_SHAPES)
+def test_grouped_backend_matches_reference_float64(backend, shape, generator):
+    points, centers, point_groups, center_groups = _grouped_problem(shape, generator)
+    index, sq_dist = nearest_synthetic(
+        points, centers, point_groups=point_groups, center_groups=center_groups, backend=backend
+    )
+    expected_index, expected_dist = nearest_synthetic_reference(points, centers, point_groups, center_groups)
+    torch.testing.assert_close(index, expected_index, rtol=0, atol=0)
+    torch.testing.assert_close(sq_dist, expected_dist, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", *COMPILED_BACKENDS])
+def test_one_group_equals_no_groups(backend, generator):
+    points, centers = _random((19, 6), generator), _random((9, 6), generator)
+    same = nearest_synthetic(points, centers, backend=backend)
+    grouped = nearest_synthetic(
+        points, centers, point_groups=torch.full((19,), 4), center_groups=torch.full((9,), 4), backend=backend
+    )
+    torch.testing.assert_close(grouped, same, rtol=0, atol=0)
+
+
+def test_cpp_grouped_realistic_size_float32(generator):
+    # The robust-loss workload in miniature: 10 classes in shuffled order, 10 centers per class, D large enough for
+    # the vectorised tiles; checked against the float64 definition computed class by class.
+    classes, per_class = 10, 21
+    labels = torch.arange(classes).repeat_interleave(per_class)[torch.randperm(classes * per_class, generator=generator)]
+    center_groups = torch.arange(classes).repeat(10)
+    points, centers = _random((len(labels), 1031), generator, torch.float32), _random((100, 1031), generator, torch.float32)
+    index, sq_dist = nearest_synthetic(points, centers, point_groups=labels, center_groups=center_groups, backend="cpp")
+    expected_index, expected_dist = nearest_synthetic_reference(points.double(), centers.double(), labels, center_groups)
+    torch.testing.assert_close(index, expected_index, rtol=0, atol=0)
+    torch.testing.assert_close(sq_dist, expected_dist.float(), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["reference", *COMPILED_BACKENDS])
+def test_grouped_ties_resolve_to_lowest_index_of_the_group(backend):
+    # Small integers: every distance is exact. Center 0 (group 1) is as close to the group-2 points as centers 2 and
+    # 4 but not allowed for them; inside group 2, centers 2 and 4 tie and the lower one wins.
+    centers = torch.tensor([[1.0, 0.0], [9.0, 9.0], [0.0, 1.0], [5.0, 0.0], [0.0, -1.0]], dtype=torch.float64)
+    center_groups = torch.tensor([1, 1, 2, 1, 2])
+    points = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    point_groups = torch.tensor([2, 1, 1, 2])
+    index, sq_dist = nearest_synthetic(
+        points, centers, point_groups=point_groups, center_groups=center_groups, backend=backend
+    )
+    # Hand-computed: (0,0) in group 2 is at 1 from centers 2 and 4 -> 2; (5,0) in group 1 is on center 3; (0,0) in
+    # group 1 is at 1 from center 0; (1,1) in group 2 is at 1 from center 2 and 5 from center 4.
+    assert index.tolist() == [2, 3, 0, 2]
+    assert sq_dist.tolist() == [1.0, 0.0, 1.0, 1.0]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the Triton interpreter's numpy
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_grouped_nan_and_inf_distances(backend, generator):
+    points, centers = _random((6, 5), generator), _random((6, 5), generator)
+    point_groups, center_groups = torch.tensor([0, 1, 0, 1, 0, 1]), torch.tensor([1, 0, 0, 1, 1, 0])
+    points[2, 1] = float("nan")  # every distance of point 2 is NaN -> the first center of group 0 (center 1)
+    centers[5, 0] = float("nan")  # NaN for every group-0 point -> center 5 wins unless a lower center is NaN too
+    points[3] = 1e300  # all of point 3's distances overflow to +inf -> the first center of group 1 (center 0)
+    index, sq_dist = nearest_synthetic(
+        points, centers, point_groups=point_groups, center_groups=center_groups, backend=backend
+    )
+    expected_index, expected_dist = nearest_synthetic_reference(points, centers, point_groups, center_groups)
+    assert expected_index[2] == 1 and expected_index[3] == 0 and expected_index[0] == 5
+    torch.testing.assert_close(index, expected_index, rtol=0, atol=0)
+    torch.testing.assert_close(sq_dist, expected_dist, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ["reference", *COMPILED_BACKENDS])
+def test_group_without_centers_raises(backend, generator):
+    points, centers = _random((5, 3), generator), _random((4, 3), generator)
+    point_groups, center_groups = torch.tensor([0, 2, 0, 7, 7]), torch.tensor([2, 0, 0, 2])
+    with pytest.raises(ValueError, match="point 3 is in group 7, which has no center"):
+        nearest_synthetic(points, centers, point_groups=point_groups, center_groups=center_groups, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_grouped_gradcheck(backend, generator):
+    points = _random((11, 4), generator).requires_grad_()
+    centers = _random((5, 4), generator).requires_grad_()
+    point_groups, center_groups = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 1, 1, 0]), torch.tensor([1, 0, 0, 1, 1])
+
+    def sq_dist(p, c):
+        return nearest_synthetic(p, c, point_groups=point_groups, center_groups=center_groups, backend=backend)[1]
+
+    assert torch.autograd.gradcheck(sq_dist, (points, centers))
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_grouped_gradients_match_reference(backend, generator):
+    points, centers, point_groups, center_groups = _grouped_problem((37, 11, 13, 3), generator)
+    points.requires_grad_()
+    centers.requires_grad_()
+    weight = _random((37,), generator)
+    _, sq_dist = nearest_synthetic(
+        points, centers, point_groups=point_groups, center_groups=center_groups, backend=backend
+    )
+    grads = torch.autograd.grad((sq_dist * weight).sum(), (points, centers))
+    _, expected_dist = nearest_synthetic_reference(points, centers, point_groups, center_groups)
+    expected = torch.autograd.grad((expected_dist * weight).sum(), (points, centers))
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_no_graph_without_grad(generator):
+    points, centers = _random((8, 3), generator).requires_grad_(), _random((3, 3), generator)
+    groups = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        _, sq_dist = nearest_synthetic(points, centers, point_groups=groups[0], center_groups=groups[1], backend="cpp")
+    assert sq_dist.grad_fn is None and not sq_dist.requires_grad
+
+
+def test_grouped_opcheck(generator):
+    points, centers, point_groups, center_groups = _grouped_problem((9, 5, 4, 2), generator)
+    for p, c in ((points, centers), (points.clone().requires_grad_(), centers.clone().requires_grad_())):
+        torch.library.opcheck(torch.ops.fastdd.nearest_synthetic.default, (p, c, point_groups, center_groups))
+
+
+@pytest.mark.parametrize(
+    ("point_groups", "center_groups", "error", "match"),
+    [
+        (torch.zeros(4, dtype=torch.long), None, ValueError, "both point_groups and center_groups, or neither"),
+        (torch.zeros(3, dtype=torch.long), torch.zeros(2, dtype=torch.long), ValueError, r"point_groups \[N\]"),
+        (torch.zeros(4, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), ValueError, r"center_groups \[M\]"),
+        (torch.zeros(4, dtype=torch.int32), torch.zeros(2, dtype=torch.long), TypeError, "int64 group labels"),
+        ([0, 0, 0, 0], torch.zeros(2, dtype=torch.long), TypeError, "group tensors, got point_groups of type list"),
+    ],
+)
+def test_invalid_groups_raise(point_groups, center_groups, error, match):
+    with pytest.raises(error, match=match):
+        nearest_synthetic(torch.zeros(4, 3), torch.zeros(2, 3), point_groups=point_groups, center_groups=center_groups)
+
+
+def test_compiled_op_checks_its_groups():
+    with pytest.raises(RuntimeError, match="pass both point_groups and center_groups, or neither"):
+        torch.ops.fastdd.nearest_synthetic(torch.zeros(3, 2), torch.zeros(2, 2), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="point_groups must have shape"):
+        torch.ops.fastdd.nearest_synthetic(
+            torch.zeros(3, 2), torch.zeros(2, 2), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+        )
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_cpp_narrower_simd_copies(capability):
+    # The CPU kernel has one copy per x86-64 level (AVX-512, AVX2, SSE2) and picks the widest at load time;
+    # ATEN_CPU_CAPABILITY caps it, so the narrower copies run here too (in a fresh process: the choice is made once).
+    script = (
+        "import torch\n"
+        "from fastdd.ops.nearest import nearest_synthetic, nearest_synthetic_reference\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for dtype in (torch.float64, torch.float32):\n"
+        "    points, centers = torch.randn(43, 37, generator=g, dtype=dtype), torch.randn(13, 37, generator=g, dtype=dtype)\n"
+        "    groups = torch.randint(0, 3, (43,), generator=g), torch.arange(13) % 3\n"
+        "    for kw in ({}, {'point_groups': groups[0], 'center_groups': groups[1]}):\n"
+        "        index, sq_dist = nearest_synthetic(points, centers, backend='cpp', **kw)\n"
+        "        want_index, want_dist = nearest_synthetic_reference(points.double(), centers.double(), *kw.values())\n"
+        "        assert torch.equal(index, want_index), (dtype, kw.keys())\n"
+        "        torch.testing.assert_close(sq_dist.double(), want_dist, rtol=1e-5, atol=1e-5)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": str(root)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]

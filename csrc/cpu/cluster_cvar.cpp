@@ -21,6 +21,10 @@
 namespace fastdd {
 namespace {
 
+// Below this many samples per task, waking a second thread costs more than the selection (and far more when another
+// process holds the core: the task then waits for a scheduler slice).
+constexpr int64_t kMinSamplesPerTask = 1 << 15;
+
 // True when sample a ranks before sample b among the worst: larger loss, NaN largest, lower index on ties.
 template <typename T>
 inline bool worse(const T* losses, int64_t a, int64_t b) {
@@ -50,7 +54,8 @@ void cluster_cvar_cpu_kernel(const T* losses, const int64_t* assign, int64_t num
     }
   }
   std::fill(weight, weight + num_samples, T(0));
-  at::parallel_for(0, num_clusters, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, kMinSamplesPerTask * num_clusters / std::max<int64_t>(1, num_samples));
+  at::parallel_for(0, num_clusters, grain, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       int64_t* first = members.data() + start[g];
       const int64_t count = start[g + 1] - start[g];

@@ -1,10 +1,15 @@
-// CPU kernels of fastdd::nearest_synthetic (nearest center of every point) and its backward.
+// CPU kernels of fastdd::nearest_synthetic (nearest center of every point, optionally among the centers of the
+// point's own group) and its backward.
 //
 // The forward computes every squared distance exactly, as a sum of squared differences, and keeps a running
-// minimum per point, so it never materialises the [N, M] distance matrix. Work is tiled for the caches: a tile of
-// kRowsPerTile points is compared with one center at a time, so each center element loaded from cache feeds
-// kRowsPerTile subtract-square-accumulate lanes, and centers are visited in blocks small enough to stay in L2
-// while all point tiles of a thread's row block go past them.
+// minimum per point, so it never materialises the [N, M] distance matrix. Groups are handled without copying any
+// data: the rows and the centers are listed group by group (index lists, built once per call), and each group's rows
+// are compared only with its own centers. The inner loop is a 4 x 4 register tile: four points against four
+// centers, sixteen vector accumulators, so every vector loaded feeds four subtract-square-accumulate operations.
+// Rows are visited in blocks that stay in L2 while the centers (of the group) go past them, so each point is read
+// from memory once, and while a tile's later center tiles compute, the next tile's rows are prefetched, so the
+// memory stream overlaps the arithmetic (measured: 1.3x on one core of the 10-class robust-loss workload). Without
+// groups, everything is one group.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -13,13 +18,20 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <optional>
+#include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "../nearest_synthetic_checks.h"
 
-// On x86-64 the compiler emits AVX-512 and AVX2 copies of the hot loops next to the baseline one and the loader
-// picks the best for the running CPU, so a single build is both portable and vectorised.
+// On x86-64 the compiler emits AVX-512 and AVX2 copies of the backward loops next to the baseline one and the loader
+// picks the best for the running CPU, so a single build is both portable and vectorised. (The forward picks its
+// copy itself, below: each copy has its own vector width.)
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define FASTDD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -35,116 +47,304 @@
 namespace fastdd {
 namespace {
 
-constexpr int64_t kRowsPerTile = 4;
-constexpr int64_t kRowBlockBytes = 128 * 1024;
+// Rows per block: a block stays in L2 while its group's centers (a center block at a time) go past it.
+constexpr int64_t kRowBlockBytes = 384 * 1024;
 constexpr int64_t kCenterBlockBytes = 256 * 1024;
 // Below this many multiply-adds a task is not worth a thread.
 constexpr int64_t kMinWorkPerTask = 1 << 16;
+
+// Rows and centers listed group by group: the rows of group slot s are rows[row_start[s] .. row_start[s + 1]) and
+// its centers are centers[center_start[s] .. center_start[s + 1]), both in increasing index order.
+struct GroupLayout {
+  std::vector<int64_t> rows;
+  std::vector<int64_t> row_start;
+  std::vector<int64_t> centers;
+  std::vector<int64_t> center_start;
+};
+
+GroupLayout single_group_layout(int64_t num_points, int64_t num_centers) {
+  GroupLayout layout;
+  layout.rows.resize(num_points);
+  layout.centers.resize(num_centers);
+  for (int64_t i = 0; i < num_points; ++i) layout.rows[i] = i;
+  for (int64_t j = 0; j < num_centers; ++j) layout.centers[j] = j;
+  layout.row_start = {0, num_points};
+  layout.center_start = {0, num_centers};
+  return layout;
+}
+
+// Any int64 group labels: centers are sorted by (group, index), each point finds its group by binary search, and a
+// stable counting sort lists the points group by group. A point whose group has no center is a ValueError.
+GroupLayout grouped_layout(const int64_t* point_groups, int64_t num_points, const int64_t* center_groups,
+                           int64_t num_centers) {
+  std::vector<std::pair<int64_t, int64_t>> by_group(num_centers);
+  for (int64_t j = 0; j < num_centers; ++j) by_group[j] = {center_groups[j], j};
+  std::sort(by_group.begin(), by_group.end());
+  GroupLayout layout;
+  std::vector<int64_t> labels;
+  layout.centers.resize(num_centers);
+  for (int64_t j = 0; j < num_centers; ++j) {
+    if (j == 0 || by_group[j].first != by_group[j - 1].first) {
+      labels.push_back(by_group[j].first);
+      layout.center_start.push_back(j);
+    }
+    layout.centers[j] = by_group[j].second;
+  }
+  layout.center_start.push_back(num_centers);
+  const int64_t slots = static_cast<int64_t>(labels.size());
+  std::vector<int64_t> slot_of_row(num_points);
+  layout.row_start.assign(slots + 1, 0);
+  for (int64_t i = 0; i < num_points; ++i) {
+    const auto found = std::lower_bound(labels.begin(), labels.end(), point_groups[i]);
+    TORCH_CHECK_VALUE(found != labels.end() && *found == point_groups[i], "nearest_synthetic: point ", i,
+                      " is in group ", point_groups[i], ", which has no center; every group in point_groups needs ",
+                      "at least one center in center_groups");
+    slot_of_row[i] = found - labels.begin();
+    ++layout.row_start[slot_of_row[i] + 1];
+  }
+  for (int64_t s = 0; s < slots; ++s) layout.row_start[s + 1] += layout.row_start[s];
+  layout.rows.resize(num_points);
+  std::vector<int64_t> fill(layout.row_start.begin(), layout.row_start.end() - 1);
+  for (int64_t i = 0; i < num_points; ++i) layout.rows[fill[slot_of_row[i]]++] = i;
+  return layout;
+}
 
 // The selection key of a distance: NaN counts as -inf, so the first NaN distance wins, as in torch.argmin.
 // A true distance is never -inf (it is a sum of squares), which lets the caller turn -inf back into NaN.
 template <typename T>
 FASTDD_ALWAYS_INLINE void keep_if_closer(T sq_dist, int64_t center, T& best_key, int64_t& best_index) {
   const T key = std::isnan(sq_dist) ? -std::numeric_limits<T>::infinity() : sq_dist;
-  // Centers arrive in increasing order and only a strictly smaller key replaces the best: ties keep the lowest.
+  // Centers arrive in increasing index order and only a strictly smaller key replaces the best: ties keep the lowest.
   if (key < best_key) {
     best_key = key;
     best_index = center;
   }
 }
 
-// Compares points [row_begin, row_end) with centers [center_begin, center_end) and updates the per-row best.
+// Explicit SIMD vectors (GCC/Clang vector extensions) of `Bytes` bytes: 64 for AVX-512, 32 for AVX2, 16 for SSE2 and
+// NEON. Other compilers get plain scalars. Loads go through memcpy, so rows need no alignment. The vectors never
+// cross a function boundary (everything is inlined into one per-ISA function), so GCC's note that passing them would
+// change the ABI does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+#if defined(__GNUC__)
+template <typename T, int Bytes>
+struct Simd {
+  typedef T type __attribute__((vector_size(Bytes)));
+  static constexpr int64_t lanes = Bytes / sizeof(T);
+};
+#else
+template <typename T, int Bytes>
+struct Simd {
+  using type = T;
+  static constexpr int64_t lanes = 1;
+};
+#endif
+
+template <typename V, typename T>
+FASTDD_ALWAYS_INLINE V load_vector(const T* source) {
+  V value;
+  std::memcpy(&value, source, sizeof(V));
+  return value;
+}
+
+template <typename T, typename V>
+FASTDD_ALWAYS_INLINE T sum_lanes(const V& value) {
+  const T* lane = reinterpret_cast<const T*>(&value);
+  T total = 0;
+  for (size_t i = 0; i < sizeof(V) / sizeof(T); ++i) total += lane[i];
+  return total;
+}
+
+// Rows to pull into the cache while a tile computes: cache lines [first_line, last_line) of `rows` rows, issued
+// evenly over the tile's loop so the memory system streams the next rows while the arithmetic runs.
 template <typename T>
-FASTDD_ALWAYS_INLINE void scan_block(const T* points, const T* centers, int64_t dim, int64_t row_begin,
-                                     int64_t row_end, int64_t center_begin, int64_t center_end, T* best_key,
-                                     int64_t* best_index) {
-  int64_t row = row_begin;
-  for (; row + kRowsPerTile <= row_end; row += kRowsPerTile) {
-    const T* p0 = points + row * dim;
-    const T* p1 = p0 + dim;
-    const T* p2 = p1 + dim;
-    const T* p3 = p2 + dim;
-    for (int64_t center = center_begin; center < center_end; ++center) {
-      const T* c = centers + center * dim;
-      T acc0 = 0, acc1 = 0, acc2 = 0, acc3 = 0;
-#pragma omp simd reduction(+ : acc0, acc1, acc2, acc3)
-      for (int64_t k = 0; k < dim; ++k) {
-        const T ck = c[k];
-        const T d0 = p0[k] - ck, d1 = p1[k] - ck, d2 = p2[k] - ck, d3 = p3[k] - ck;
-        acc0 += d0 * d0;
-        acc1 += d1 * d1;
-        acc2 += d2 * d2;
-        acc3 += d3 * d3;
+struct Prefetch {
+  const T* const* row = nullptr;
+  int64_t rows = 0;
+  int64_t first_line = 0;
+  int64_t last_line = 0;
+};
+
+constexpr int64_t kCacheLine = 64;
+
+// out[j * R + r] = sum_k (p[r][k] - c[j][k])^2 for R rows and C centers, each pair in its own vector accumulator:
+// every vector loaded feeds R or C subtract-square-accumulate operations. The lanes, their sum and the scalar tail
+// are the same whatever R and C, so a pair's distance does not depend on the tile that computed it.
+template <typename T, int Bytes, int R, int C>
+FASTDD_ALWAYS_INLINE void tile_sums(const T* const* p, const T* const* c, int64_t dim, const Prefetch<T>& prefetch,
+                                    T* out) {
+  using V = typename Simd<T, Bytes>::type;
+  constexpr int64_t lanes = Simd<T, Bytes>::lanes;
+  constexpr int64_t line_elements = kCacheLine / sizeof(T);
+  V acc[R][C];
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < C; ++j) acc[r][j] = V{};
+  }
+  const int64_t steps = dim / lanes;
+  const int64_t prefetch_lines = prefetch.last_line - prefetch.first_line;
+  int64_t line = prefetch.first_line;
+  for (int64_t step = 0; step < steps; ++step) {
+    if (line < prefetch.last_line && step * prefetch_lines >= (line - prefetch.first_line) * steps) {
+      for (int64_t r = 0; r < prefetch.rows; ++r) __builtin_prefetch(prefetch.row[r] + line * line_elements, 0, 3);
+      ++line;
+    }
+    const int64_t k = step * lanes;
+    V x[R];
+    for (int r = 0; r < R; ++r) x[r] = load_vector<V>(p[r] + k);
+    for (int j = 0; j < C; ++j) {
+      const V y = load_vector<V>(c[j] + k);
+      for (int r = 0; r < R; ++r) {
+        const V d = x[r] - y;
+        acc[r][j] += d * d;
       }
-      keep_if_closer(acc0, center, best_key[row], best_index[row]);
-      keep_if_closer(acc1, center, best_key[row + 1], best_index[row + 1]);
-      keep_if_closer(acc2, center, best_key[row + 2], best_index[row + 2]);
-      keep_if_closer(acc3, center, best_key[row + 3], best_index[row + 3]);
     }
   }
-  for (; row < row_end; ++row) {
-    const T* p = points + row * dim;
-    for (int64_t center = center_begin; center < center_end; ++center) {
-      const T* c = centers + center * dim;
-      T acc = 0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t k = 0; k < dim; ++k) {
-        const T d = p[k] - c[k];
-        acc += d * d;
+  for (int j = 0; j < C; ++j) {
+    for (int r = 0; r < R; ++r) {
+      T total = sum_lanes<T>(acc[r][j]);
+      for (int64_t k = steps * lanes; k < dim; ++k) {
+        const T d = p[r][k] - c[j][k];
+        total += d * d;
       }
-      keep_if_closer(acc, center, best_key[row], best_index[row]);
+      out[j * R + r] = total;
     }
   }
 }
 
-// Nearest center of rows [row_begin, row_end); writes sq_dist (NaN where a NaN distance won) and index.
-template <typename T>
-FASTDD_ALWAYS_INLINE void nearest_rows(const T* points, const T* centers, int64_t num_centers, int64_t dim,
-                                       int64_t row_begin, int64_t row_end, T* sq_dist, int64_t* index) {
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    sq_dist[row] = std::numeric_limits<T>::infinity();
-    index[row] = 0;
+// R rows against C <= 4 centers (C known only at run time: the last tile of a group).
+template <typename T, int Bytes, int R>
+FASTDD_ALWAYS_INLINE void tile_sums_up_to_4(const T* const* p, const T* const* c, int64_t num, int64_t dim,
+                                            const Prefetch<T>& prefetch, T* out) {
+  switch (num) {
+    case 4: tile_sums<T, Bytes, R, 4>(p, c, dim, prefetch, out); break;
+    case 3: tile_sums<T, Bytes, R, 3>(p, c, dim, prefetch, out); break;
+    case 2: tile_sums<T, Bytes, R, 2>(p, c, dim, prefetch, out); break;
+    default: tile_sums<T, Bytes, R, 1>(p, c, dim, prefetch, out); break;
   }
+}
+
+// Compares rows[0 .. num_rows) with centers[0 .. num_centers) (index lists, centers in increasing order) and
+// updates best_key / best_index, which are indexed like `rows`. rows[num_rows .. num_rows + rows_after) may be read:
+// they are the next rows to come, prefetched while the last center tiles of the current rows compute.
+template <typename T, int Bytes>
+FASTDD_ALWAYS_INLINE void scan_block(const T* points, const T* centers_data, int64_t dim, const int64_t* rows,
+                                     int64_t num_rows, int64_t rows_after, const int64_t* centers,
+                                     int64_t num_centers, T* best_key, int64_t* best_index) {
+  constexpr int64_t kTile = 4;
+  const int64_t lines = (dim * static_cast<int64_t>(sizeof(T)) + kCacheLine - 1) / kCacheLine;
+  const int64_t center_tiles = (num_centers + kTile - 1) / kTile;
+  T sums[kTile * kTile];
+  for (int64_t r = 0; r < num_rows; r += kTile) {
+    const int64_t tile_rows = std::min(kTile, num_rows - r);
+    const T* p[kTile];
+    for (int64_t i = 0; i < tile_rows; ++i) p[i] = points + rows[r + i] * dim;
+    const T* next[kTile];
+    const int64_t next_rows = std::min(kTile, num_rows + rows_after - r - tile_rows);
+    for (int64_t i = 0; i < next_rows; ++i) next[i] = points + rows[r + tile_rows + i] * dim;
+    for (int64_t t = 0; t < center_tiles; ++t) {
+      const int64_t j = t * kTile;
+      const int64_t tile_centers = std::min(kTile, num_centers - j);
+      const T* c[kTile];
+      for (int64_t q = 0; q < tile_centers; ++q) c[q] = centers_data + centers[j + q] * dim;
+      // The first center tile reads the rows from memory; the next rows are fetched during the later ones.
+      Prefetch<T> prefetch;
+      if (next_rows > 0 && (t > 0 || center_tiles == 1)) {
+        const int64_t share = std::max<int64_t>(1, center_tiles - 1);
+        const int64_t part = center_tiles == 1 ? 0 : t - 1;
+        prefetch = {next, next_rows, part * lines / share, (part + 1) * lines / share};
+      }
+      switch (tile_rows) {
+        case 4: tile_sums_up_to_4<T, Bytes, 4>(p, c, tile_centers, dim, prefetch, sums); break;
+        case 3: tile_sums_up_to_4<T, Bytes, 3>(p, c, tile_centers, dim, prefetch, sums); break;
+        case 2: tile_sums_up_to_4<T, Bytes, 2>(p, c, tile_centers, dim, prefetch, sums); break;
+        default: tile_sums_up_to_4<T, Bytes, 1>(p, c, tile_centers, dim, prefetch, sums); break;
+      }
+      for (int64_t q = 0; q < tile_centers; ++q) {
+        for (int64_t i = 0; i < tile_rows; ++i) {
+          keep_if_closer(sums[q * tile_rows + i], centers[j + q], best_key[r + i], best_index[r + i]);
+        }
+      }
+    }
+  }
+}
+
+// Nearest center of the rows listed in rows[0 .. num_rows), all of one group whose centers are listed in
+// centers[0 .. num_centers); writes sq_dist (NaN where a NaN distance won) and index at the rows' own positions.
+template <typename T, int Bytes>
+FASTDD_ALWAYS_INLINE void nearest_rows(const T* points, const T* centers_data, int64_t dim, const int64_t* rows,
+                                       int64_t num_rows, const int64_t* centers, int64_t num_centers, T* sq_dist,
+                                       int64_t* index) {
+  constexpr int64_t kMaxBlockRows = 512;
   const int64_t row_bytes = std::max<int64_t>(1, dim) * static_cast<int64_t>(sizeof(T));
-  const int64_t rows_per_block = std::max<int64_t>(kRowsPerTile, kRowBlockBytes / row_bytes / kRowsPerTile * kRowsPerTile);
-  const int64_t centers_per_block = std::max<int64_t>(1, kCenterBlockBytes / row_bytes);
-  for (int64_t block_begin = row_begin; block_begin < row_end; block_begin += rows_per_block) {
-    const int64_t block_end = std::min(row_end, block_begin + rows_per_block);
+  const int64_t block_rows_max = std::clamp<int64_t>(kRowBlockBytes / row_bytes / 4 * 4, 4, kMaxBlockRows);
+  const int64_t centers_per_block = std::max<int64_t>(4, kCenterBlockBytes / row_bytes / 4 * 4);
+  T best_key[kMaxBlockRows];
+  int64_t best_index[kMaxBlockRows];
+  for (int64_t block_begin = 0; block_begin < num_rows; block_begin += block_rows_max) {
+    const int64_t block_rows = std::min(num_rows - block_begin, block_rows_max);
+    std::fill(best_key, best_key + block_rows, std::numeric_limits<T>::infinity());
+    std::fill(best_index, best_index + block_rows, centers[0]);
     for (int64_t center_begin = 0; center_begin < num_centers; center_begin += centers_per_block) {
-      const int64_t center_end = std::min(num_centers, center_begin + centers_per_block);
-      scan_block(points, centers, dim, block_begin, block_end, center_begin, center_end, sq_dist, index);
+      const int64_t block_centers = std::min(num_centers - center_begin, centers_per_block);
+      const bool last_center_block = center_begin + block_centers == num_centers;
+      const int64_t rows_after = last_center_block ? num_rows - block_begin - block_rows : 0;
+      scan_block<T, Bytes>(points, centers_data, dim, rows + block_begin, block_rows, rows_after,
+                           centers + center_begin, block_centers, best_key, best_index);
+    }
+    for (int64_t r = 0; r < block_rows; ++r) {
+      const int64_t row = rows[block_begin + r];
+      sq_dist[row] = best_key[r] == -std::numeric_limits<T>::infinity() ? std::numeric_limits<T>::quiet_NaN()
+                                                                         : best_key[r];
+      index[row] = best_index[r];
     }
   }
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    if (sq_dist[row] == -std::numeric_limits<T>::infinity()) {
-      sq_dist[row] = std::numeric_limits<T>::quiet_NaN();
-    }
-  }
 }
 
-// One entry point per dtype (a plain function, so it can carry per-ISA clones).
-FASTDD_CPU_CLONES void nearest_rows_float(const float* points, const float* centers, int64_t num_centers,
-                                          int64_t dim, int64_t row_begin, int64_t row_end, float* sq_dist,
-                                          int64_t* index) {
-  nearest_rows(points, centers, num_centers, dim, row_begin, row_end, sq_dist, index);
+// One compiled copy per x86-64 level (AVX-512, AVX2, baseline SSE2), each with its own vector width; the widest the
+// running CPU supports is picked once. Elsewhere, 16-byte vectors (NEON on arm64).
+#if defined(__GNUC__) && defined(__x86_64__)
+template <typename T>
+__attribute__((target("arch=x86-64-v4"))) void nearest_rows_avx512(const T* points, const T* centers_data,
+                                                                   int64_t dim, const int64_t* rows,
+                                                                   int64_t num_rows, const int64_t* centers,
+                                                                   int64_t num_centers, T* sq_dist, int64_t* index) {
+  nearest_rows<T, 64>(points, centers_data, dim, rows, num_rows, centers, num_centers, sq_dist, index);
 }
 
-FASTDD_CPU_CLONES void nearest_rows_double(const double* points, const double* centers, int64_t num_centers,
-                                           int64_t dim, int64_t row_begin, int64_t row_end, double* sq_dist,
-                                           int64_t* index) {
-  nearest_rows(points, centers, num_centers, dim, row_begin, row_end, sq_dist, index);
+template <typename T>
+__attribute__((target("arch=x86-64-v3"))) void nearest_rows_avx2(const T* points, const T* centers_data,
+                                                                 int64_t dim, const int64_t* rows, int64_t num_rows,
+                                                                 const int64_t* centers, int64_t num_centers,
+                                                                 T* sq_dist, int64_t* index) {
+  nearest_rows<T, 32>(points, centers_data, dim, rows, num_rows, centers, num_centers, sq_dist, index);
+}
+#endif
+
+template <typename T>
+void nearest_rows_baseline(const T* points, const T* centers_data, int64_t dim, const int64_t* rows,
+                           int64_t num_rows, const int64_t* centers, int64_t num_centers, T* sq_dist,
+                           int64_t* index) {
+  nearest_rows<T, 16>(points, centers_data, dim, rows, num_rows, centers, num_centers, sq_dist, index);
 }
 
-FASTDD_ALWAYS_INLINE void nearest_rows_dispatch(const float* points, const float* centers, int64_t num_centers,
-                                                int64_t dim, int64_t row_begin, int64_t row_end, float* sq_dist,
-                                                int64_t* index) {
-  nearest_rows_float(points, centers, num_centers, dim, row_begin, row_end, sq_dist, index);
-}
+template <typename T>
+using NearestRows = void (*)(const T*, const T*, int64_t, const int64_t*, int64_t, const int64_t*, int64_t, T*,
+                             int64_t*);
 
-FASTDD_ALWAYS_INLINE void nearest_rows_dispatch(const double* points, const double* centers, int64_t num_centers,
-                                                int64_t dim, int64_t row_begin, int64_t row_end, double* sq_dist,
-                                                int64_t* index) {
-  nearest_rows_double(points, centers, num_centers, dim, row_begin, row_end, sq_dist, index);
+// ATEN_CPU_CAPABILITY=default or avx2 caps the choice, as it does for PyTorch's own kernels (tests use it to run
+// the narrower copies on a machine that has AVX-512).
+template <typename T>
+NearestRows<T> nearest_rows_for_this_cpu() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  const char* requested = std::getenv("ATEN_CPU_CAPABILITY");
+  const std::string cap = requested == nullptr ? "" : requested;
+  __builtin_cpu_init();
+  if (cap != "default" && cap != "avx2" && __builtin_cpu_supports("x86-64-v4")) return &nearest_rows_avx512<T>;
+  if (cap != "default" && __builtin_cpu_supports("x86-64-v3")) return &nearest_rows_avx2<T>;
+#endif
+  return &nearest_rows_baseline<T>;
 }
 
 // grad_points and grad_centers for columns [col_begin, col_end). Rows are visited in order, so the sums into
@@ -198,8 +398,10 @@ FASTDD_ALWAYS_INLINE void backward_columns_dispatch(const double* grad, const do
                           grad_centers);
 }
 
-std::tuple<at::Tensor, at::Tensor> nearest_synthetic_cpu(const at::Tensor& points, const at::Tensor& centers) {
-  check_nearest_synthetic_inputs(points, centers);
+std::tuple<at::Tensor, at::Tensor> nearest_synthetic_cpu(const at::Tensor& points, const at::Tensor& centers,
+                                                         const std::optional<at::Tensor>& point_groups,
+                                                         const std::optional<at::Tensor>& center_groups) {
+  check_nearest_synthetic_inputs(points, centers, point_groups, center_groups);
   const at::Tensor p = points.contiguous();
   const at::Tensor c = centers.contiguous();
   const int64_t num_points = p.size(0);
@@ -207,15 +409,37 @@ std::tuple<at::Tensor, at::Tensor> nearest_synthetic_cpu(const at::Tensor& point
   const int64_t dim = p.size(1);
   at::Tensor index = at::empty({num_points}, p.options().dtype(at::kLong));
   at::Tensor sq_dist = at::empty({num_points}, p.options());
-  const int64_t work_per_row = std::max<int64_t>(1, num_centers * dim);
-  const int64_t grain = std::max<int64_t>(1, kMinWorkPerTask / work_per_row);
+  GroupLayout layout;
+  if (point_groups.has_value()) {
+    const at::Tensor pg = point_groups->contiguous();
+    const at::Tensor cg = center_groups->contiguous();
+    layout = grouped_layout(pg.const_data_ptr<int64_t>(), num_points, cg.const_data_ptr<int64_t>(), num_centers);
+  } else {
+    layout = single_group_layout(num_points, num_centers);
+  }
+  // Tasks are ranges of the grouped row list; a range may span several groups.
+  const int64_t centers_per_row = std::max<int64_t>(1, num_centers / (static_cast<int64_t>(layout.row_start.size()) - 1));
+  const int64_t grain = std::max<int64_t>(4, kMinWorkPerTask / std::max<int64_t>(1, centers_per_row * dim));
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "nearest_synthetic_cpu", [&] {
+    static const NearestRows<scalar_t> nearest_rows = nearest_rows_for_this_cpu<scalar_t>();
     const scalar_t* p_data = p.const_data_ptr<scalar_t>();
     const scalar_t* c_data = c.const_data_ptr<scalar_t>();
     scalar_t* dist_data = sq_dist.mutable_data_ptr<scalar_t>();
     int64_t* index_data = index.mutable_data_ptr<int64_t>();
     at::parallel_for(0, num_points, grain, [&](int64_t begin, int64_t end) {
-      nearest_rows_dispatch(p_data, c_data, num_centers, dim, begin, end, dist_data, index_data);
+      // The group slot holding position `begin`: the last slot whose rows start at or before it.
+      int64_t slot = std::upper_bound(layout.row_start.begin(), layout.row_start.end(), begin) -
+                     layout.row_start.begin() - 1;
+      for (int64_t pos = begin; pos < end; ++slot) {
+        const int64_t stop = std::min(end, layout.row_start[slot + 1]);
+        if (stop > pos) {
+          const int64_t first_center = layout.center_start[slot];
+          nearest_rows(p_data, c_data, dim, layout.rows.data() + pos, stop - pos,
+                       layout.centers.data() + first_center, layout.center_start[slot + 1] - first_center,
+                       dist_data, index_data);
+        }
+        pos = std::max(pos, stop);
+      }
     });
   });
   return {sq_dist, index};

@@ -3,6 +3,8 @@
 // Forward: one warp per point. The lanes stride over the features, accumulate squared differences to one center,
 // and a butterfly shuffle leaves the full sum in every lane (the pairwise sums are commutative, so all lanes agree
 // bit for bit and take the same branch). The warps of a block read the same center rows, which stay in L1/L2.
+// With group labels a warp skips the centers of other groups (M is small: the labels cost one load per center);
+// a point whose group has no center keeps index -1, which the host turns into a ValueError naming the group.
 // Backward: one thread per (point, feature); grad_centers is accumulated with atomics (order not deterministic).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -12,6 +14,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <tuple>
 
 #include "../nearest_synthetic_checks.h"
@@ -25,8 +28,10 @@ constexpr int kBackwardThreads = 256;
 
 template <typename T>
 __global__ void nearest_synthetic_kernel(const T* __restrict__ points, const T* __restrict__ centers,
-                                         int64_t num_points, int64_t num_centers, int64_t dim,
-                                         T* __restrict__ sq_dist, int64_t* __restrict__ index) {
+                                         const int64_t* __restrict__ point_groups,
+                                         const int64_t* __restrict__ center_groups, int64_t num_points,
+                                         int64_t num_centers, int64_t dim, T* __restrict__ sq_dist,
+                                         int64_t* __restrict__ index) {
   const int lane = threadIdx.x % kWarpSize;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
   if (row >= num_points) {
@@ -35,9 +40,14 @@ __global__ void nearest_synthetic_kernel(const T* __restrict__ points, const T* 
   const T* p = points + row * dim;
   // NaN distances are ranked as -inf so the first NaN wins, as in torch.argmin; real distances are never -inf.
   const T neg_inf = -std::numeric_limits<T>::infinity();
+  const bool grouped = point_groups != nullptr;
+  const int64_t group = grouped ? point_groups[row] : 0;
   T best_key = std::numeric_limits<T>::infinity();
-  int64_t best_index = 0;
+  int64_t best_index = -1;
   for (int64_t center = 0; center < num_centers; ++center) {
+    if (grouped && center_groups[center] != group) {
+      continue;  // the same for every lane of the warp
+    }
     const T* c = centers + center * dim;
     T acc = 0;
     for (int64_t k = lane; k < dim; k += kWarpSize) {
@@ -48,7 +58,7 @@ __global__ void nearest_synthetic_kernel(const T* __restrict__ points, const T* 
       acc += __shfl_xor_sync(0xffffffffu, acc, offset);
     }
     const T key = isnan(acc) ? neg_inf : acc;
-    if (key < best_key) {  // strict: ties keep the lowest center
+    if (best_index < 0 || key < best_key) {  // strict: ties keep the lowest center
       best_key = key;
       best_index = center;
     }
@@ -77,8 +87,10 @@ __global__ void nearest_synthetic_backward_kernel(const T* __restrict__ grad, co
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> nearest_synthetic_cuda(const at::Tensor& points, const at::Tensor& centers) {
-  check_nearest_synthetic_inputs(points, centers);
+std::tuple<at::Tensor, at::Tensor> nearest_synthetic_cuda(const at::Tensor& points, const at::Tensor& centers,
+                                                          const std::optional<at::Tensor>& point_groups,
+                                                          const std::optional<at::Tensor>& center_groups) {
+  check_nearest_synthetic_inputs(points, centers, point_groups, center_groups);
   const c10::cuda::CUDAGuard device_guard(points.device());
   const at::Tensor p = points.contiguous();
   const at::Tensor c = centers.contiguous();
@@ -90,14 +102,27 @@ std::tuple<at::Tensor, at::Tensor> nearest_synthetic_cuda(const at::Tensor& poin
   if (num_points == 0) {
     return {sq_dist, index};
   }
+  const bool grouped = point_groups.has_value();
+  const at::Tensor pg = grouped ? point_groups->contiguous() : at::Tensor();
+  const at::Tensor cg = grouped ? center_groups->contiguous() : at::Tensor();
   const int64_t blocks = (num_points + kWarpsPerBlock - 1) / kWarpsPerBlock;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "nearest_synthetic_cuda", [&] {
     nearest_synthetic_kernel<scalar_t><<<blocks, kWarpsPerBlock * kWarpSize, 0, stream>>>(
-        p.const_data_ptr<scalar_t>(), c.const_data_ptr<scalar_t>(), num_points, num_centers, dim,
-        sq_dist.mutable_data_ptr<scalar_t>(), index.mutable_data_ptr<int64_t>());
+        p.const_data_ptr<scalar_t>(), c.const_data_ptr<scalar_t>(),
+        grouped ? pg.const_data_ptr<int64_t>() : nullptr, grouped ? cg.const_data_ptr<int64_t>() : nullptr,
+        num_points, num_centers, dim, sq_dist.mutable_data_ptr<scalar_t>(), index.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  if (grouped) {
+    const at::Tensor orphans = (index < 0).nonzero();
+    if (orphans.size(0) > 0) {
+      const int64_t row = orphans[0][0].item<int64_t>();
+      TORCH_CHECK_VALUE(false, "nearest_synthetic: point ", row, " is in group ", pg[row].item<int64_t>(),
+                        ", which has no center; every group in point_groups needs at least one center in ",
+                        "center_groups");
+    }
+  }
   return {sq_dist, index};
 }
 
