@@ -33,6 +33,8 @@ import sys
 import torch
 import torch.nn.functional as F
 from common import describe_machine, load_average, median_seconds
+from ops_augment import augment_rows
+from ops_cvar import cvar_rows, robust_loss_rows
 from ops_norm_relu_pool import norm_relu_pool_rows
 from trajectory import DSA_STRATEGY, REFERENCE_MTT, Config, _cosine, _problem, measure_in_fresh_process
 
@@ -40,7 +42,10 @@ from fastdd.distill.trajectory import match_gradients
 from fastdd.models import build_model, flat_parameters
 from fastdd.models.batched import batched_functional_forward
 from fastdd.models.functional import functional_forward
+from fastdd.runtime import keep_freed_memory
 
+AUGMENT_TARGET = 3.0  # diff_augment fwd+bwd, batch 256 of 3x32x32, both modes
+ROBUST_LOSS_TARGET = 10.0  # nearest_synthetic + group_cvar_loss vs cdist + per-cluster sort
 TESLA_TIME_TARGET = 0.5  # tesla / reference MTT unroll, time
 TESLA_MEMORY_TARGET = 0.3  # tesla / reference MTT unroll, resident peak
 BATCHED_TARGET = 1.5  # batched / sequential student steps per second, 4 students
@@ -53,9 +58,36 @@ def _verdict(value: float | None, limit: float, higher_is_better: bool) -> str:
     return "PASS" if (value >= limit if higher_is_better else value <= limit) else "MISS"
 
 
+def _split(op: str, case: str, times: dict, target: float | None = None, forward_target: float | None = None):
+    """Forward and forward+backward rows from one measurement, each with its target (None: no target)."""
+    return [
+        {"op": op, "case": f"{case} forward", "reference_ms": times["ref_fwd"], "fastdd_ms": times["fwd"],
+         "speedup": times["ref_fwd"] / times["fwd"], "target": forward_target},
+        {"op": op, "case": f"{case} fwd+bwd", "reference_ms": times["ref_fb"], "fastdd_ms": times["fb"],
+         "speedup": times["ref_fb"] / times["fb"], "target": target},
+    ]
+
+
 def op_rows(repeats: int, device: torch.device, quick: bool) -> list[dict]:
-    """Rows of every op benchmark: op, case, reference_ms, fastdd_ms, speedup (and target where the issue sets one)."""
-    rows = norm_relu_pool_rows(repeats, device, batch=4 if quick else 100, width=8 if quick else 128)
+    """Rows of every op benchmark: op, case, reference_ms, fastdd_ms, speedup, target (None where none is set)."""
+    rows = []
+    for row in augment_rows(repeats, device, batch=8 if quick else 256, size=8 if quick else 32):
+        if row["name"].startswith(("S average", "M ")):
+            times = {"ref_fwd": row["reference_fwd_ms"], "fwd": row["backend_fwd_ms"],
+                     "ref_fb": row["reference_fwd_bwd_ms"], "fb": row["backend_fwd_bwd_ms"]}
+            rows += _split("diff_augment", row["name"], times, AUGMENT_TARGET)
+    def cvar_times(row: dict) -> dict:
+        return {"ref_fwd": row["reference_forward_ms"], "fwd": row["fastdd_forward_ms"],
+                "ref_fb": row["reference_fwd_bwd_ms"], "fb": row["fastdd_fwd_bwd_ms"]}
+
+    real_per_class, dims = (16, 48) if quick else (256, 3072)
+    for row in robust_loss_rows(repeats, device, real_per_class=real_per_class, d=dims):
+        rows += _split("nearest+group_cvar_loss", f"10x{real_per_class} real, IPC 10, D={dims}", cvar_times(row),
+                       ROBUST_LOSS_TARGET, ROBUST_LOSS_TARGET)
+    for row in cvar_rows(repeats, device, n=160 if quick else 2560):
+        rows += _split("cluster_cvar", row["name"].removeprefix("cluster_cvar "), cvar_times(row))
+    for row in norm_relu_pool_rows(repeats, device, batch=4 if quick else 100, width=8 if quick else 128):
+        rows.append({**row, "target": None})
     return rows
 
 
@@ -132,6 +164,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every section")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args()
+    keep_freed_memory()  # as the fastdd command line does; the trajectory children apply it themselves
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu")
@@ -143,14 +176,14 @@ def main() -> None:
 
     print("1. ops: cpp backend vs pure-PyTorch reference")
     rows = op_rows(repeats, device, args.quick)
-    header = f"{'op':<26}{'case':<34}{'reference ms':>13}{'fastdd ms':>11}{'speedup':>9}{'target':>8}"
+    header = f"{'op':<24}{'case':<36}{'reference ms':>13}{'fastdd ms':>11}{'speedup':>9}{'target':>14}"
     print(header)
     print("-" * len(header))
     for row in rows:
-        target = row.get("target")
-        verdict = f"{_verdict(row['speedup'], target, True)}" if target else ""
-        print(f"{row['op']:<26}{row['case']:<34}{row['reference_ms']:>13.2f}{row['fastdd_ms']:>11.2f}"
-              f"{row['speedup']:>8.1f}x{(f'>={target}x ' + verdict) if target else '':>14}")
+        target = row["target"]
+        verdict = f">={target:g}x {_verdict(row['speedup'], target, True)}" if target else ""
+        print(f"{row['op']:<24}{row['case']:<36}{row['reference_ms']:>13.2f}{row['fastdd_ms']:>11.2f}"
+              f"{row['speedup']:>8.1f}x{verdict:>14}")
     report["ops"] = rows
     print(flush=True)
 
