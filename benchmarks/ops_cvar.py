@@ -1,6 +1,7 @@
 """Benchmark of fastdd.ops.cluster_cvar and of the whole group-robust loss against the way reference code does it.
 
-    python benchmarks/ops_cvar.py [--classes 10 --real-per-class 256 --ipc 10 --d 3072 --alpha 0.8 --repeats 5]
+    python benchmarks/ops_cvar.py [--classes 10 --real-per-class 256 --ipc 10 --d 3072 --alpha 0.8 --repeats 5
+                                   --threads 2]
 
 Two tables, median wall time of ``--repeats`` runs after a warm-up, forward (under ``torch.no_grad``) and
 forward+backward (w.r.t. the per-sample losses), as speedups over the reference (reference / fastdd, > 1 is faster):
@@ -166,8 +167,11 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     n, clusters = args.classes * args.real_per_class, args.classes * args.ipc
     print(describe_machine(device))
