@@ -40,8 +40,10 @@
 
 #if defined(__GNUC__)
 #define FASTDD_ALWAYS_INLINE inline __attribute__((always_inline))
+#define FASTDD_PREFETCH(address) __builtin_prefetch((address), 0, 3)
 #else
 #define FASTDD_ALWAYS_INLINE inline
+#define FASTDD_PREFETCH(address) ((void)(address))
 #endif
 
 namespace fastdd {
@@ -187,7 +189,7 @@ FASTDD_ALWAYS_INLINE void tile_sums(const T* const* p, const T* const* c, int64_
   int64_t line = prefetch.first_line;
   for (int64_t step = 0; step < steps; ++step) {
     if (line < prefetch.last_line && step * prefetch_lines >= (line - prefetch.first_line) * steps) {
-      for (int64_t r = 0; r < prefetch.rows; ++r) __builtin_prefetch(prefetch.row[r] + line * line_elements, 0, 3);
+      for (int64_t r = 0; r < prefetch.rows; ++r) FASTDD_PREFETCH(prefetch.row[r] + line * line_elements);
       ++line;
     }
     const int64_t k = step * lanes;
@@ -441,7 +443,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_synthetic_cpu(const at::Tensor& point
   const int64_t centers_per_row = std::max<int64_t>(1, num_centers / (static_cast<int64_t>(layout.row_start.size()) - 1));
   const int64_t grain = std::max<int64_t>(4, kMinWorkPerTask / std::max<int64_t>(1, centers_per_row * dim));
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "nearest_synthetic_cpu", [&] {
-    static const NearestRows<scalar_t> nearest_rows = nearest_rows_for_this_cpu<scalar_t>();
+    static const NearestRows<scalar_t> kernel = nearest_rows_for_this_cpu<scalar_t>();
     const scalar_t* p_data = p.const_data_ptr<scalar_t>();
     const scalar_t* c_data = c.const_data_ptr<scalar_t>();
     scalar_t* dist_data = sq_dist.mutable_data_ptr<scalar_t>();
@@ -454,9 +456,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_synthetic_cpu(const at::Tensor& point
         const int64_t stop = std::min(end, layout.row_start[slot + 1]);
         if (stop > pos) {
           const int64_t first_center = layout.center_start[slot];
-          nearest_rows(p_data, c_data, dim, layout.rows.data() + pos, stop - pos,
-                       layout.centers.data() + first_center, layout.center_start[slot + 1] - first_center,
-                       dist_data, index_data);
+          kernel(p_data, c_data, dim, layout.rows.data() + pos, stop - pos, layout.centers.data() + first_center,
+                 layout.center_start[slot + 1] - first_center, dist_data, index_data);
         }
         pos = std::max(pos, stop);
       }
