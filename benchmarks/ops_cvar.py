@@ -32,6 +32,7 @@ import torch
 from common import describe_machine, median_seconds
 
 from fastdd.ops import cvar, group_cvar_loss, nearest_synthetic
+from fastdd.runtime import keep_freed_memory
 
 
 def _paired_timings(reference: Callable[[], torch.Tensor], fastdd: Callable[[], torch.Tensor], leaf: torch.Tensor,
@@ -185,9 +186,12 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # The heap setting of the fastdd command line, for both sides: without it the reference's timings jump between
+    # ~12 and ~37 ms from run to run (freed buffers handed back to the OS and zero-filled again).
+    heap = "freed memory kept in the heap" if keep_freed_memory() else "system malloc"
     device = torch.device(args.device)
     n, clusters = args.classes * args.real_per_class, args.classes * args.ipc
-    print(describe_machine(device))
+    print(f"{describe_machine(device)}, {heap}")
     print(f"median over 3 rounds of the median of {args.repeats} calls after 1 warm-up; speedup = reference / fastdd")
     print()
     _print_rows("cluster_cvar vs cluster_cvar_reference", cvar_rows(args.repeats, device, n=n, clusters=clusters,
