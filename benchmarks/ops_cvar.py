@@ -1,9 +1,12 @@
 """Benchmark of fastdd.ops.cluster_cvar and of the whole group-robust loss against the way reference code does it.
 
-    python benchmarks/ops_cvar.py [--classes 10 --real-per-class 256 --ipc 10 --d 3072 --alpha 0.8 --repeats 5]
+    python benchmarks/ops_cvar.py [--classes 10 --real-per-class 256 --ipc 10 --d 3072 --alpha 0.8 --repeats 5
+                                   --threads 2]
 
-Two tables, median wall time of ``--repeats`` runs after a warm-up, forward (under ``torch.no_grad``) and
-forward+backward (w.r.t. the per-sample losses), as speedups over the reference (reference / fastdd, > 1 is faster):
+Two tables of wall times, forward (under ``torch.no_grad``) and forward+backward (w.r.t. the per-sample losses), as
+speedups over the reference (reference / fastdd, > 1 is faster). Each time is the median over 3 rounds of the median
+of ``--repeats`` calls after a warm-up call; a round times reference and fastdd one after the other, so a shared
+machine's changing load hits both sides alike:
 
 1. ``cluster_cvar`` alone, N = classes x real-per-class losses in classes x IPC clusters: each compiled backend
    against ``cluster_cvar_reference`` (a Python loop over clusters with a stable sort).
@@ -22,27 +25,41 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 from collections.abc import Callable
 
 import torch
 from common import describe_machine, median_seconds
 
 from fastdd.ops import cvar, group_cvar_loss, nearest_synthetic
+from fastdd.runtime import keep_freed_memory
 
 
-def _timings(call: Callable[[], torch.Tensor], leaf: torch.Tensor, device: torch.device, repeats: int):
-    """(forward seconds, forward+backward seconds): medians of ``call()`` under no_grad, and of ``call()`` followed
-    by a backward pass to ``leaf``."""
+def _paired_timings(reference: Callable[[], torch.Tensor], fastdd: Callable[[], torch.Tensor], leaf: torch.Tensor,
+                    device: torch.device, repeats: int, rounds: int = 3) -> tuple[tuple[float, float], tuple[float, float]]:
+    """((forward, forward+backward) seconds of ``reference``, the same of ``fastdd``). Forward runs under no_grad;
+    forward+backward also backpropagates to ``leaf``.
 
-    def forward():
+    Each of ``rounds`` rounds measures the four (median of ``repeats`` calls after a warm-up call, so every side is
+    timed warm) one after the other; the result is the median over rounds. On a shared machine both sides then see
+    the same drifts in load, and the speedups stay meaningful when the absolute times move.
+    """
+
+    def forward(call):
         with torch.no_grad():
             call()
 
-    def forward_backward():
+    def forward_backward(call):
         call().sum().backward()
         leaf.grad = None
 
-    return median_seconds(forward, device, repeats=repeats), median_seconds(forward_backward, device, repeats=repeats)
+    runs = [(forward, reference), (forward, fastdd), (forward_backward, reference), (forward_backward, fastdd)]
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(rounds):
+        for slot, (mode, call) in enumerate(runs):
+            times[slot].append(median_seconds(lambda mode=mode, call=call: mode(call), device, repeats=repeats))
+    ref_fwd, fast_fwd, ref_fb, fast_fb = (statistics.median(t) for t in times)
+    return (ref_fwd, ref_fb), (fast_fwd, fast_fb)
 
 
 def _row(name: str, reference: tuple[float, float], fastdd: tuple[float, float], **extra) -> dict:
@@ -71,13 +88,12 @@ def cvar_rows(
     def run(backend: str) -> Callable[[], torch.Tensor]:
         return lambda: cvar.cluster_cvar(losses, assign, clusters, alpha, backend=backend)
 
-    reference = _timings(run("reference"), losses, device, repeats)
     rows = []
     for backend in ("cpp", "triton"):
         if cvar._unavailable_reason(backend, losses) is not None or (backend == "triton" and device.type != "cuda"):
             continue
-        rows.append(_row(f"cluster_cvar {backend} (N={n}, {clusters} clusters)", reference,
-                         _timings(run(backend), losses, device, repeats)))
+        rows.append(_row(f"cluster_cvar {backend} (N={n}, {clusters} clusters)",
+                         *_paired_timings(run("reference"), run(backend), losses, device, repeats)))
     return rows
 
 
@@ -141,8 +157,7 @@ def robust_loss_rows(
     with torch.no_grad():
         same = torch.allclose(reference_call(), fastdd_call(), rtol=1e-6, atol=1e-6)
     name = f"group-robust loss ({classes} classes x {real_per_class} real, IPC {ipc}, D={d})"
-    return [_row(name, _timings(reference_call, losses, device, repeats), _timings(fastdd_call, losses, device, repeats),
-                 same_value=same)]
+    return [_row(name, *_paired_timings(reference_call, fastdd_call, losses, device, repeats), same_value=same)]
 
 
 def _print_rows(title: str, rows: list[dict]) -> None:
@@ -166,12 +181,18 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # The heap setting of the fastdd command line, for both sides: without it the reference's timings jump between
+    # ~12 and ~37 ms from run to run (freed buffers handed back to the OS and zero-filled again).
+    heap = "freed memory kept in the heap" if keep_freed_memory() else "system malloc"
     device = torch.device(args.device)
     n, clusters = args.classes * args.real_per_class, args.classes * args.ipc
-    print(describe_machine(device))
-    print(f"median of {args.repeats} runs after 1 warm-up; speedup = reference time / fastdd time")
+    print(f"{describe_machine(device)}, {heap}")
+    print(f"median over 3 rounds of the median of {args.repeats} calls after 1 warm-up; speedup = reference / fastdd")
     print()
     _print_rows("cluster_cvar vs cluster_cvar_reference", cvar_rows(args.repeats, device, n=n, clusters=clusters,
                                                                      alpha=args.alpha))
