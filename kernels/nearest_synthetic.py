@@ -6,7 +6,7 @@ the cancellation-prone ``||p||^2 + ||c||^2 - 2 p.c``), then folds the tile's arg
 in increasing center order and only a strictly smaller distance replaces the best, so ties keep the lowest index;
 NaN distances are ranked as -inf, so the first NaN wins, as in ``torch.argmin``.
 
-With group labels, ``_nearest_synthetic_grouped_kernel`` masks every tile with "same group as the point": a tile's
+Every tile is masked with the allowed centers (in range, and with group labels, of the point's group): a tile's
 winner is the lowest allowed column at the tile's minimum, and a point takes its first allowed center whatever its
 distance (even +inf), then only strictly smaller ones. A point whose group has no center keeps index -1.
 """
@@ -23,57 +23,6 @@ from torch import Tensor
 def _nearest_synthetic_kernel(
     points_ptr,
     centers_ptr,
-    index_ptr,
-    sq_dist_ptr,
-    num_points,
-    num_centers,
-    dim,
-    BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < num_points
-    row_starts = rows.to(tl.int64) * dim
-    dtype = sq_dist_ptr.dtype.element_ty
-    best_key = tl.full([BLOCK_N], float("inf"), dtype)
-    best_index = tl.zeros([BLOCK_N], dtype=tl.int64)
-    for center_begin in range(0, num_centers, BLOCK_M):
-        cols = center_begin + tl.arange(0, BLOCK_M)
-        col_ok = cols < num_centers
-        col_starts = cols.to(tl.int64) * dim
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype)
-        for feature_begin in range(0, dim, BLOCK_D):
-            features = feature_begin + tl.arange(0, BLOCK_D)
-            feature_ok = features < dim
-            p = tl.load(
-                points_ptr + row_starts[:, None] + features[None, :],
-                mask=row_ok[:, None] & feature_ok[None, :],
-                other=0.0,
-            )
-            c = tl.load(
-                centers_ptr + col_starts[:, None] + features[None, :],
-                mask=col_ok[:, None] & feature_ok[None, :],
-                other=0.0,
-            )
-            diff = p[:, None, :] - c[None, :, :]
-            acc += tl.sum(diff * diff, axis=2)
-        key = tl.where(acc != acc, float("-inf"), acc)
-        key = tl.where(col_ok[None, :], key, float("inf"))
-        tile_best = tl.min(key, axis=1)
-        tile_index = tl.argmin(key, axis=1, tie_break_left=True)
-        closer = tile_best < best_key
-        best_key = tl.where(closer, tile_best, best_key)
-        best_index = tl.where(closer, center_begin + tile_index.to(tl.int64), best_index)
-    sq_dist = tl.where(best_key == float("-inf"), float("nan"), best_key)
-    tl.store(index_ptr + rows, best_index, mask=row_ok)
-    tl.store(sq_dist_ptr + rows, sq_dist, mask=row_ok)
-
-
-@triton.jit
-def _nearest_synthetic_grouped_kernel(
-    points_ptr,
-    centers_ptr,
     point_groups_ptr,
     center_groups_ptr,
     index_ptr,
@@ -81,6 +30,7 @@ def _nearest_synthetic_grouped_kernel(
     num_points,
     num_centers,
     dim,
+    GROUPED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -88,7 +38,8 @@ def _nearest_synthetic_grouped_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < num_points
     row_starts = rows.to(tl.int64) * dim
-    row_groups = tl.load(point_groups_ptr + rows, mask=row_ok, other=0)
+    if GROUPED:
+        row_groups = tl.load(point_groups_ptr + rows, mask=row_ok, other=0)
     dtype = sq_dist_ptr.dtype.element_ty
     best_key = tl.full([BLOCK_N], float("inf"), dtype)
     best_index = tl.full([BLOCK_N], -1, tl.int64)
@@ -96,8 +47,10 @@ def _nearest_synthetic_grouped_kernel(
         cols = center_begin + tl.arange(0, BLOCK_M)
         col_ok = cols < num_centers
         col_starts = cols.to(tl.int64) * dim
-        col_groups = tl.load(center_groups_ptr + cols, mask=col_ok, other=0)
-        allowed = (row_groups[:, None] == col_groups[None, :]) & col_ok[None, :]
+        allowed = tl.broadcast_to(col_ok[None, :], [BLOCK_N, BLOCK_M])
+        if GROUPED:
+            col_groups = tl.load(center_groups_ptr + cols, mask=col_ok, other=0)
+            allowed = allowed & (row_groups[:, None] == col_groups[None, :])
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype)
         for feature_begin in range(0, dim, BLOCK_D):
             features = feature_begin + tl.arange(0, BLOCK_D)
@@ -149,30 +102,18 @@ def nearest_synthetic_forward(
     block_m = min(16, triton.next_power_of_2(num_centers))
     block_d = min(16, triton.next_power_of_2(max(dim, 1)))
     grid = (triton.cdiv(num_points, block_n),)
-    if point_groups is not None:
-        _nearest_synthetic_grouped_kernel[grid](
-            points,
-            centers,
-            point_groups.contiguous(),
-            center_groups.contiguous(),
-            index,
-            sq_dist,
-            num_points,
-            num_centers,
-            dim,
-            BLOCK_N=block_n,
-            BLOCK_M=block_m,
-            BLOCK_D=block_d,
-        )
-        return index, sq_dist
+    grouped = point_groups is not None
     _nearest_synthetic_kernel[grid](
         points,
         centers,
+        point_groups.contiguous() if grouped else index,  # an unread placeholder pointer when not grouped
+        center_groups.contiguous() if grouped else index,
         index,
         sq_dist,
         num_points,
         num_centers,
         dim,
+        GROUPED=grouped,
         BLOCK_N=block_n,
         BLOCK_M=block_m,
         BLOCK_D=block_d,
