@@ -24,8 +24,8 @@ def batched_functional_forward(net: ConvNet, flat_params: torch.Tensor, x: torch
     """Logits of S students of ``net``'s architecture, each on its own images.
 
     Args:
-        net: a ``ConvNet`` with norm "instancenorm" or "none" (batch statistics would need one batch per student,
-            which they have, but BatchNorm's running buffers would be shared); its own parameters are not used.
+        net: a ``ConvNet`` with norm "instancenorm" or "none" (BatchNorm's running buffers cannot be split between
+            students); its own parameters are not used.
         flat_params: [S, P] one flat parameter vector per student, in ``net.parameters()`` order.
         x: [S, B, C, H, W] student s's images in ``x[s]`` (the same B for every student).
 
@@ -48,8 +48,7 @@ def batched_functional_forward(net: ConvNet, flat_params: torch.Tensor, x: torch
     }
     batch = x.shape[1]
     h = x.transpose(0, 1).reshape(batch, students * net.channels, *net.image_size)
-    block = 3 if net.pooling == "none" else 4  # conv, norm, ReLU (, pool): ConvNet's layout of net.features
-    for first in range(0, len(net.features), block):
+    for first in range(0, len(net.features), net.layers_per_block):
         conv, norm = net.features[first], net.features[first + 1]
         weight = params[f"features.{first}.weight"]
         h = F.conv2d(

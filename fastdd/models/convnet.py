@@ -33,6 +33,7 @@ class ConvNet(nn.Module):
     are ordered conv weight, conv bias, norm weight, norm bias per block, then head weight and bias.
 
     Attributes:
+        layers_per_block: 4 with pooling (conv, norm, ReLU, pool), else 3; block k is features[k * layers_per_block :].
         feature_shape: (width, h, w) of the last feature map.
         feature_dim: width * h * w, the size of `embed(x)` (2048 at 32 px and at 28 px with depth 3).
 
@@ -81,6 +82,8 @@ class ConvNet(nn.Module):
                 layers.append(nn.AvgPool2d(2, 2) if pooling == "avgpool" else nn.MaxPool2d(2, 2))
             in_channels = width
         self.features = nn.Sequential(*layers)
+        # features[i : i + layers_per_block] is one block: conv, norm, ReLU (, pool).
+        self.layers_per_block = 3 if pooling == "none" else 4
         self.feature_shape = (width, h, w)
         self.feature_dim = width * h * w
         self.classifier = nn.Linear(self.feature_dim, num_classes)
@@ -92,8 +95,7 @@ class ConvNet(nn.Module):
             return self.features(x).flatten(-3)
         # conv, norm, ReLU (, pool) per block: the norm-ReLU-pool epilogue runs as one fused op, differentiable
         # twice, which is most of a trajectory-matching step's elementwise work.
-        block = 4 if self.pooling == "avgpool" else 3
-        for first in range(0, len(self.features), block):
+        for first in range(0, len(self.features), self.layers_per_block):
             conv, norm = self.features[first], self.features[first + 1]
             x = instance_norm_relu_pool(
                 conv(x), norm.weight, norm.bias, eps=norm.eps, pool=self.pooling == "avgpool"
