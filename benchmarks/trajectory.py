@@ -24,7 +24,9 @@ sum of tensor allocations: what the algorithm itself holds (``--no-allocator-pea
 
 The targets printed at the end are information, not an exit code: ``exact`` peak memory at the most vs the fewest
 steps (40 vs 10 by default) <= 1.15x, and at the middle step count (20) ``exact``/``unrolled`` peak memory <= 0.3x
-and time <= 1.2x, the memory targets for both peaks. The gradient columns compare each mode's image gradient with ``unrolled``'s from the same draws.
+and time <= 1.2x, the memory targets for both peaks. The gradient columns compare each mode's image gradient with
+``unrolled``'s from the same draws. ``--modes reference-mtt`` adds the same unroll written the way the MTT reference
+code does it (``benchmarks/reference_mtt.py``: unfused modules and augmentation), the baseline of ``throughput.py``.
 """
 
 from __future__ import annotations
