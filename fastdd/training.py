@@ -10,6 +10,14 @@ import torch.nn.functional as F
 from fastdd.ops import diff_augment, sample_augment_params
 from fastdd.trust.outlier_loss import DEFAULT_OUTLIER_WEIGHT, uniform_cross_entropy
 
+TrainObjective = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+"""``objective(net, inputs, targets, generator) -> 0-d loss``: the training loss of one minibatch.
+
+``inputs`` is the already-augmented minibatch ``[B, C, H, W]``, ``targets`` ``[B]`` int64 labels or ``[B, K]``
+probabilities; the objective makes its own forward pass(es) through ``net`` and draws any randomness from
+``generator``. It may be an ``nn.Module`` with trainable parameters of its own (the caller optimises them).
+"""
+
 
 def train_epoch(
     net: torch.nn.Module,
@@ -20,7 +28,7 @@ def train_epoch(
     batch_size: int,
     generator: torch.Generator,
     dsa_strategy: str | None = None,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    objective: TrainObjective | None = None,
     outliers: torch.Tensor | None = None,
     outlier_weight: float = DEFAULT_OUTLIER_WEIGHT,
 ) -> float:
@@ -33,16 +41,18 @@ def train_epoch(
         batch_size: minibatch size.
         generator: source of the order and of the augmentation parameters.
         dsa_strategy: DSA strategy applied with one independent transform per image, or None for no augmentation.
-        loss_fn: ``loss_fn(logits, targets)``; defaults to cross-entropy (hard or soft targets).
+        objective: the minibatch loss (`TrainObjective`), or None for cross-entropy ``F.cross_entropy(net(x), y)``
+            (hard or soft targets). It cannot be combined with ``outliers``.
         outliers: ``[K_out, C, H, W]`` unlabelled outlier images, or None. When given, each minibatch also takes its
             share of a random order of the outliers (``K_out / K`` of the batch size, at least one) and the loss
-            becomes ``loss_fn(in) + outlier_weight * H(U; f(out))`` (TrustDD's integrated loss). Outliers are
+            becomes ``CE(in) + outlier_weight * H(U; f(out))`` (TrustDD's integrated loss). Outliers are
             augmented like the images.
         outlier_weight: lambda of the integrated loss.
     Returns:
         The mean training loss over the epoch.
     """
-    loss_fn = loss_fn or F.cross_entropy
+    if objective is not None and outliers is not None:
+        raise ValueError("train_epoch takes either an objective or outliers (TrustDD's loss), not both")
     net.train()
     images = images.detach()
     order = torch.randperm(images.shape[0], generator=generator).to(images.device)
@@ -54,8 +64,10 @@ def train_epoch(
     total, count = 0.0, 0
     for number, start in enumerate(range(0, images.shape[0], batch_size)):
         idx = order[start : start + batch_size]
-        if outliers is None:
-            loss = loss_fn(net(_augment(images[idx], dsa_strategy, generator)), targets[idx])
+        if objective is not None:
+            loss = objective(net, _augment(images[idx], dsa_strategy, generator), targets[idx], generator)
+        elif outliers is None:
+            loss = F.cross_entropy(net(_augment(images[idx], dsa_strategy, generator)), targets[idx])
         else:
             if outlier_batches is not None:
                 out_idx = outlier_batches[number]
@@ -64,7 +76,7 @@ def train_epoch(
             # One forward over in + out (as outlier exposure does), so batchnorm sees both.
             x = _augment(torch.cat([images[idx], outliers[out_idx]]), dsa_strategy, generator)
             logits_in, logits_out = net(x).split([idx.numel(), out_idx.numel()])
-            loss = loss_fn(logits_in, targets[idx]) + outlier_weight * uniform_cross_entropy(logits_out).mean()
+            loss = F.cross_entropy(logits_in, targets[idx]) + outlier_weight * uniform_cross_entropy(logits_out).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
