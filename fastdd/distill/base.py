@@ -17,6 +17,7 @@ from fastdd.errors import FastddError
 from fastdd.io import SyntheticSet
 from fastdd.models import build_model_for
 from fastdd.ops import AugmentParams, diff_augment, sample_augment_params
+from fastdd.trust.masking import DEFAULT_MASK_PATCH, DEFAULT_MASK_RATIO, random_mask
 from fastdd.trust.outlier_loss import DEFAULT_OUTLIER_WEIGHT, uniform_cross_entropy
 from fastdd.trust.outliers import OutlierSource, outlier_source
 from fastdd.trust.robust import (
@@ -61,6 +62,8 @@ class DistillConfig:
     clusters: int | None = None
     cluster_space: str = "embed"
     robust_batch: int = 256
+    mdt: bool = False
+    mask_ratio: float = DEFAULT_MASK_RATIO
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -79,7 +82,12 @@ class DistillConfig:
         return cls(**{k: v for k, v in options.items() if v is not None and k in known})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as plain values; the MDT fields only when ``mdt`` is on (absent means off)."""
+        values = dataclasses.asdict(self)
+        if not values["mdt"]:
+            # So a run without MDT keeps the settings record of versions before MDT (and resumes their checkpoints).
+            del values["mdt"], values["mask_ratio"]
+        return values
 
     def resolved(self) -> "DistillConfig":
         """The config with defaults that depend on other fields filled in (methods with presets override this)."""
@@ -95,6 +103,10 @@ class Distiller(ABC):
     With ``config.outliers`` "oe" or "poe" (TrustDD) the run also learns unlabelled outlier images S_out, matched
     against real outliers T_out drawn from ``self.outlier_source``; each method decides how (see its docstring).
 
+    With ``config.mdt`` (masked distillation training, paper 004) every synthetic minibatch that a network trained
+    by the matching objective sees is multiplied by a fresh random binary mask (:meth:`mask_synthetic`); each method
+    that supports it (``supports_mdt``) says where in its docstring, the others refuse ``mdt``.
+
     Methods that train their matching network on real data (dc/dsa with ``net_data`` "real", dm with ``net_data``
     "real") do it with :meth:`train_network_on_real`; with ``config.robust`` that loss is the group-robust objective
     of :mod:`fastdd.trust.robust` (``self.robust_objective``).
@@ -109,6 +121,8 @@ class Distiller(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type[DistillConfig]] = DistillConfig
+    # True for methods whose matching objective trains a network on the synthetic images (where MDT's mask acts).
+    supports_mdt: ClassVar[bool] = False
 
     def __init__(self, config: DistillConfig, dataset: ImageDataset) -> None:
         self.config = config
@@ -169,6 +183,14 @@ class Distiller(ABC):
             raise FastddError(f"--cluster-space must be one of {', '.join(CLUSTER_SPACES)}, got {cfg.cluster_space!r}.")
         if cfg.robust_batch < 1:
             raise FastddError(f"--robust-batch must be at least 1, got {cfg.robust_batch}.")
+        if not 0 <= cfg.mask_ratio < 1:
+            raise FastddError(f"--mask-ratio must be in [0, 1) (the share of pixels MDT zeroes), got {cfg.mask_ratio}.")
+        if cfg.mdt and not self.supports_mdt:
+            raise FastddError(
+                f"--mdt does not apply to {self.name}: MDT masks the inputs of networks that the matching objective "
+                f"trains on the synthetic images, and {self.name}'s matching networks are never trained on them; use "
+                "--mdt with dc, dsa, mtt, tesla or tesla-compat."
+            )
 
     def _initial_images(self) -> torch.Tensor:
         cfg, ds = self.config, self.dataset
@@ -265,6 +287,20 @@ class Distiller(ABC):
     @staticmethod
     def augment(x: torch.Tensor, params: AugmentParams | None) -> torch.Tensor:
         return x if params is None else diff_augment(x, params)
+
+    @property
+    def mdt_ratio(self) -> float:
+        """MDT's masking ratio: ``config.mask_ratio`` with ``mdt`` on, else 0 (no masking)."""
+        return self.config.mask_ratio if self.config.mdt else 0.0
+
+    def mask_synthetic(self, x: torch.Tensor) -> torch.Tensor:
+        """MDT: ``x`` ``[N, C, H, W]`` times a fresh ``[N, 1, H, W]`` binary mask from the run's generator that zeroes
+        ``round(mask_ratio * H * W)`` pixels of each image in every channel; ``x`` itself (and no draw) without MDT or
+        at ratio 0. Differentiable with respect to ``x``."""
+        ratio = self.mdt_ratio
+        if ratio == 0:
+            return x
+        return random_mask(x, ratio, generator=self.generator, patch=DEFAULT_MASK_PATCH)
 
     # -- the loop body ------------------------------------------------------------------------------------------
     def prepare(self, out: Path, *, progress: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -72,10 +73,19 @@ class DC(Distiller):
     (default :func:`real_steps_for`, the same image budget as the ``inner_loop`` epochs on S) on un-augmented
     minibatches of ``robust_batch`` real images per class, with the group-robust loss under ``robust`` and cross-entropy otherwise.
     ``robust`` needs real data there: its clusters are real images grouped around the synthetic ones.
+
+    With ``mdt`` (masked distillation training) a fresh binary mask from the run's generator, zeroing ``mask_ratio``
+    of each image's pixels in all channels, multiplies the synthetic inputs of the network the objective trains on S:
+    (a) in the gradient-matching loss, the augmented synthetic batch of each class (and S_out under TrustDD) just
+    before its forward pass, so the gradient on masked S is matched to the gradient on unmasked real images (real
+    images and real outliers are never masked); (b) in the inner loop, every augmented minibatch of S (and of S_out)
+    before the network's forward pass (:class:`MaskedInputs`). With ``net_data`` "real" there is no inner loop on S,
+    so only (a) applies. The batchnorm statistics from real images are not masked.
     """
 
     name = "dc"
     config_class = GradientMatchingConfig
+    supports_mdt = True
 
     def __init__(self, config: GradientMatchingConfig, dataset) -> None:
         if config.dis_metric not in METRICS:
@@ -126,7 +136,7 @@ class DC(Distiller):
             real = self.real_batch(c, cfg.batch_real)
             syn = self.images[c * cfg.ipc : (c + 1) * cfg.ipc]
             aug = self.augment_params(1)
-            real, syn = self.augment(real, aug), self.augment(syn, aug)
+            real, syn = self.augment(real, aug), self.mask_synthetic(self.augment(syn, aug))
             target_real = torch.full((real.shape[0],), c, device=self.device)
             target_syn = torch.full((syn.shape[0],), c, device=self.device)
             g_real = torch.autograd.grad(F.cross_entropy(net(real), target_real), params)
@@ -143,7 +153,7 @@ class DC(Distiller):
         """Accumulate the gradient-matching loss of S_out against real outliers (outlier-loss gradients)."""
         real = self.real_outliers(self.config.batch_real)
         aug = self.augment_params(1)
-        real, syn = self.augment(real, aug), self.augment(self.outlier_images, aug)
+        real, syn = self.augment(real, aug), self.mask_synthetic(self.augment(self.outlier_images, aug))
         g_real = torch.autograd.grad(uniform_cross_entropy(net(real)).mean(), params)
         g_real = [g.detach() for g in g_real]
         g_syn = torch.autograd.grad(uniform_cross_entropy(net(syn)).mean(), params, create_graph=True)
@@ -152,9 +162,12 @@ class DC(Distiller):
         return distance.item()
 
     def _train_on_synthetic(self, net: torch.nn.Module, net_optimizer: torch.optim.Optimizer) -> None:
-        """``inner_loop`` epochs on S (with S_out and the integrated loss under TrustDD), as the reference does."""
+        """``inner_loop`` epochs on S (with S_out and the integrated loss under TrustDD), as the reference does; with
+        MDT each augmented minibatch is masked before the forward pass."""
         cfg = self.config
         strategy = self.dsa_strategy if cfg.dsa else None
+        if self.mdt_ratio > 0:
+            net = MaskedInputs(net, self.mask_synthetic)
         for _ in range(self.inner_loop):
             train_epoch(
                 net,
@@ -190,3 +203,16 @@ class DC(Distiller):
         if net_updates:
             metrics["net_loss"] = net_loss_sum / net_updates
         return metrics
+
+
+class MaskedInputs(torch.nn.Module):
+    """``net`` whose every input ``[N, C, H, W]`` first goes through ``mask`` (MDT's fresh mask per call); it holds
+    ``net``'s parameters, so an optimiser built on ``net`` trains it."""
+
+    def __init__(self, net: torch.nn.Module, mask: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.net = net
+        self.mask = mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.mask(x))

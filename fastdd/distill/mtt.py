@@ -3,6 +3,12 @@
 The three differ only in how :func:`fastdd.distill.trajectory.match_gradients` computes the gradient; sampling,
 optimisers, soft labels and students are shared, so the same seed gives the same experts, start epochs, minibatches
 and augmentations in every mode (and ``mtt`` and ``tesla`` the same synthetic set, up to floating-point rounding).
+
+With ``mdt`` (masked distillation training) the mask acts on the student's input: at every student step the
+augmented synthetic minibatch (S_out rows included, under TrustDD) is multiplied by a fresh binary mask zeroing
+``mask_ratio`` of its pixels in all channels, drawn from the run's generator into the student plan after that step's
+augmentation and replayed by every mode, so the three modes train the same masked student. The soft labels
+(``soft_labels``) are the expert's outputs on the unmasked images.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from fastdd.distill.trajectory_presets import trajectory_preset
 from fastdd.errors import FastddError
 from fastdd.io import SyntheticSet
 from fastdd.models import flat_parameters, functional_forward
+from fastdd.trust.masking import DEFAULT_MASK_PATCH
 
 
 @dataclass
@@ -69,6 +76,7 @@ class TrajectoryMatching(Distiller):
     name: ClassVar[str] = "mtt"
     mode: ClassVar[str] = "unrolled"
     config_class = TrajectoryConfig
+    supports_mdt = True
 
     def __init__(self, config: TrajectoryConfig, dataset) -> None:
         if config.robust:
@@ -204,6 +212,8 @@ class TrajectoryMatching(Distiller):
                 generator=self.generator,
                 outlier_mask=outlier_mask,
                 outlier_weight=cfg.outlier_weight,
+                mask_ratio=self.mdt_ratio,
+                mask_patch=DEFAULT_MASK_PATCH,
             )
             grad_images += g_img
             grad_lr += g_lr

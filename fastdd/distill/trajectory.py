@@ -17,6 +17,12 @@ synthetic images with learning rate ``alpha``::
 All three draw the minibatches and augmentation parameters in the same order from ``generator``, so the same
 generator state gives the same student in every mode.
 
+With MDT (masked distillation training, ``mask_ratio`` > 0) every student step's input is
+``M_i * A_i(S[b_i])``: its augmented minibatch times a fresh binary mask ``M_i`` (``[b, 1, H, W]``, zero on
+``round(mask_ratio * H * W)`` pixels of each image, shared over channels; :func:`fastdd.trust.masking.mask_like`).
+The masks are drawn with the rest of the plan and replayed, so every mode trains the same masked student. Outlier
+rows (S_out) are masked like the labelled ones.
+
 With TrustDD outliers, ``images`` holds S_in and S_out together and ``outlier_mask`` marks the S_out rows; a student
 step's loss is then the integrated loss ``CE(in rows) + outlier_weight * H(U; f(out rows))`` of its minibatch.
 """
@@ -31,6 +37,7 @@ import torch.nn.functional as F
 
 from fastdd.models.functional import functional_forward, parameter_layout
 from fastdd.ops import AugmentParams, diff_augment, sample_augment_params
+from fastdd.trust.masking import mask_like
 from fastdd.trust.outlier_loss import DEFAULT_OUTLIER_WEIGHT, uniform_cross_entropy
 
 MODES = ("exact", "compat", "unrolled")
@@ -42,15 +49,17 @@ Augment = Union[str, AugmentSampler, None]
 
 @dataclass
 class StudentPlan:
-    """The minibatch indices and augmentation parameters of every student step, drawn once and replayed.
+    """The minibatch indices, augmentation parameters and MDT masks of every student step, drawn once and replayed.
 
     Attributes:
         batches: ``syn_steps`` LongTensors of image indices (on the images' device).
         augment: per step, the augmentation parameters of that minibatch (one transform per image), or None.
+        masks: per step, the ``[b, 1, H, W]`` {0, 1} mask that multiplies the augmented minibatch, or None (no MDT).
     """
 
     batches: list[torch.Tensor]
     augment: list[AugmentParams | None]
+    masks: list[torch.Tensor | None]
 
 
 def plan_student(
@@ -62,11 +71,17 @@ def plan_student(
     augment: Augment,
     generator: torch.Generator | None,
     device: torch.device,
+    mask_ratio: float = 0.0,
+    mask_patch: int = 1,
 ) -> StudentPlan:
-    """Draw the minibatches (chunks of fresh permutations, as MTT does) and their augmentation parameters.
+    """Draw the minibatches (chunks of fresh permutations, as MTT does), their augmentation parameters and MDT masks.
 
-    The draws alternate per step: permutation (when the previous one is used up), then that step's augmentation.
+    The draws alternate per step: permutation (when the previous one is used up), then that step's augmentation, then
+    its mask (``[b, 1, H, W]``, ``round(mask_ratio * cells)`` zero cells of ``mask_patch`` pixels per image). With
+    ``mask_ratio`` 0 no mask is drawn (``masks`` holds None), so the generator advances exactly as without MDT.
     """
+    if not 0 <= mask_ratio < 1:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     batch = num_images if batch_syn is None else batch_syn
     if not 1 <= batch <= num_images:
         raise ValueError(f"batch_syn must be in [1, {num_images}], got {batch_syn}")
@@ -75,6 +90,7 @@ def plan_student(
     sampler = _augment_sampler(augment, image_size, device)
     batches: list[torch.Tensor] = []
     params: list[AugmentParams | None] = []
+    masks: list[torch.Tensor | None] = []
     chunks: list[torch.Tensor] = []
     for _ in range(syn_steps):
         if not chunks:
@@ -82,7 +98,12 @@ def plan_student(
         idx = chunks.pop(0)
         batches.append(idx.to(device))
         params.append(sampler(idx.numel(), generator) if sampler is not None else None)
-    return StudentPlan(batches, params)
+        mask = None
+        if mask_ratio > 0:
+            shape = (idx.numel(), 1, *image_size)
+            mask = mask_like(shape, mask_ratio, generator=generator, patch=mask_patch, device=device)
+        masks.append(mask)
+    return StudentPlan(batches, params, masks)
 
 
 def _augment_sampler(augment: Augment, image_size: tuple[int, int], device: torch.device) -> AugmentSampler | None:
@@ -119,10 +140,12 @@ class StepTargets:
     outlier_weight: float = DEFAULT_OUTLIER_WEIGHT
 
 
-def _step_loss(net, theta, batch, params, target: StepTargets) -> torch.Tensor:
-    """The student's loss with flat parameters ``theta`` on the (augmented) minibatch ``batch``: cross-entropy, or
-    TrustDD's integrated loss when the minibatch holds outlier rows."""
+def _step_loss(net, theta, batch, params, mask, target: StepTargets) -> torch.Tensor:
+    """The student's loss with flat parameters ``theta`` on the (augmented, then masked) minibatch ``batch``:
+    cross-entropy, or TrustDD's integrated loss when the minibatch holds outlier rows."""
     x = diff_augment(batch, params) if params is not None else batch
+    if mask is not None:
+        x = x * mask
     logits = functional_forward(net, theta, x)
     rows = target.outlier_rows
     if rows is None:
@@ -148,6 +171,8 @@ def match_gradients(
     generator: torch.Generator | None = None,
     outlier_mask: torch.Tensor | None = None,
     outlier_weight: float = DEFAULT_OUTLIER_WEIGHT,
+    mask_ratio: float = 0.0,
+    mask_patch: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The trajectory-matching loss and its gradients with respect to the images and the student learning rate.
 
@@ -169,6 +194,9 @@ def match_gradients(
         outlier_mask: ``[n]`` bool marking outlier images (TrustDD's S_out, unlabelled: their entries of ``labels``
             are ignored and a callable ``labels`` is only asked for the other rows), or None.
         outlier_weight: lambda of the integrated loss used when a minibatch holds outlier rows.
+        mask_ratio: MDT: the share of each student input's pixels (cells of ``mask_patch`` x ``mask_patch`` pixels)
+            zeroed by a fresh mask per step, after augmentation; 0 (the default) means no masking and no draws.
+        mask_patch: side of MDT's mask cells in pixels (1: single pixels, each masked in all channels at once).
 
     Returns:
         ``(loss, grad_images, grad_lr)``: 0-d detached loss, ``[n, C, H, W]`` gradient for ``images`` and a 0-d
@@ -204,7 +232,10 @@ def match_gradients(
         augment=augment,
         generator=generator,
         device=images.device,
+        mask_ratio=mask_ratio,
+        mask_patch=mask_patch,
     )
+    plan.masks = [None if m is None else m.to(images.dtype) for m in plan.masks]
     targets = [_step_targets(labels, idx, outlier_mask, outlier_weight) for idx in plan.batches]
     denominator = ((theta0 - target) ** 2).sum()
     if mode == "unrolled":
@@ -225,8 +256,8 @@ def _unrolled(net, images, targets, theta0, target, alpha, denominator, plan):
     images = images.requires_grad_(True)
     alpha = alpha.clone().requires_grad_(True)
     theta = theta0.clone().requires_grad_(True)
-    for idx, params, y in zip(plan.batches, plan.augment, targets):
-        loss = _step_loss(net, theta, images[idx], params, y)
+    for idx, params, mask, y in zip(plan.batches, plan.augment, plan.masks, targets):
+        loss = _step_loss(net, theta, images[idx], params, mask, y)
         (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
         theta = theta - alpha * grad
     matching = ((theta - target) ** 2).sum() / denominator
@@ -234,12 +265,12 @@ def _unrolled(net, images, targets, theta0, target, alpha, denominator, plan):
     return matching.detach(), grad_images, grad_lr
 
 
-def _differentiable_step(net, theta, images, idx, params, targets):
+def _differentiable_step(net, theta, images, idx, params, mask, targets):
     """One student step's gradient with its graph kept: ``(theta, batch, grad)``, with ``theta`` and the minibatch
     ``batch = images[idx]`` as leaves, so the graph can be differentiated again with respect to both."""
     theta = theta.clone().requires_grad_(True)  # a view of the stored thetas would see their later writes
     batch = images[idx].requires_grad_(True)
-    (grad,) = torch.autograd.grad(_step_loss(net, theta, batch, params, targets), theta, create_graph=True)
+    (grad,) = torch.autograd.grad(_step_loss(net, theta, batch, params, mask, targets), theta, create_graph=True)
     return theta, batch, grad
 
 
@@ -255,10 +286,12 @@ def _reverse_accumulation(net, images, targets, theta0, target, alpha, denominat
     for i in range(steps - 1):
         theta = thetas[i].detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(
-            _step_loss(net, theta, images[plan.batches[i]], plan.augment[i], targets[i]), theta
+            _step_loss(net, theta, images[plan.batches[i]], plan.augment[i], plan.masks[i], targets[i]), theta
         )
         torch.add(thetas[i], grad, alpha=neg_alpha, out=thetas[i + 1])
-    last_step = _differentiable_step(net, thetas[-2], images, plan.batches[-1], plan.augment[-1], targets[-1])
+    last_step = _differentiable_step(
+        net, thetas[-2], images, plan.batches[-1], plan.augment[-1], plan.masks[-1], targets[-1]
+    )
     torch.add(thetas[-2], last_step[2].detach(), alpha=neg_alpha, out=thetas[-1])
     residual = thetas[-1] - target
     matching = (residual**2).sum() / denominator
@@ -272,7 +305,7 @@ def _reverse_accumulation(net, images, targets, theta0, target, alpha, denominat
             theta, batch, grad = last_step
             del last_step
         else:
-            theta, batch, grad = _differentiable_step(net, thetas[i], images, idx, params, targets[i])
+            theta, batch, grad = _differentiable_step(net, thetas[i], images, idx, params, plan.masks[i], targets[i])
         directional = (grad * lam).sum()
         if exact:
             d_batch, hvp = torch.autograd.grad(directional, (batch, theta))
