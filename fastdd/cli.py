@@ -1,4 +1,4 @@
-"""The ``fastdd`` command line: distill, evaluate, show, export, info."""
+"""The ``fastdd`` command line: distill, experts, evaluate, show, inspect, export, info."""
 
 from __future__ import annotations
 
@@ -182,6 +182,18 @@ def distill(
     net_refresh: Optional[int] = typer.Option(
         None, help="dm with --net-data real: re-initialise the kept network every K iterations (default 100)."
     ),
+    mdt: Optional[bool] = typer.Option(
+        None, "--mdt/--no-mdt",
+        help="Masked distillation training (dc, dsa, mtt, tesla, tesla-compat; not dm, whose networks never train on "
+        "the synthetic images): a fresh random mask zeroes --mask-ratio of the pixels of every synthetic image a "
+        "network trained by the matching objective sees, after augmentation; a masked pixel is set to 0 (the "
+        "dataset mean) in all channels. mtt/tesla: the student's minibatch at every step. dc/dsa: the synthetic "
+        "batch in the gradient-matching loss (real images stay unmasked) and the inner-loop epochs on the "
+        "synthetic set. Default off.",
+    ),
+    mask_ratio: Optional[float] = typer.Option(
+        None, help="--mdt: share of each image's pixels zeroed, in [0, 1) (default 0.3, as --mask-ratio of MTS)."
+    ),
     device: Optional[str] = typer.Option(None, help="Torch device (default cpu)."),
     checkpoint_every: int = typer.Option(100, help="Write checkpoint.pt and the synthetic set every K iterations."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out."),
@@ -207,11 +219,13 @@ def distill(
             expert_train_epochs=expert_train_epochs, expert_seed=expert_seed, outliers=outliers,
             outlier_data=outlier_data, outlier_ratio=outlier_ratio, outlier_weight=outlier_weight, robust=robust,
             cvar_alpha=cvar_alpha, clusters=clusters, cluster_space=cluster_space, robust_batch=robust_batch,
-            net_data=net_data, net_steps=net_steps, net_refresh=net_refresh,
+            net_data=net_data, net_steps=net_steps, net_refresh=net_refresh, mdt=mdt, mask_ratio=mask_ratio,
         ).items()
         if v is not None
     }
     options = {**preset, **given}
+    if options.get("mask_ratio") is not None and not options.get("mdt"):
+        raise FastddError("--mask-ratio sets the masking of --mdt; add --mdt or drop --mask-ratio.")
     method_name = str(options.pop("method", "dsa"))
     distiller_class = get_distiller(method_name)
     cfg = distiller_class.config_class.from_options(options, method=method_name).resolved()
@@ -321,7 +335,9 @@ def evaluate(
         None, "--score", help="OOD scores, comma separated or repeated: msp, mls, energy, gen (default msp, TrustDD's)."
     ),
     plots: Optional[Path] = typer.Option(
-        None, "--plots", help="Folder for PNG histograms of the ID vs OOD scores (ood_MODEL_SCORE.png)."
+        None, "--plots", help="Folder for PNGs: histograms of the ID vs OOD scores (ood_MODEL_SCORE.png) with --ood; "
+        "reliability diagrams (calibration_MODEL_METHOD.png) and max-logit histograms (max_logits_MODEL.png) with "
+        "--calibration.",
     ),
     ood_size: Optional[int] = typer.Option(
         None, "--ood-size", help="At most N images per side and OOD set (default: ID:OOD 1:1, all of the smaller side)."
@@ -337,12 +353,35 @@ def evaluate(
         None, "--robustness-sets", help="Only these robustness measures, comma separated or repeated (implies "
         "--robustness): cluster_min, cluster_mean, noise, blur, invert.",
     ),
+    calibration: Optional[list[str]] = typer.Option(
+        None, "--calibration", help="Calibration methods, comma separated or repeated: none (raw networks), ts (one "
+        "more network per run trained on 90 % of S per class, temperature fitted on the other 10 %), mts (masked "
+        "temperature scaling: temperature fitted on all of S with random pixel masks). Reports ECE (15 bins), NLL, "
+        "temperature and accuracy.",
+    ),
+    mask_ratio: Optional[float] = typer.Option(
+        None, "--mask-ratio", help="Fraction of pixels MTS masks (0 = temperature scaling on S; default 0.3).",
+        show_default=False,
+    ),
+    train_loss: str = typer.Option(
+        "ce", "--train-loss", help="Loss of the evaluation networks: ce, ls (label smoothing 0.1), mixup, focal."
+    ),
+    train_plugin: Optional[str] = typer.Option(
+        None, "--train-plugin", help="oal: train with OAL (CE + distillation from --teacher + MICL on boundary "
+        "outliers); its default OOD score is energy.",
+    ),
+    teacher: Optional[str] = typer.Option(
+        None, "--teacher", help="OAL's teacher: 'expert' (the experts folder the set was distilled from), an experts "
+        "folder, an expert file or a model checkpoint (.safetensors, .pt).",
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Train fresh networks on a synthetic set and report their test accuracy (mean ± std over runs), with --ood
-    their OOD detection (AUROC, AUPR-IN/OUT, FPR95 in TrustDD's and OpenOOD's conventions), and with --robustness
-    their worst-cluster and shifted-input accuracies."""
+    their OOD detection (AUROC, AUPR-IN/OUT, FPR95 in TrustDD's and OpenOOD's conventions), with --robustness
+    their worst-cluster and shifted-input accuracies, and with --calibration their ECE / NLL raw, after TS and after
+    MTS."""
     from fastdd.evaluate import EvalConfig, dataset_for_synset, evaluate_synthetic_set
+    from fastdd.evaluate.calibration_runs import parse_calibrations
     from fastdd.evaluate.robustness import ROBUSTNESS_SETS, parse_robustness_sets
     from fastdd.io import SyntheticSet, write_json
 
@@ -353,10 +392,14 @@ def evaluate(
     synset = SyntheticSet.load(synset_dir)
     data = dataset_for_synset(synset, data_root=data_root)
     config = EvalConfig(runs=runs, epochs=epochs, lr=lr, dsa=dsa, seed=seed, device=device)
-    total = len(names) * runs * config.epochs_or_default()
+    calibrations = parse_calibrations(calibration) if calibration else None
+    networks_per_run = 2 if calibrations and "ts" in calibrations else 1
+    total = len(names) * runs * networks_per_run * config.epochs_or_default()
     ood_options = dict(
         ood=ood or None, scores=score or None, plots=plots, ood_size=ood_size, use_outliers=use_outliers,
-        data_root=data_root, robustness=chosen_robustness,
+        data_root=data_root, robustness=chosen_robustness, calibration=calibrations, mask_ratio=mask_ratio,
+        train_loss=train_loss.strip().lower(), train_plugin=train_plugin.strip().lower() if train_plugin else None,
+        teacher=teacher,
     )
     if quiet:
         result = evaluate_synthetic_set(synset, data, models=names, config=config, **ood_options)
@@ -380,6 +423,10 @@ def evaluate(
         trained_on.append(f"classes < {result['holdout']}")
     if result["outliers"]:
         trained_on.append(f"{result['outliers']} outlier images")
+    if result["train_plugin"] is not None:
+        trained_on.append(f"{result['train_plugin']} with teacher {result['teacher']}")
+    elif result["train_loss"] != "ce":
+        trained_on.append(f"{result['train_loss']} loss")
     for name, res in result["models"].items():
         acc = res["acc"]
         typer.echo(f"{name}: acc {acc['mean']:.2f} ± {acc['std']:.2f} % over {runs} runs "
@@ -403,8 +450,20 @@ def evaluate(
             typer.echo("  " + "  ".join(f"{c:>{w}}" for c, w in zip(columns, widths)))
             cells = [f"{res['robustness'][c]['mean']:.2f} ± {res['robustness'][c]['std']:.2f}" for c in columns]
             typer.echo("  " + "  ".join(f"{cell:>{w}}" for cell, w in zip(cells, widths)))
+        if "calibration" in res:
+            typer.echo(f"  calibration on the test set (mean ± std over {runs} runs; MTS mask ratio "
+                       f"{result['mask_ratio']}; TS networks train on 90 % of S)")
+            columns = ("acc", "ece", "nll", "temperature")
+            typer.echo(f"  {'method':<8}" + "".join(f"  {c + (' %' if c in ('acc', 'ece') else ''):>17}"
+                                                    for c in columns))
+            for method, metrics in res["calibration"].items():
+                cells = [f"{metrics[c]['mean']:.{2 if c in ('acc', 'ece') else 3}f} ± "
+                         f"{metrics[c]['std']:.{2 if c in ('acc', 'ece') else 3}f}" for c in columns]
+                extra = (f"  (before scaling: ece {metrics['ece_before']['mean']:.2f} %, nll "
+                         f"{metrics['nll_before']['mean']:.3f})" if "ece_before" in metrics else "")
+                typer.echo(f"  {method:<8}" + "".join(f"  {cell:>17}" for cell in cells) + extra)
     for path in result.get("plots", []):
-        typer.echo(f"score histograms written to {path}")
+        typer.echo(f"plot written to {path}")
     if json_out is not None:
         write_json(json_out, result)
         typer.echo(f"results written to {json_out}")
@@ -428,6 +487,142 @@ def show(
         outlier_target = target.with_name(f"{target.stem}_outliers{target.suffix}")
         save_image_grid(synset_unit_images(synset, outliers=True), outlier_target, nrow=synset.meta.get("ipc"))
         typer.echo(f"outlier grid written to {outlier_target}")
+
+
+@app.command("inspect")
+@_user_errors
+def inspect_command(
+    synset_dirs: list[Path] = typer.Argument(..., help="Folders written by `fastdd distill`."),
+    plots: Optional[Path] = typer.Option(
+        None, "--plots", help="Folder for svd.png (the SVD curves of all sets, with the diagonal) and max_logits.png "
+        "(histograms of their max logits; not with --no-train).",
+    ),
+    no_train: bool = typer.Option(False, "--no-train", help="Only the SVD curves: train no networks."),
+    model: Optional[str] = typer.Option(
+        None, help="Architecture to train (default: the one the set was distilled with, else convnet)."
+    ),
+    runs: int = typer.Option(1, help="Fresh networks per set; their test-set max logits are pooled."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs (default 1000 with DSA, 300 without)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: the set's learned lr, else 0.01)."),
+    dsa: bool = typer.Option(True, "--dsa/--no-dsa", help="Augment while training on the synthetic set."),
+    seed: int = typer.Option(0, help="Seed of the training generator."),
+    data_root: Optional[str] = typer.Option(None, help="Dataset folder (default: the one used to distill)."),
+    device: str = typer.Option("cpu", help="Torch device."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results (and full curves) to this "
+                                            "JSON file."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Print two diagnostics of synthetic sets from "Do Not Overlook Calibration": the SVD curve (cumulative sum of
+    the singular values of the flattened, uncentred images over their total; near the diagonal = evenly spread
+    information) at a few fractions of the components, with the components needed for 50/90/99 %; and the max-logit
+    spread (mean, std, percentiles) on the real test set of networks trained on each set, the networks of `fastdd
+    evaluate --models MODEL --ignore-outliers` with the same options (cross-entropy)."""
+    import torch
+
+    from fastdd.evaluate import EvalConfig, dataset_for_synset
+    from fastdd.evaluate.diagnostics import (
+        explained_variance_curve,
+        max_logit_summary,
+        save_explained_variance_plot,
+        svd_summary,
+        trained_test_logits,
+    )
+    from fastdd.io import SyntheticSet, write_json
+
+    if runs < 1:
+        raise FastddError(f"--runs must be at least 1, got {runs}.")
+    if epochs is not None and epochs < 1:
+        raise FastddError(f"--epochs must be at least 1, got {epochs}.")
+    chosen_model = _split_models([model])[0] if model is not None else None
+    # Read every set (and its dataset) before any training, so bad input fails at once.
+    synsets = [(str(folder), SyntheticSet.load(folder)) for folder in synset_dirs]
+    datasets = {} if no_train else {name: dataset_for_synset(s, data_root=data_root) for name, s in synsets}
+    config = EvalConfig(runs=runs, epochs=epochs, lr=lr, dsa=dsa, seed=seed, device=device)
+
+    def model_of(synset: SyntheticSet) -> str:
+        return chosen_model or synset.meta.get("model") or "convnet"
+
+    logits: dict[str, torch.Tensor] = {}
+
+    def train_all(on_epoch: Callable[[str, int], None]) -> None:
+        for name, synset in synsets:
+            logits[name] = trained_test_logits(
+                synset, datasets[name], model=model_of(synset), config=config,
+                on_epoch=lambda run, epoch, n=name: on_epoch(n, run),
+            )
+            if not bool(torch.isfinite(logits[name]).all()):
+                raise FastddError(
+                    f"the networks trained on {name} give non-finite test logits (training diverged); try a lower --lr."
+                )
+
+    if not no_train:
+        if quiet:
+            train_all(lambda name, run: None)
+        else:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            with Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+                TimeRemainingColumn(),
+            ) as progress:
+                task = progress.add_task("inspect", total=len(synsets) * runs * config.epochs_or_default())
+                train_all(lambda name, run: progress.update(
+                    task, advance=1, description=f"inspect {name} run {run + 1}/{runs}"
+                ))
+
+    curves: dict[str, torch.Tensor] = {}
+    report: dict[str, Any] = {"sets": []}
+    for name, synset in synsets:
+        meta = synset.meta
+        curves[name] = curve = explained_variance_curve(synset.images)
+        svd = svd_summary(curve)
+        entry: dict[str, Any] = {
+            "synset": name, "dataset": meta.get("dataset"), "method": meta.get("method"), "ipc": meta.get("ipc"),
+            "images": int(synset.images.shape[0]), "center": False, "svd": {**svd, "curve": curve.tolist()},
+        }
+        shape = "x".join(str(s) for s in synset.images.shape[1:])
+        typer.echo(f"{name} ({meta.get('dataset')}, {meta.get('method')}, IPC {meta.get('ipc')}): "
+                   f"{synset.images.shape[0]} images of {shape}, {svd['components']} singular values")
+        points = svd["ratio_at"]
+        typer.echo("  top components     " + "".join(f"{100 * p['fraction']:>7g}%" for p in points))
+        typer.echo("  k                  " + "".join(f"{p['k']:>8d}" for p in points))
+        typer.echo("  cumulative ratio   " + "".join(f"{p['ratio']:>8.3f}" for p in points)
+                   + "   (diagonal: k / n)")
+        reach = svd["components_for"]
+        typer.echo(f"  components reaching {' / '.join(reach)} % of the singular-value sum: "
+                   f"{' / '.join(str(k) for k in reach.values())} of {svd['components']}")
+        if name in logits:
+            dataset = datasets[name]
+            pooled = logits[name].reshape(-1, logits[name].shape[-1])
+            summary = max_logit_summary(pooled)
+            accs = [100.0 * float((run.argmax(dim=1) == dataset.test_labels).float().mean()) for run in logits[name]]
+            acc = torch.tensor(accs, dtype=torch.float64)
+            entry.update(
+                model=model_of(synset), runs=runs, epochs=config.epochs_or_default(), seed=seed, max_logit=summary,
+                acc={"mean": float(acc.mean()), "std": float(acc.std(unbiased=False)), "runs": accs},
+            )
+            typer.echo(f"  max logit on the {dataset.name} test set ({model_of(synset)}, {runs} run(s) of "
+                       f"{config.epochs_or_default()} epochs, pooled): "
+                       + ", ".join(f"{k} {v:.2f}" for k, v in summary.items())
+                       + f"; acc {float(acc.mean()):.2f} ± {float(acc.std(unbiased=False)):.2f} %")
+        report["sets"].append(entry)
+    if plots is not None:
+        from fastdd.evaluate.calibration import save_max_logit_histogram
+
+        paths = [plots / "svd.png"]
+        save_explained_variance_plot(curves, paths[0], title="SVD curves of the synthetic sets")
+        if logits:
+            paths.append(plots / "max_logits.png")
+            save_max_logit_histogram(
+                {name: values.reshape(-1, values.shape[-1]).max(dim=1).values for name, values in logits.items()},
+                paths[1], title=f"max logits on the test set, {runs} run(s) pooled",
+            )
+        report["plots"] = [str(p) for p in paths]
+        for path in paths:
+            typer.echo(f"plot written to {path}")
+    if json_out is not None:
+        write_json(json_out, report)
+        typer.echo(f"results written to {json_out}")
 
 
 @app.command()

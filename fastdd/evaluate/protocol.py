@@ -14,10 +14,13 @@ from fastdd.data import ImageDataset, load_dataset
 from fastdd.errors import FastddError
 from fastdd.evaluate.ood import METRICS, SCORES, ood_metrics, ood_score, save_score_histograms
 from fastdd.evaluate.ood_sets import OodSetSpec, build_ood_images, holdout_spec, parse_ood_sets
+from fastdd.evaluate.calibration_runs import CalibrationTask, parse_calibrations, save_calibration_plots
 from fastdd.evaluate.robustness import build_robustness_tests, parse_robustness_sets, robustness_row
+from fastdd.evaluate.training_objectives import TrainingObjectives
 from fastdd.io import SyntheticSet
 from fastdd.models import build_model_for
-from fastdd.training import predict_logits, train_epoch
+from fastdd.training import TrainObjective, predict_logits, train_epoch
+from fastdd.trust.masking import DEFAULT_MASK_RATIO
 from fastdd.trust.outlier_loss import DEFAULT_OUTLIER_WEIGHT
 
 DEFAULT_LR = 0.01
@@ -79,18 +82,24 @@ def train_on_synthetic(
     on_epoch: Callable[[int], None] | None = None,
     outliers: torch.Tensor | None = None,
     outlier_weight: float = DEFAULT_OUTLIER_WEIGHT,
+    objective: TrainObjective | None = None,
 ) -> torch.nn.Module:
     """Train ``net`` on ``images`` ``[K, C, H, W]`` with ``targets`` (``[K]`` labels or ``[K, classes]`` soft labels).
 
     SGD with momentum and weight decay, lr x0.1 at half the epochs, DSA per image when ``dsa_strategy`` is given.
     With ``outliers`` ``[K_out, C, H, W]`` each minibatch also carries outliers and the loss is TrustDD's integrated
-    loss ``CE + outlier_weight * H(U; f(out))`` (see `fastdd.training.train_epoch`).
+    loss ``CE + outlier_weight * H(U; f(out))`` (see `fastdd.training.train_epoch`). ``objective`` replaces the
+    cross-entropy (`fastdd.trust.train_losses`, `fastdd.trust.oal`); when it is an ``nn.Module`` its own trainable
+    parameters (e.g. OAL's projection networks) are trained by the same SGD optimiser.
     """
     device = next(net.parameters()).device
     images, targets = images.to(device), targets.to(device)
     if outliers is not None:
         outliers = outliers.to(device)
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    parameters = list(net.parameters())
+    if isinstance(objective, torch.nn.Module):
+        parameters += [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
     epochs = config.epochs_or_default()
     decay_at = epochs // 2 + 1
     for epoch in range(epochs):
@@ -107,6 +116,7 @@ def train_on_synthetic(
             dsa_strategy=dsa_strategy,
             outliers=outliers,
             outlier_weight=outlier_weight,
+            objective=objective,
         )
         if on_epoch is not None:
             on_epoch(epoch)
@@ -127,6 +137,11 @@ def evaluate_synthetic_set(
     use_outliers: bool = True,
     data_root: str | None = None,
     robustness: list[str] | str | None = None,
+    calibration: list[str] | str | None = None,
+    mask_ratio: float | None = None,
+    train_loss: str = "ce",
+    train_plugin: str | None = None,
+    teacher: str | None = None,
 ) -> dict[str, Any]:
     """Train ``config.runs`` fresh networks of each of ``models`` on ``synset`` and test them on ``dataset``.
 
@@ -151,6 +166,18 @@ def evaluate_synthetic_set(
     ``(config.seed, set name)``), so they do not change the networks or the accuracy either; the cluster measures
     reuse the clean test predictions of the accuracy.
 
+    Calibration (see `fastdd.evaluate.calibration` and `fastdd.trust.temperature`) is measured on the ID test
+    images of the accuracy: ``none`` is the raw networks; ``mts`` fits one temperature per network on a per-class
+    sample of all of S with a random mask of ratio ``mask_ratio`` (the same networks, so the same accuracy); ``ts``
+    trains one more network per run on 90 % of S (per class) and fits its temperature on the held-out 10 %. The MTS
+    masks, the TS splits and the TS networks come from their own generators seeded by ``(config.seed, method)``, so
+    the other networks and numbers are those of an evaluation without calibration.
+
+    ``train_loss`` (``ce``, ``ls``, ``mixup``, ``focal``) and ``train_plugin="oal"`` (OAL with ``teacher``: see
+    `fastdd.trust.oal`) change the loss every evaluation network (and TS network) trains with; neither combines with
+    the synthetic outliers of a TrustDD set (use ``use_outliers=False``). OAL's boundary outliers are computed once
+    per evaluation from the teacher's features of real training images (their own generator).
+
     Args:
         synset: the synthetic set.
         dataset: its real dataset (`dataset_for_synset`).
@@ -166,6 +193,11 @@ def evaluate_synthetic_set(
         data_root: folder of the datasets named as OOD sets.
         robustness: robustness measures among ``ROBUSTNESS_SETS`` (`parse_robustness_sets` syntax: names or
             comma-separated names), or None for none.
+        calibration: calibration methods among ``CALIBRATIONS`` (names or comma-separated names), or None.
+        mask_ratio: MTS masking ratio (default `fastdd.trust.masking.DEFAULT_MASK_RATIO`).
+        train_loss: the evaluation networks' loss, one of ``TRAIN_LOSSES``.
+        train_plugin: None or ``"oal"``.
+        teacher: OAL's teacher: ``"expert"`` or a path (`fastdd.trust.teacher.load_teacher`).
 
     Returns:
         ``{"dataset", "method", "ipc", "epochs", "lr", "runs", "dsa", "seed", "outliers", "holdout",
@@ -176,7 +208,11 @@ def evaluate_synthetic_set(
         OOD sets and ``"mean"`` (the per-run mean over the sets), ``metric`` over ``METRICS``; with ``plots`` also
         ``"plots"``, the PNG paths written. With ``robustness`` also ``"robustness_sets"`` (the measures),
         ``"cluster_sizes"`` (test images per KMeans cluster, when a cluster measure is chosen) and
-        ``models[name]["robustness"][set] = {"mean", "std", "runs"}`` in percent.
+        ``models[name]["robustness"][set] = {"mean", "std", "runs"}`` in percent. With ``calibration`` also
+        ``"calibration"`` (the methods), ``"mask_ratio"`` and ``models[name]["calibration"][method][metric] =
+        {"mean", "std", "runs"}`` with ``metric`` in ``acc`` (%), ``ece`` (%), ``nll``, ``temperature``, and for
+        ``ts`` also ``ece_before`` / ``nll_before`` (its networks before scaling). ``train_loss`` and
+        ``train_plugin`` are always reported.
     """
     config = config or EvalConfig()
     if config.runs < 1:
@@ -191,10 +227,26 @@ def evaluate_synthetic_set(
             )
     if scores and not specs:
         raise FastddError("--score chooses OOD scores, so it needs at least one --ood set.")
-    score_names = _check_scores(scores) if specs else []
-    if plots is not None and not specs:
-        raise FastddError("--plots draws OOD score histograms, so it needs at least one --ood set.")
+    default_scores = ("energy",) if train_plugin == "oal" else DEFAULT_SCORES
+    score_names = _check_scores(scores, default_scores) if specs else []
     robustness_sets = parse_robustness_sets(robustness) if robustness is not None else ()
+    calibrations = parse_calibrations(calibration) if calibration is not None else ()
+    if mask_ratio is None:
+        mask_ratio = DEFAULT_MASK_RATIO
+    if not 0.0 <= mask_ratio < 1.0:
+        raise FastddError(f"--mask-ratio must be in [0, 1), got {mask_ratio}.")
+    if plots is not None and not specs and not calibrations:
+        raise FastddError("--plots draws OOD score histograms or reliability diagrams, so it needs --ood or --calibration.")
+    if train_plugin not in (None, "oal"):
+        raise FastddError(f"unknown training plug-in {train_plugin!r}; the only one is oal.")
+    if train_plugin == "oal" and train_loss != "ce":
+        raise FastddError("OAL brings its own loss (CE + distillation + MICL), so it cannot be combined with --train-loss.")
+    if train_plugin == "oal" and teacher is None:
+        raise FastddError("OAL needs a teacher: pass --teacher expert or --teacher PATH.")
+    if teacher is not None and train_plugin != "oal":
+        raise FastddError("--teacher is only used by --train-plugin oal.")
+    if train_plugin == "oal" and holdout_spec(specs) is not None:
+        raise FastddError("OAL's teacher classifies all classes, so it cannot train holdout:K networks; drop holdout:K.")
 
     meta = synset.meta
     hyper = meta.get("hyperparameters", {})
@@ -204,6 +256,18 @@ def evaluate_synthetic_set(
     strategy = (meta.get("dsa_strategy") or dataset.dsa_strategy) if config.dsa else None
     task = _task(synset, dataset, holdout_spec(specs))
     outliers = synset.outlier_images if use_outliers else None
+    if outliers is not None and (train_loss != "ce" or train_plugin is not None):
+        what = "--train-plugin oal" if train_plugin is not None else f"--train-loss {train_loss}"
+        raise FastddError(
+            f"{what} trains on the synthetic images only, but this set has outlier images; pass --ignore-outliers."
+        )
+    objectives = TrainingObjectives.create(
+        train_loss, train_plugin, teacher, synset=synset, dataset=dataset, task=task, seed=config.seed,
+        device=config.device,
+    )
+    calibration_task = (
+        CalibrationTask.create(task, calibrations, seed=config.seed, mask_ratio=mask_ratio) if calibrations else None
+    )
     stored_weight = hyper.get("outlier_weight")
     outlier_weight = DEFAULT_OUTLIER_WEIGHT if stored_weight is None else float(stored_weight)
     ood_sets = {
@@ -230,30 +294,48 @@ def evaluate_synthetic_set(
         pooled_in: dict[str, list[torch.Tensor]] = {s: [] for s in score_names}
         pooled_out: dict[str, dict[str, list[torch.Tensor]]] = {s: {n: [] for n in ood_sets} for s in score_names}
         robustness_runs: dict[str, list[float]] = {name: [] for name in robustness_sets}
-        for run in range(config.runs):
+        calibration_runs: dict[str, dict[str, list[float]]] = {}
+        pooled_calibration: dict[str, list[torch.Tensor]] = {}
+
+        def fresh_trained_net(
+            images: torch.Tensor, targets: torch.Tensor, gen: torch.Generator, run: int, with_outliers: bool
+        ) -> torch.nn.Module:
             net = build_model_for(
                 task.shape,
                 model,
                 width=hyper.get("width", 128) if same_as_distillation else 128,
                 depth=hyper.get("depth") if same_as_distillation else None,
                 norm=hyper.get("norm", "instancenorm") if same_as_distillation else "instancenorm",
-                generator=generator,
+                generator=gen,
             ).to(config.device)
             callback = (lambda epoch, m=model, r=run: on_epoch(m, r, epoch)) if on_epoch else None
-            train_on_synthetic(
-                task.images,
-                task.targets,
+            return train_on_synthetic(
+                images,
+                targets,
                 net,
                 config=config,
                 lr=lr,
-                generator=generator,
+                generator=gen,
                 dsa_strategy=strategy,
                 on_epoch=callback,
-                outliers=outliers,
+                outliers=outliers if with_outliers else None,
                 outlier_weight=outlier_weight,
+                objective=objectives.build(net, gen),
             )
+
+        for run in range(config.runs):
+            net = fresh_trained_net(task.images, task.targets, generator, run, True)
             logits_in = predict_logits(net, task.test_images)
             accs.append(100.0 * float((logits_in.argmax(dim=1) == task.test_labels).float().mean()))
+            if calibration_task is not None:
+                rows, scaled = calibration_task.run(net, logits_in, lambda idx, gen, r=run: fresh_trained_net(
+                    task.images[idx], task.targets[idx], gen, r, False
+                ))
+                for method, metrics in rows.items():
+                    for metric, value in metrics.items():
+                        calibration_runs.setdefault(method, {}).setdefault(metric, []).append(value)
+                for method, pair in scaled.items():
+                    pooled_calibration.setdefault(method, []).append(pair)
             if robustness_tests is not None:
                 for name, value in robustness_row(net, robustness_tests, clean_logits=logits_in).items():
                     robustness_runs[name].append(value)
@@ -271,6 +353,11 @@ def evaluate_synthetic_set(
                     run_values = [per_run[score][name][metric][-1] for name in ood_sets]
                     per_run[score]["mean"][metric].append(sum(run_values) / len(run_values))
         results[model] = {"acc": _summary(accs)}
+        if calibrations:
+            results[model]["calibration"] = {
+                method: {metric: _summary(values) for metric, values in metrics.items()}
+                for method, metrics in calibration_runs.items()
+            }
         if robustness_sets:
             results[model]["robustness"] = {name: _summary(values) for name, values in robustness_runs.items()}
         if score_names:
@@ -289,6 +376,11 @@ def evaluate_synthetic_set(
                     title=f"{dataset.name}, {model}, {config.runs} runs pooled",
                 )
                 plot_paths.append(str(path))
+            if calibrations:
+                plot_paths += save_calibration_plots(
+                    pooled_calibration, task.test_labels, Path(plots), model=model,
+                    title=f"{dataset.name}, {model}, {config.runs} runs pooled",
+                )
     report: dict[str, Any] = {
         "dataset": dataset.name,
         "method": meta.get("method"),
@@ -300,8 +392,15 @@ def evaluate_synthetic_set(
         "seed": config.seed,
         "outliers": 0 if outliers is None else int(outliers.shape[0]),
         "holdout": task.holdout,
+        "train_loss": train_loss,
+        "train_plugin": train_plugin,
         "models": results,
     }
+    if train_plugin == "oal":
+        report["teacher"] = teacher
+    if calibrations:
+        report["calibration"] = list(calibrations)
+        report["mask_ratio"] = mask_ratio
     if specs:
         report["scores"] = score_names
         report["ood_sets"] = {name: int(s.images.shape[0]) for name, s in ood_sets.items()}
@@ -365,10 +464,10 @@ def _build_ood_set(
     return _OodSet(images, in_index)
 
 
-def _check_scores(scores: list[str] | str | None) -> list[str]:
+def _check_scores(scores: list[str] | str | None, default: tuple[str, ...] = DEFAULT_SCORES) -> list[str]:
     items = [scores] if isinstance(scores, str) else list(scores or [])
     names = [part.strip().lower() for item in items for part in item.split(",") if part.strip()]
-    names = names or list(DEFAULT_SCORES)
+    names = names or list(default)
     unknown = [s for s in names if s not in SCORES]
     if unknown:
         raise FastddError(f"unknown OOD score {unknown[0]!r}; choose from {', '.join(SCORES)}.")

@@ -1,0 +1,161 @@
+"""Calibration inside the evaluation protocol: raw, temperature-scaled (TS) and masked-temperature-scaled (MTS)
+networks trained on a synthetic set, measured on the real test images."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from fastdd.errors import FastddError
+from fastdd.evaluate.calibration import calibration_metrics, save_max_logit_histogram, save_reliability_diagram
+from fastdd.training import predict_logits
+from fastdd.trust.temperature import fit_temperature, masked_temperature, per_class_holdout
+
+CALIBRATIONS = ("none", "ts", "mts")
+# Guo et al.'s TS fits on a held-out split; the 004 paper's TS baseline holds out 10 % of the distilled set.
+TS_HOLDOUT_FRACTION = 0.1
+
+# train_subset(indices into S, generator) -> a fresh network trained on those synthetic images
+SubsetTrainer = Callable[[torch.Tensor, torch.Generator], torch.nn.Module]
+
+
+def parse_calibrations(value: list[str] | str) -> tuple[str, ...]:
+    """Calibration method names from ``"none,ts,mts"`` or a list of such strings, in the order of ``CALIBRATIONS``.
+
+    Raises:
+        FastddError: for an unknown name or an empty choice.
+    """
+    items = [value] if isinstance(value, str) else list(value)
+    names = {part.strip().lower() for item in items for part in item.split(",") if part.strip()}
+    unknown = sorted(names - set(CALIBRATIONS))
+    if unknown:
+        raise FastddError(f"unknown calibration method {unknown[0]!r}; choose from {', '.join(CALIBRATIONS)}.")
+    if not names:
+        raise FastddError(f"--calibration needs at least one of {', '.join(CALIBRATIONS)}.")
+    return tuple(name for name in CALIBRATIONS if name in names)
+
+
+@dataclass
+class CalibrationTask:
+    """The calibration measurements of one evaluation.
+
+    Attributes:
+        methods: the chosen ``CALIBRATIONS``.
+        images: ``[K, C, H, W]`` the synthetic training images.
+        labels: ``[K]`` their hard labels (the argmax of soft labels).
+        test_images: ``[M, C, H, W]`` the test images the metrics use (those of the accuracy).
+        test_labels: ``[M]`` their labels.
+        mask_ratio: MTS's masking ratio.
+        mts_generator: draws MTS's validation masks.
+        ts_generator: draws TS's per-class splits and trains the TS networks.
+    """
+
+    methods: tuple[str, ...]
+    images: torch.Tensor
+    labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    mask_ratio: float
+    mts_generator: torch.Generator
+    ts_generator: torch.Generator
+
+    @classmethod
+    def create(cls, task: Any, methods: tuple[str, ...], *, seed: int, mask_ratio: float) -> "CalibrationTask":
+        """For a protocol task (its ``images``, ``targets``, ``test_images``, ``test_labels``). Refuses TS before any training when a
+        class has a single synthetic image."""
+        targets = task.targets
+        labels = targets.argmax(dim=1) if targets.dim() == 2 else targets
+        if "ts" in methods:
+            per_class_holdout(labels, TS_HOLDOUT_FRACTION, generator=torch.Generator())  # raises a FastddError early
+        return cls(
+            methods,
+            task.images,
+            labels,
+            task.test_images,
+            task.test_labels,
+            mask_ratio,
+            _generator(seed, "mts"),
+            _generator(seed, "ts"),
+        )
+
+    def run(
+        self, net: torch.nn.Module, test_logits: torch.Tensor, train_subset: SubsetTrainer
+    ) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
+        """Measure one evaluation run.
+
+        Args:
+            net: the run's network, trained on all of S.
+            test_logits: ``[M, classes]`` its logits on the test images.
+            train_subset: trains a fresh network on a subset of S (for TS).
+        Returns:
+            ``(rows, scaled)``: ``rows[method]`` = ``{"acc", "ece", "nll", "temperature"}`` (plus ``ece_before`` /
+            ``nll_before`` for ``ts``); ``scaled[method]`` = the ``[M, classes]`` test logits divided by the
+            method's temperature (for the reliability diagrams), ``scaled["raw"]`` the unscaled ``test_logits`` and
+            ``scaled["ts_raw"]`` the TS network's unscaled logits (for the max-logit histogram).
+        """
+        rows: dict[str, dict[str, float]] = {}
+        scaled: dict[str, torch.Tensor] = {"raw": test_logits}
+        if "none" in self.methods:
+            rows["none"] = {**calibration_metrics(test_logits, self.test_labels), "temperature": 1.0}
+            scaled["none"] = test_logits
+        if "ts" in self.methods:
+            train_idx, val_idx = per_class_holdout(self.labels, TS_HOLDOUT_FRACTION, generator=self.ts_generator)
+            ts_net = train_subset(train_idx, self.ts_generator)
+            temperature = fit_temperature(predict_logits(ts_net, self.images[val_idx]), self.labels[val_idx])
+            ts_logits = predict_logits(ts_net, self.test_images)
+            before = calibration_metrics(ts_logits, self.test_labels)
+            after = calibration_metrics(ts_logits, self.test_labels, temperature=temperature)
+            rows["ts"] = {
+                **after, "temperature": temperature, "ece_before": before["ece"], "nll_before": before["nll"]
+            }
+            scaled["ts"] = ts_logits / temperature
+            scaled["ts_raw"] = ts_logits
+        if "mts" in self.methods:
+            temperature = masked_temperature(
+                net, self.images, self.labels, ratio=self.mask_ratio, generator=self.mts_generator
+            )
+            metrics = calibration_metrics(test_logits, self.test_labels, temperature=temperature)
+            rows["mts"] = {**metrics, "temperature": temperature}
+            scaled["mts"] = test_logits / temperature
+        return rows, scaled
+
+
+def save_calibration_plots(
+    pooled: dict[str, list[torch.Tensor]], test_labels: torch.Tensor, folder: Path, *, model: str, title: str
+) -> list[str]:
+    """Write ``calibration_<model>_<method>.png`` (reliability diagram of the runs' pooled, temperature-scaled test
+    logits) per method and ``max_logits_<model>.png`` (histogram of the raw networks' max test logits).
+
+    Args:
+        pooled: ``scaled`` logits of `CalibrationTask.run` per method, one ``[M, classes]`` tensor per run.
+        test_labels: ``[M]`` the test labels.
+    Returns:
+        The paths written.
+    """
+    paths = []
+    for method, parts in pooled.items():
+        if method in ("raw", "ts_raw"):
+            continue
+        path = folder / f"calibration_{model}_{method}.png"
+        labels = test_labels.repeat(len(parts))
+        save_reliability_diagram(torch.cat(parts), labels, path, title=f"{title}, {method}")
+        paths.append(str(path))
+    max_logits = {
+        name: torch.cat(pooled[key]).max(dim=1).values
+        for key, name in (("raw", "trained on all of S"), ("ts_raw", "TS networks (90 % of S)"))
+        if key in pooled
+    }
+    path = folder / f"max_logits_{model}.png"
+    save_max_logit_histogram(max_logits, path, title=title)
+    paths.append(str(path))
+    return paths
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(zlib.crc32(f"{seed}/calibration/{name}".encode()))
+    return generator
