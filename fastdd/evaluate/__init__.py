@@ -1,5 +1,5 @@
 """Evaluation of synthetic sets: the train-on-synthetic protocol and its metrics (accuracy, OOD detection,
-robustness, calibration)."""
+robustness, calibration), and the trust report that compares synthetic sets under one protocol."""
 
 from fastdd.evaluate.calibration import calibration_metrics, ece, nll
 from fastdd.evaluate.calibration_runs import CALIBRATIONS, parse_calibrations
@@ -10,6 +10,7 @@ from fastdd.evaluate.protocol import (
     evaluate_synthetic_set,
     train_on_synthetic,
 )
+from fastdd.evaluate.report import prepare_report, trust_report
 from fastdd.evaluate.robustness import ROBUSTNESS_SETS, cluster_accuracies, parse_robustness_sets
 
 __all__ = [
@@ -28,5 +29,7 @@ __all__ = [
     "ood_score",
     "parse_calibrations",
     "parse_robustness_sets",
+    "prepare_report",
     "train_on_synthetic",
+    "trust_report",
 ]

@@ -1,0 +1,672 @@
+"""The trust report: several synthetic sets evaluated under one protocol and compared side by side.
+
+`trust_report` trains and scores networks on each synthetic set with `evaluate_synthetic_set` (one call per set, the
+same `EvalConfig` and options for all) and writes into one folder:
+
+* ``report.json``: the protocol, the machine, and per set its metadata (method, IPC, trust flags, size, distillation
+  time) and the unmodified result of `evaluate_synthetic_set` (plot paths made relative to the folder);
+* ``report.md``: the same as Markdown tables, one side-by-side table per model (accuracy, mean OOD AUROC / FPR95
+  per score, robustness, ECE raw / TS / MTS, size, distillation time; mean ± std over runs), then AUROC / FPR95 per
+  OOD set;
+* ``summary_<model>.png``: a grouped bar chart of the headline metrics, one group per metric, one bar per set;
+* ``plots/<set>/``: the OOD score histograms, reliability diagrams and max-logit histograms of each set.
+
+Everything is checked before the first network trains (`prepare_report`), and the files are written into a hidden
+staging folder inside the output folder and moved into place only when the whole report is done, so a failed or
+interrupted report leaves the folder as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from fastdd.data import ImageDataset
+from fastdd.errors import FastddError
+from fastdd.evaluate.calibration_runs import CALIBRATIONS, TS_HOLDOUT_FRACTION, parse_calibrations
+from fastdd.evaluate.ood_sets import holdout_spec, parse_ood_sets
+from fastdd.evaluate.protocol import EvalConfig, _task, dataset_for_synset, evaluate_synthetic_set
+from fastdd.evaluate.robustness import ROBUSTNESS_SETS, parse_robustness_sets
+from fastdd.io import METRICS, SYNSET_TENSORS, SyntheticSet, atomic_write, write_json
+from fastdd.trust.masking import DEFAULT_MASK_RATIO
+
+REPORT_FORMAT = "fastdd-report/1"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+PLOTS_FOLDER = "plots"
+SUMMARY_PREFIX = "summary_"
+DEFAULT_REPORT_OOD = ("gaussian", "uniform")  # built offline for every dataset
+DEFAULT_REPORT_SCORES = ("msp", "energy")
+# The robustness measures and calibration methods in the headline table (cluster_mean is in report.json only).
+HEADLINE_ROBUSTNESS = ("cluster_min", "noise", "blur", "invert")
+CALIBRATION_LABELS = {"none": "ECE raw", "ts": "ECE TS", "mts": "ECE MTS"}
+
+# on_epoch(set name, model, run, epoch) after every training epoch of every network
+ReportProgress = Callable[[str, str, int, int], None]
+
+
+@dataclass
+class ReportSet:
+    """One synthetic set of a report.
+
+    Attributes:
+        name: its name in the tables (the folder name, or the key given; deduplicated).
+        folder: its subfolder of ``plots/`` (the name with unsafe characters replaced; deduplicated).
+        path: the folder it was read from, or None for a set given in memory.
+        synset: the set.
+        dataset: its real dataset (shared by the sets with the same dataset settings).
+        calibration: the calibration methods evaluated for it (``ts`` dropped when a class has a single image).
+        info: its metadata row of report.json (method, IPC, flags, size, distillation time, notes).
+    """
+
+    name: str
+    folder: str
+    path: str | None
+    synset: SyntheticSet
+    dataset: ImageDataset
+    calibration: tuple[str, ...]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ReportPlan:
+    """A validated report, ready to run: made by `prepare_report`; nothing is written or trained until `run`."""
+
+    out: Path
+    sets: list[ReportSet]
+    models: list[str]
+    config: EvalConfig
+    ood: list[str]
+    scores: list[str]
+    robustness: tuple[str, ...]
+    calibration: tuple[str, ...]
+    mask_ratio: float | None
+    ood_size: int | None
+    data_root: str | None
+    use_outliers: bool
+    overwrite: bool
+
+    @property
+    def total_epochs(self) -> int:
+        """Training epochs of the whole report (for a progress bar): per set, model and run one network, two with TS."""
+        epochs = self.config.epochs_or_default()
+        return sum(
+            len(self.models) * self.config.runs * (2 if "ts" in s.calibration else 1) * epochs for s in self.sets
+        )
+
+    def run(self, on_epoch: ReportProgress | None = None) -> dict[str, Any]:
+        """Evaluate every set, write the report into ``out`` and return the content of report.json."""
+        created = not self.out.exists()
+        self.out.mkdir(parents=True, exist_ok=True)
+        staging = self.out / f".report-staging-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            entries = []
+            for report_set in self.sets:
+                callback = (
+                    (lambda model, run, epoch, n=report_set.name: on_epoch(n, model, run, epoch)) if on_epoch else None
+                )
+                result = evaluate_synthetic_set(
+                    report_set.synset,
+                    report_set.dataset,
+                    models=self.models,
+                    config=self.config,
+                    on_epoch=callback,
+                    ood=self.ood,
+                    scores=self.scores,
+                    plots=staging / PLOTS_FOLDER / report_set.folder,
+                    ood_size=self.ood_size,
+                    use_outliers=self.use_outliers,
+                    data_root=self.data_root,
+                    robustness=list(self.robustness) or None,
+                    calibration=list(report_set.calibration) or None,
+                    mask_ratio=self.mask_ratio,
+                )
+                result["plots"] = [Path(p).relative_to(staging).as_posix() for p in result.get("plots", [])]
+                entries.append({**report_set.info, "results": result})
+            report = self._report(entries)
+            summaries = []
+            for model in self.models:
+                name = f"{SUMMARY_PREFIX}{model}.png"
+                save_summary_chart(report, model, staging / name)
+                summaries.append(name)
+            report["plots"] = summaries + [p for entry in entries for p in entry["results"]["plots"]]
+            write_json(staging / REPORT_JSON, report)
+            markdown = render_markdown(report)
+            atomic_write(staging / REPORT_MD, lambda tmp: Path(tmp).write_text(markdown))
+            self._commit(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            if created and self.out.is_dir() and not any(self.out.iterdir()):
+                self.out.rmdir()
+            raise
+        return report
+
+    def _report(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
+        import fastdd
+
+        first = entries[0]["results"]
+        return {
+            "format": REPORT_FORMAT,
+            "fastdd_version": fastdd.__version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": {
+                "platform": platform.platform(),
+                "machine": platform.machine(),
+                "cpu_count": os.cpu_count(),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "torch_threads": torch.get_num_threads(),
+                "device": self.config.device,
+            },
+            "dataset": first["dataset"],
+            "protocol": {
+                "models": list(self.models),
+                "runs": self.config.runs,
+                "epochs": self.config.epochs_or_default(),
+                "lr": self.config.lr,
+                "dsa": self.config.dsa,
+                "seed": self.config.seed,
+                "batch_size": self.config.batch_size,
+                "ood": list(first["ood_sets"]),
+                "ood_size": self.ood_size,
+                "scores": list(first["scores"]),
+                "robustness": list(self.robustness),
+                "calibration": list(self.calibration),
+                "mask_ratio": self.mask_ratio if self.mask_ratio is not None else DEFAULT_MASK_RATIO,
+                "use_outliers": self.use_outliers,
+                "holdout": first["holdout"],
+                "data_root": self.data_root,
+            },
+            "sets": entries,
+        }
+
+    def _commit(self, staging: Path) -> None:
+        """Move the staged report into ``out``; with ``overwrite`` the files of an earlier report go first."""
+        if self.overwrite:
+            for old in [self.out / REPORT_JSON, self.out / REPORT_MD, *self.out.glob(f"{SUMMARY_PREFIX}*.png")]:
+                old.unlink(missing_ok=True)
+            if (self.out / PLOTS_FOLDER).is_dir():
+                shutil.rmtree(self.out / PLOTS_FOLDER)
+        for item in staging.iterdir():
+            os.replace(item, self.out / item.name)
+        staging.rmdir()
+
+
+def trust_report(
+    synsets: Mapping[str, SyntheticSet | str | Path] | Sequence[str | Path],
+    *,
+    out: str | Path,
+    models: Sequence[str] | str = ("convnet",),
+    config: EvalConfig | None = None,
+    ood: Sequence[str] | str = DEFAULT_REPORT_OOD,
+    scores: Sequence[str] | str = DEFAULT_REPORT_SCORES,
+    robustness: Sequence[str] | str | None = ROBUSTNESS_SETS,
+    calibration: Sequence[str] | str = CALIBRATIONS,
+    mask_ratio: float | None = None,
+    ood_size: int | None = None,
+    data_root: str | None = None,
+    use_outliers: bool = True,
+    overwrite: bool = False,
+    on_epoch: ReportProgress | None = None,
+) -> dict[str, Any]:
+    """Evaluate synthetic sets of one dataset under one protocol and write a side-by-side trust report into ``out``.
+
+    Each set is evaluated by one call of `evaluate_synthetic_set` with the same ``config`` and options (so its numbers
+    are exactly those of ``fastdd evaluate`` with the same options), with OOD sets ``ood``, OOD ``scores``,
+    ``robustness`` measures and ``calibration`` methods. Temperature scaling (``ts``) holds out synthetic images of
+    every class, so a set with a class of a single image (IPC 1) is evaluated without ``ts`` and the report says so
+    in that set's ``notes``; the other sets keep it.
+
+    Everything is validated before any network trains (see `prepare_report`); the files appear in ``out`` only when
+    the whole report is done.
+
+    Args:
+        synsets: folders written by ``fastdd distill`` (named by their folder name, deduplicated with ``-2``, ``-3``,
+            ...), or a mapping from names to sets or folders.
+        out: the report folder; refused when it exists and is not empty, unless ``overwrite``.
+        models: architectures (cross-architecture when several), default ``convnet``.
+        config: the training protocol (default `EvalConfig()`: 5 runs, the papers' epochs).
+        ood: OOD sets (`fastdd.evaluate.ood_sets.parse_ood_sets` syntax), default gaussian and uniform noise.
+        scores: OOD scores, default msp and energy.
+        robustness: robustness measures (default all of ``ROBUSTNESS_SETS``), or None for none.
+        calibration: calibration methods among ``CALIBRATIONS`` (default all three).
+        mask_ratio: MTS masking ratio (default 0.3).
+        ood_size: at most this many images per side and OOD set, or None.
+        data_root: the dataset folder (default: the one each set was distilled from), also for OOD datasets.
+        use_outliers: train on the outlier images of TrustDD sets (as ``fastdd evaluate`` does by default).
+        overwrite: replace an earlier report in ``out`` (its report.json, report.md, summary PNGs and plots/).
+        on_epoch: ``on_epoch(set name, model, run, epoch)`` after every training epoch.
+
+    Returns:
+        The content of report.json: ``{"format", "fastdd_version", "created", "machine": {"platform", "machine",
+        "cpu_count", "python", "torch", "torch_threads", "device"}, "dataset", "protocol": {"models", "runs",
+        "epochs", "lr", "dsa", "seed", "batch_size", "ood", "ood_size", "scores", "robustness", "calibration",
+        "mask_ratio", "use_outliers", "holdout", "data_root"}, "sets": [...], "plots": [...]}``. Each entry of
+        ``sets`` (in the order given) holds ``name``, ``path`` (None in memory), ``method``, ``dataset``, ``ipc``,
+        ``images``, ``outlier_images``, ``soft_labels``, ``outliers`` (``none``/``oe``/``poe``), ``robust``,
+        ``mdt``, ``mdt_mask_ratio``, ``seed``, ``size_bytes`` (of synset.safetensors; for a set in memory, of its
+        serialisation), ``distill_seconds`` (see `distillation_seconds`; None without metrics.jsonl), ``calibration``
+        (the methods evaluated), ``notes`` and ``results``: the dict `evaluate_synthetic_set` returned, its
+        ``plots`` relative to ``out``. ``plots`` lists every PNG written, relative to ``out``.
+    Raises:
+        FastddError: a missing or unreadable set, sets of different datasets, an existing non-empty ``out`` without
+            ``overwrite``, or an invalid option; all before any training.
+    """
+    plan = prepare_report(
+        synsets, out=out, models=models, config=config, ood=ood, scores=scores, robustness=robustness,
+        calibration=calibration, mask_ratio=mask_ratio, ood_size=ood_size, data_root=data_root,
+        use_outliers=use_outliers, overwrite=overwrite,
+    )
+    return plan.run(on_epoch)
+
+
+def prepare_report(
+    synsets: Mapping[str, SyntheticSet | str | Path] | Sequence[str | Path],
+    *,
+    out: str | Path,
+    models: Sequence[str] | str = ("convnet",),
+    config: EvalConfig | None = None,
+    ood: Sequence[str] | str = DEFAULT_REPORT_OOD,
+    scores: Sequence[str] | str = DEFAULT_REPORT_SCORES,
+    robustness: Sequence[str] | str | None = ROBUSTNESS_SETS,
+    calibration: Sequence[str] | str = CALIBRATIONS,
+    mask_ratio: float | None = None,
+    ood_size: int | None = None,
+    data_root: str | None = None,
+    use_outliers: bool = True,
+    overwrite: bool = False,
+) -> ReportPlan:
+    """Check every input of `trust_report` (same arguments) and load the sets and their dataset; train nothing and
+    write nothing. Each set's options go through `evaluate_synthetic_set` itself with no model to train, so every
+    check it makes (OOD sets, scores, holdout classes, mask ratio, outliers) is made here for every set.
+
+    Raises:
+        FastddError: see `trust_report`.
+    """
+    config = config or EvalConfig()
+    if config.runs < 1:
+        raise FastddError(f"--runs must be at least 1, got {config.runs}.")
+    if config.epochs is not None and config.epochs < 1:
+        raise FastddError(f"--epochs must be at least 1, got {config.epochs}.")
+    if config.lr is not None and not config.lr > 0:
+        raise FastddError(f"--lr must be positive, got {config.lr}.")
+    if ood_size is not None and ood_size < 1:
+        raise FastddError(f"--ood-size must be at least 1, got {ood_size}.")
+    model_names = _model_names(models)
+    ood_names = _split(ood)
+    parse_ood_sets(ood_names)  # names and folders; holdout:K ranges once the dataset is known
+    if not ood_names:
+        raise FastddError("the report needs at least one OOD set; pass --ood gaussian,uniform or other sets.")
+    robustness_sets = parse_robustness_sets(robustness) if robustness is not None else ()
+    calibrations = parse_calibrations(calibration)
+    out = Path(out)
+    _check_out(out, overwrite)
+
+    named = _read_sets(synsets)
+    datasets_named = {name: s.meta.get("dataset") for name, _, s in named}
+    missing = [name for name, value in datasets_named.items() if not value]
+    if missing:
+        raise FastddError(f"the synthetic set {missing[0]} does not name its dataset in synset.json; it was not "
+                          "written by fastdd.")
+    if len(set(datasets_named.values())) > 1:
+        listed = ", ".join(f"{name} ({value})" for name, value in datasets_named.items())
+        raise FastddError(f"the synthetic sets come from different datasets: {listed}; a report compares sets of one "
+                          "dataset, so make one report per dataset.")
+
+    loaded: dict[tuple, ImageDataset] = {}
+    folders = _unique([_folder_name(name) for name, _, _ in named])
+    sets = []
+    for (name, path, synset), folder in zip(named, folders):
+        meta = synset.meta
+        key = (meta["dataset"], data_root if data_root is not None else meta.get("data_root"),
+               meta.get("image_size"), bool(meta.get("zca", False)))
+        dataset = loaded.get(key)
+        if dataset is None or tuple(synset.images.shape[1:]) != (dataset.channels, *dataset.image_size):
+            dataset = dataset_for_synset(synset, data_root=data_root)  # raises the shape mismatch, if any
+            loaded.setdefault(key, dataset)
+        specs = parse_ood_sets(ood_names, num_classes=dataset.num_classes)
+        notes = []
+        chosen = calibrations
+        if "ts" in calibrations:
+            single = _single_image_class(synset, dataset, specs)
+            if single is not None:
+                chosen = tuple(m for m in calibrations if m != "ts")
+                notes.append(f"TS skipped: class {single} has a single synthetic image, so temperature scaling cannot "
+                             f"hold {TS_HOLDOUT_FRACTION:.0%} of each class out (MTS fits on all of the set).")
+        evaluate_synthetic_set(  # validation only: no model, so nothing trains
+            synset, dataset, models=[], config=config, ood=ood_names, scores=scores, ood_size=ood_size,
+            use_outliers=use_outliers, data_root=data_root, robustness=list(robustness_sets) or None,
+            calibration=list(chosen) or None, mask_ratio=mask_ratio,
+        )
+        info = _set_info(name, path, synset)
+        info["calibration"] = list(chosen)
+        info["notes"] = notes
+        sets.append(ReportSet(name, folder, path, synset, dataset, chosen, info))
+    return ReportPlan(
+        out=out, sets=sets, models=model_names, config=config, ood=ood_names, scores=_split(scores),
+        robustness=robustness_sets, calibration=calibrations, mask_ratio=mask_ratio, ood_size=ood_size,
+        data_root=data_root, use_outliers=use_outliers, overwrite=overwrite,
+    )
+
+
+def distillation_seconds(folder: str | Path) -> float | None:
+    """The distillation time of a run folder: the ``seconds`` of its last ``metrics.jsonl`` record.
+
+    ``seconds`` is the wall-clock time of the distillation iterations since the run (or its last ``--resume``)
+    started; data loading and expert training are not in it. A resumed run restarts that clock, so when ``seconds``
+    drops between two records the time reached before the drop is added. None when the file is missing or holds no
+    ``seconds``; unreadable lines are skipped.
+    """
+    path = Path(folder) / METRICS
+    if not path.is_file():
+        return None
+    total, last = 0.0, None
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        seconds = record.get("seconds") if isinstance(record, dict) else None
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+            continue
+        if last is not None and seconds < last:
+            total += last
+        last = float(seconds)
+    return None if last is None else total + last
+
+
+# ------------------------------------------------------------------------------------------------------- inputs
+
+
+def _split(value: Sequence[str] | str | None) -> list[str]:
+    items = [value] if isinstance(value, str) else list(value or [])
+    return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+
+
+def _model_names(models: Sequence[str] | str) -> list[str]:
+    from fastdd.models import MODELS
+
+    names = list(dict.fromkeys(_split(models)))
+    if not names:
+        raise FastddError(f"no model was named; choose from {', '.join(MODELS)}.")
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise FastddError(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}.")
+    return names
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FastddError(f"the report folder {out} is a file; choose another --out.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FastddError(f"the report folder {out} is not empty; pass --overwrite to replace the report in it or "
+                          "choose another --out.")
+
+
+def _read_sets(
+    synsets: Mapping[str, SyntheticSet | str | Path] | Sequence[str | Path],
+) -> list[tuple[str, str | None, SyntheticSet]]:
+    """``(name, folder or None, set)`` per set, names deduplicated."""
+    if isinstance(synsets, (str, Path)):
+        synsets = [synsets]
+    if isinstance(synsets, Mapping):
+        items = []
+        for name, value in synsets.items():
+            if not isinstance(name, str) or not name.strip():
+                raise FastddError(f"a synthetic set needs a non-empty name, got {name!r}.")
+            items.append((name.strip(), value))
+    else:
+        items = [(_path_name(Path(value)), value) for value in synsets]
+    if not items:
+        raise FastddError("the report needs at least one synthetic set folder.")
+    names = _unique([name for name, _ in items])
+    result = []
+    for name, (_, value) in zip(names, items):
+        if isinstance(value, SyntheticSet):
+            result.append((name, None, value))
+            continue
+        folder = Path(value)
+        if not folder.is_dir():
+            raise FastddError(f"the synthetic set folder {folder} does not exist.")
+        result.append((name, str(folder), SyntheticSet.load(folder)))
+    return result
+
+
+def _path_name(path: Path) -> str:
+    return path.name if path.name not in ("", ".", "..") else path.resolve().name or "set"
+
+
+def _folder_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "set"
+
+
+def _unique(names: Iterable[str]) -> list[str]:
+    seen: set[str] = set()
+    result = []
+    for name in names:
+        candidate, k = name, 2
+        while candidate in seen:
+            candidate, k = f"{name}-{k}", k + 1
+        seen.add(candidate)
+        result.append(candidate)
+    return result
+
+
+def _single_image_class(synset: SyntheticSet, dataset: ImageDataset, specs: list) -> int | None:
+    """The first class with a single synthetic image among those the evaluation trains on, or None."""
+    from fastdd.trust.temperature import hard_labels
+
+    task = _task(synset, dataset, holdout_spec(specs))
+    counts = torch.bincount(hard_labels(task.targets).cpu())
+    single = (counts == 1).nonzero().flatten()
+    return int(single[0]) if single.numel() else None
+
+
+def _set_info(name: str, path: str | None, synset: SyntheticSet) -> dict[str, Any]:
+    meta = synset.meta
+    hyper = meta.get("hyperparameters") or {}
+    if path is not None:
+        size = (Path(path) / SYNSET_TENSORS).stat().st_size
+        seconds = distillation_seconds(path)
+    else:
+        from safetensors.torch import save
+
+        size, seconds = len(save(synset.tensors())), None
+    return {
+        "name": name,
+        "path": path,
+        "method": meta.get("method"),
+        "dataset": meta.get("dataset"),
+        "ipc": meta.get("ipc"),
+        "images": int(synset.images.shape[0]),
+        "outlier_images": 0 if synset.outlier_images is None else int(synset.outlier_images.shape[0]),
+        "soft_labels": synset.soft_labels is not None,
+        "outliers": hyper.get("outliers") or (meta.get("outliers") or {}).get("mode") or "none",
+        "robust": bool(hyper.get("robust", False)),
+        "mdt": bool(hyper.get("mdt", False)),
+        "mdt_mask_ratio": hyper.get("mask_ratio") if hyper.get("mdt") else None,
+        "seed": meta.get("seed"),
+        "size_bytes": size,
+        "distill_seconds": seconds,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ outputs
+
+
+def _headline_metrics(report: dict[str, Any]) -> list[tuple[str, Callable[[dict], dict | None], bool]]:
+    """``(label, getter of a model's result -> {"mean", "std"} or None, lower is better)`` per headline column."""
+    protocol = report["protocol"]
+
+    def path(*keys: str) -> Callable[[dict], dict | None]:
+        def get(res: dict) -> dict | None:
+            for key in keys:
+                if not isinstance(res, dict) or key not in res:
+                    return None
+                res = res[key]
+            return res
+
+        return get
+
+    columns: list[tuple[str, Callable[[dict], dict | None], bool]] = [("acc %", path("acc"), False)]
+    for score in protocol["scores"]:
+        columns.append((f"AUROC {score}", path("ood", score, "mean", "auroc"), False))
+        columns.append((f"FPR95 {score}", path("ood", score, "mean", "fpr95"), True))
+    for name in HEADLINE_ROBUSTNESS:
+        if name in protocol["robustness"]:
+            columns.append((name, path("robustness", name), False))
+    for method in protocol["calibration"]:
+        columns.append((CALIBRATION_LABELS[method], path("calibration", method, "ece"), True))
+    return columns
+
+
+def save_summary_chart(report: dict[str, Any], model: str, path: str | Path) -> None:
+    """A grouped bar chart of one model's headline metrics (accuracy, mean AUROC per score, robustness, ECE), one bar
+    per set with its std over runs as an error bar, written atomically as a PNG."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    columns = [(label.removesuffix(" %"), get, lower) for label, get, lower in _headline_metrics(report)
+               if not label.startswith("FPR95")]
+    sets = report["sets"]
+    figure = Figure(figsize=(max(6.4, 1.0 + 0.9 * len(columns) * max(1, len(sets)) ** 0.5), 4.4), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    x = np.arange(len(columns))
+    width = 0.8 / max(1, len(sets))
+    for i, entry in enumerate(sets):
+        res = entry["results"]["models"][model]
+        values = [get(res) for _, get, _ in columns]
+        means = [v["mean"] if v else np.nan for v in values]
+        stds = [v["std"] if v else 0.0 for v in values]
+        axes.bar(x - 0.4 + width * (i + 0.5), means, width, yerr=stds, capsize=2, label=entry["name"])
+    axes.set_xticks(x, [label + (" ↓" if lower else "") for label, _, lower in columns], rotation=30, ha="right")
+    axes.set_ylabel("percent (↓: lower is better)")
+    axes.set_ylim(0, 105)
+    axes.set_title(f"{report['dataset']}, {model}: mean ± std over {_count(report['protocol']['runs'], 'run')}")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The Markdown text of report.md for the content of report.json."""
+    protocol, machine, sets = report["protocol"], report["machine"], report["sets"]
+    first = sets[0]["results"]
+    ood_sizes = ", ".join(f"{name} ({n} per side)" for name, n in first["ood_sets"].items())
+    lr = f"lr {protocol['lr']:g}" if protocol["lr"] is not None else "lr per set (its learned lr, else 0.01)"
+    lines = [
+        f"# Trust report: {report['dataset']}",
+        "",
+        f"- **Sets**: {', '.join(entry['name'] for entry in sets)}",
+        f"- **Protocol**: models {', '.join(protocol['models'])}; {_count(protocol['runs'], 'run')} of "
+        f"{_count(protocol['epochs'], 'epoch')}, {lr}, batch {protocol['batch_size']}, DSA {'on' if protocol['dsa'] else 'off'}, seed "
+        f"{protocol['seed']}; outlier images of TrustDD sets "
+        f"{'trained on (integrated loss)' if protocol['use_outliers'] else 'ignored'}"
+        + (f"; networks trained on classes < {protocol['holdout']}" if protocol["holdout"] is not None else ""),
+        f"- **OOD**: {ood_sizes}; scores {', '.join(protocol['scores'])}",
+        f"- **Robustness**: {', '.join(protocol['robustness']) or 'not measured'}",
+        f"- **Calibration**: {', '.join(protocol['calibration'])} (MTS mask ratio {protocol['mask_ratio']}; TS "
+        "networks train on 90 % of each class)",
+        f"- **Machine**: {machine['platform']}, {machine['cpu_count']} CPUs, torch {machine['torch']} "
+        f"({machine['torch_threads']} threads, {machine['device']}), fastdd {report['fastdd_version']}",
+        f"- **Date**: {report['created']}",
+        "",
+        "All numbers are mean ± std over runs, in percent. Higher is better, except FPR95 (OOD accepted at 95 % ID "
+        "recall) and ECE (15 bins). AUROC and FPR95 are means over the OOD sets.",
+        "",
+        "## Sets",
+        "",
+    ]
+    lines += _table(
+        ["set", "method", "IPC", "images", "outlier images", "outliers", "robust", "MDT", "lr", "size",
+         "distillation time"],
+        [
+            [entry["name"], str(entry["method"]), str(entry["ipc"]), str(entry["images"]), str(entry["outlier_images"]),
+             entry["outliers"], _yes(entry["robust"]),
+             f"yes ({entry['mdt_mask_ratio']})" if entry["mdt"] else "no", f"{entry['results']['lr']:g}",
+             _size(entry["size_bytes"]), _duration(entry["distill_seconds"])]
+            for entry in sets
+        ],
+    )
+    notes = [f"- {entry['name']}: {note}" for entry in sets for note in entry["notes"]]
+    if notes:
+        lines += ["", "Notes:", "", *notes]
+    columns = _headline_metrics(report)
+    for model in protocol["models"]:
+        lines += ["", f"## {model}", ""]
+        rows = []
+        for entry in sets:
+            res = entry["results"]["models"][model]
+            rows.append([entry["name"], *(_pm(get(res)) for _, get, _ in columns),
+                         _size(entry["size_bytes"]), _duration(entry["distill_seconds"])])
+        lines += _table(["set", *(label + (" ↓" if lower else "") for label, _, lower in columns), "size",
+                         "distillation time"], rows)
+    for model in protocol["models"]:
+        for score in protocol["scores"]:
+            names = [name for name in first["ood_sets"]]
+            lines += ["", f"### {model}, {score}: per OOD set", ""]
+            rows = []
+            for entry in sets:
+                ood = entry["results"]["models"][model]["ood"][score]
+                rows.append([entry["name"], *(cell for name in names for cell in
+                                              (_pm(ood[name]["auroc"]), _pm(ood[name]["fpr95"])))])
+            lines += _table(["set", *(f"{name} {m}" for name in names for m in ("AUROC", "FPR95 ↓"))], rows)
+    lines += ["", "## Plots", ""]
+    for model in protocol["models"]:
+        lines += [f"![{model}]({SUMMARY_PREFIX}{model}.png)", ""]
+    lines += [f"- [{p}]({p})" for p in report["plots"]]
+    lines += ["", f"Raw numbers (every run) are in {REPORT_JSON}.", ""]
+    return "\n".join(lines)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    def row(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return [row(header), "|" + "|".join("---" for _ in header) + "|", *(row(r) for r in rows)]
+
+
+def _pm(summary: dict | None) -> str:
+    if not summary:
+        return "–"
+    return f"{summary['mean']:.2f} ± {summary['std']:.2f}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _size(size: int) -> str:
+    if size < 1024:
+        return f"{size} B"
+    if size < 1024**2:
+        return f"{size / 1024:.1f} KiB"
+    return f"{size / 1024**2:.1f} MiB"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
