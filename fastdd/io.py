@@ -142,10 +142,14 @@ class SyntheticSet:
         )
 
 
-def save_image_grid(images: torch.Tensor, path: str | Path, *, nrow: int | None = None) -> None:
-    """Save ``images`` ([K, C, H, W], values in [0, 1]) as one PNG grid, ``nrow`` images per row."""
+def image_grid_array(images: torch.Tensor, *, nrow: int | None = None) -> "numpy.ndarray":
+    """``images`` ([K, C, H, W], values in [0, 1]) as one grid, ``nrow`` images per row, images under 32 pixels
+    upscaled so the grid is readable.
+
+    Returns:
+        A uint8 array, ``[H', W']`` for one channel, else ``[H', W', C]``.
+    """
     from torchvision.utils import make_grid
-    from PIL import Image
 
     images = images.detach().to("cpu", torch.float32).clamp(0, 1)
     small = max(images.shape[-2:]) < 32
@@ -156,6 +160,14 @@ def save_image_grid(images: torch.Tensor, path: str | Path, *, nrow: int | None 
     array = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     if array.shape[2] == 1:
         array = array[:, :, 0]
+    return array
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, *, nrow: int | None = None) -> None:
+    """Save ``images`` ([K, C, H, W], values in [0, 1]) as one PNG grid, ``nrow`` images per row."""
+    from PIL import Image
+
+    array = image_grid_array(images, nrow=nrow)
     atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
