@@ -39,6 +39,7 @@ from fastdd.errors import FastddError
 from fastdd.io import atomic_write, write_json
 from fastdd.models import build_model_for, flat_parameters, parameter_layout
 from fastdd.models.registry import default_convnet_depth
+from fastdd.observability import TENSORBOARD_DIR, Sinks, check_sinks_available, optional_sinks
 from fastdd.training import accuracy, train_epoch
 from fastdd.trust.outlier_loss import DEFAULT_OUTLIER_WEIGHT
 from fastdd.trust.outliers import outlier_source
@@ -215,6 +216,8 @@ def train_experts(
     *,
     progress: bool = True,
     on_expert: Callable[[int, float], None] | None = None,
+    tensorboard: str | Path | bool | None = None,
+    wandb: bool = False,
 ) -> "ExpertSet":
     """Train the experts ``0 .. num_experts - 1`` that ``out_dir`` does not hold yet, then load the folder.
 
@@ -224,6 +227,12 @@ def train_experts(
         out_dir: the experts folder; created if needed. Experts already in it must have the same settings.
         progress: show a rich progress bar over all epochs still to train, with the loss and ETA.
         on_expert: called as ``on_expert(index, test_accuracy)`` after each newly trained expert is saved.
+        tensorboard: also write TensorBoard event files, one run per newly trained expert in
+            ``<tensorboard>/expert_KKKK`` (True: ``out_dir/tensorboard``): ``loss`` and ``seconds`` per epoch (step =
+            epoch) and ``test_accuracy`` at the last epoch, the numbers of ``metrics.jsonl``. A retrained (earlier
+            interrupted) expert hides its partial curve.
+        wandb: the same scalars to one Weights & Biases run per newly trained expert, named ``FOLDER/expert_KKKK``
+            in group ``FOLDER`` (see :class:`fastdd.observability.WandbSink` for the mode).
 
     Returns:
         The experts ``0 .. num_experts - 1`` of the folder (``num_snapshots = config.num_snapshots``).
@@ -234,6 +243,11 @@ def train_experts(
     if get_spec(config.dataset).name != dataset.name:
         raise ValueError(f"config.dataset is {config.dataset!r} but the dataset given is {dataset.name!r}")
     out = Path(out_dir)
+    if tensorboard is True:
+        tensorboard = out / TENSORBOARD_DIR
+    elif tensorboard is False:
+        tensorboard = None
+    check_sinks_available(tensorboard=tensorboard is not None, wandb=wandb)
     out.mkdir(parents=True, exist_ok=True)
     digest = settings_digest(config)
     existing = _check_existing(out, config, digest)
@@ -249,8 +263,18 @@ def train_experts(
         with _EpochProgress(len(missing) * config.epochs_trained, enabled=progress) as bar:
             for n, k in enumerate(missing):
                 bar.describe(f"expert {k} ({n + 1}/{len(missing)})")
-                snapshots, loss = _train_one(config, dataset, k, strategy, train_images, train_labels, out, bar)
-                acc = _final_accuracy(config, dataset, snapshots[-1], test_images, test_labels)
+                name = f"expert_{k:04d}"
+                sinks = Sinks(optional_sinks(
+                    tensorboard=Path(tensorboard) / name if tensorboard is not None else None, wandb=wandb,
+                    name=f"{out.name}/{name}", group=out.name, folder=out, first_step=1,
+                    config={**trajectory_settings(config), "expert": k},
+                ))
+                with sinks:
+                    snapshots, loss = _train_one(
+                        config, dataset, k, strategy, train_images, train_labels, out, bar, sinks
+                    )
+                    acc = _final_accuracy(config, dataset, snapshots[-1], test_images, test_labels)
+                    sinks.log_scalars({"expert": k, "test_accuracy": acc}, config.epochs_trained)
                 header = {
                     "format": FORMAT,
                     "fastdd_version": fastdd.__version__,
@@ -275,7 +299,7 @@ def train_experts(
     return load_experts(out, max_experts=config.num_experts, max_snapshots=config.num_snapshots)
 
 
-def _train_one(config, dataset, index, strategy, images, labels, out, bar) -> tuple[torch.Tensor, float]:
+def _train_one(config, dataset, index, strategy, images, labels, out, bar, sinks) -> tuple[torch.Tensor, float]:
     """Train expert ``index``; returns its snapshots ``[epochs_trained + 1, P]`` (CPU float32) and last loss."""
     generator = torch.Generator()
     generator.manual_seed(expert_seed(config.seed, index))
@@ -307,9 +331,9 @@ def _train_one(config, dataset, index, strategy, images, labels, out, bar) -> tu
                 f"in {out} were kept."
             )
         snapshots[epoch + 1] = flat_parameters(net).detach()
-        _append_metrics(
-            out, {"expert": index, "epoch": epoch + 1, "loss": loss, "seconds": round(time.perf_counter() - t0, 3)}
-        )
+        record = {"expert": index, "epoch": epoch + 1, "loss": loss, "seconds": round(time.perf_counter() - t0, 3)}
+        _append_metrics(out, record)
+        sinks.log_scalars(record, epoch + 1)
         bar.advance(loss)
     return snapshots, loss
 

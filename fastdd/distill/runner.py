@@ -16,10 +16,17 @@ from fastdd.io import (
     SYNSET_META,
     SYNSET_OUTLIER_GRID,
     SYNSET_TENSORS,
-    MetricsLog,
     SyntheticSet,
     load_checkpoint,
     save_checkpoint,
+)
+from fastdd.observability import (
+    DEFAULT_IMAGES_EVERY,
+    TENSORBOARD_DIR,
+    JsonlSink,
+    Sinks,
+    check_sinks_available,
+    optional_sinks,
 )
 
 
@@ -57,6 +64,9 @@ def run_distillation(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    tensorboard: str | Path | bool | None = None,
+    wandb: bool = False,
+    log_images_every: int = DEFAULT_IMAGES_EVERY,
 ) -> SyntheticSet:
     """Run ``distiller`` for ``config.iterations`` iterations, writing everything into ``out``.
 
@@ -66,11 +76,21 @@ def run_distillation(
     the same settings and ends bit-identical to an uninterrupted run. A non-finite loss stops the run with
     FastddError and leaves the last checkpoint and synthetic set untouched.
 
+    ``tensorboard`` (a folder, or True for ``out/tensorboard``) and ``wandb`` also send every record's numeric fields
+    (step = iteration) and the image grids (``synset``, and ``synset_outliers`` for a set with outliers) every
+    ``log_images_every`` iterations and at the end to TensorBoard / Weights & Biases (see
+    :mod:`fastdd.observability`); a missing package raises FastddError before any work.
+
     Returns:
         The final synthetic set.
     """
     out = Path(out)
     config = distiller.config
+    if tensorboard is True:
+        tensorboard = out / TENSORBOARD_DIR
+    elif tensorboard is False:
+        tensorboard = None
+    check_sinks_available(tensorboard=tensorboard is not None, wandb=wandb)
     check_output_folder(out, resume=resume, overwrite=overwrite)
     if overwrite:
         for name in RUN_FILES:
@@ -88,11 +108,13 @@ def run_distillation(
         start = int(state["iteration"])
     out.mkdir(parents=True, exist_ok=True)
     distiller.prepare(out, progress=progress)
-    log = MetricsLog(out, resume_from=start if resume else None)
+    sinks = Sinks([JsonlSink(out, resume_from=start if resume else None)])
     total = config.iterations
     checkpoint_every = max(1, checkpoint_every)
+    log_images_every = max(1, log_images_every)
 
     def checkpoint(iteration: int) -> SyntheticSet:
+        sinks.flush()  # what the checkpoint covers is on disk before it
         save_checkpoint(
             out,
             {
@@ -104,22 +126,36 @@ def run_distillation(
         )
         return save_synthetic_set(distiller, out)
 
+    def log_images(step: int) -> None:
+        to_unit = distiller.dataset.to_unit_range
+        sinks.log_images("synset", to_unit(distiller.images.detach()), step, nrow=config.ipc)
+        if distiller.outlier_images is not None:
+            sinks.log_images("synset_outliers", to_unit(distiller.outlier_images.detach()), step, nrow=config.ipc)
+
     bar = _ProgressBar(total, start, distiller.name, enabled=progress)
     t0 = time.perf_counter()
-    with bar:
-        for iteration in range(start, total):
-            metrics = distiller.step(iteration)
-            loss = metrics.get("loss", float("nan"))
-            if not math.isfinite(loss):
-                raise FastddError(
-                    f"the loss became {loss} at iteration {iteration + 1}; the run stopped and the last checkpoint "
-                    f"in {out} was kept (try a smaller --lr-img)."
-                )
-            log.write({"iteration": iteration + 1, "seconds": round(time.perf_counter() - t0, 4), **metrics})
-            bar.advance(loss)
-            if (iteration + 1) % checkpoint_every == 0 and iteration + 1 < total:
-                checkpoint(iteration + 1)
-    return checkpoint(total)
+    with sinks:
+        sinks.sinks += optional_sinks(
+            tensorboard=tensorboard, wandb=wandb, name=out.name, folder=out, first_step=start + 1,
+            config=config.to_dict(),
+        )
+        with bar:
+            for iteration in range(start, total):
+                metrics = distiller.step(iteration)
+                loss = metrics.get("loss", float("nan"))
+                if not math.isfinite(loss):
+                    raise FastddError(
+                        f"the loss became {loss} at iteration {iteration + 1}; the run stopped and the last "
+                        f"checkpoint in {out} was kept (try a smaller --lr-img)."
+                    )
+                step = iteration + 1
+                sinks.log_scalars({"iteration": step, "seconds": round(time.perf_counter() - t0, 4), **metrics}, step)
+                bar.advance(loss)
+                if sinks.takes_images and (step % log_images_every == 0 or step == total):
+                    log_images(step)
+                if step % checkpoint_every == 0 and step < total:
+                    checkpoint(step)
+        return checkpoint(total)
 
 
 def _differs_beyond_iterations(saved: dict, current: dict) -> bool:
