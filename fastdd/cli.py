@@ -200,11 +200,29 @@ def distill(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run saved in --out."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML preset of these options (command line wins)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    tensorboard: bool = typer.Option(
+        False, "--tensorboard", help="Also write TensorBoard event files (into --tensorboard-dir): every numeric field "
+        "of the metrics.jsonl records as a scalar (step = iteration) and the image grids every --log-images-every "
+        "iterations. Needs `pip install tensorboard`.",
+    ),
+    tensorboard_dir: Optional[Path] = typer.Option(
+        None, "--tensorboard-dir", help="Folder of the TensorBoard event files (default OUT/tensorboard); implies "
+        "--tensorboard.",
+    ),
+    wandb: bool = typer.Option(
+        False, "--wandb", help="Also log the same scalars and image grids to Weights & Biases (needs the wandb package; "
+        "WANDB_MODE sets the mode, default offline: files in OUT/wandb, upload later with `wandb sync`).",
+    ),
+    log_images_every: int = typer.Option(
+        50, "--log-images-every", help="With --tensorboard or --wandb: log the synthetic-image grid (and the outlier "
+        "grid) every K iterations and at the end.",
+    ),
 ) -> None:
     """Distill a dataset into IPC synthetic images per class and save them in OUT."""
     from fastdd.data import load_dataset
     from fastdd.distill import get_distiller, run_distillation
 
+    tensorboard_target = _check_logging_options(tensorboard, tensorboard_dir, wandb, log_images_every)
     preset = _read_preset(config)
     given = {
         k: v
@@ -236,9 +254,24 @@ def distill(
     data = load_dataset(cfg.dataset, data_root=cfg.data_root, image_size=cfg.image_size, zca=bool(cfg.zca))
     distiller = distiller_class(cfg, data)
     run_distillation(
-        distiller, out, checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, progress=not quiet
+        distiller, out, checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, progress=not quiet,
+        tensorboard=tensorboard_target, wandb=wandb, log_images_every=log_images_every,
     )
     typer.echo(f"synthetic set written to {out}")
+
+
+def _check_logging_options(
+    tensorboard: bool, tensorboard_dir: Optional[Path], wandb: bool, log_images_every: Optional[int] = None
+) -> Path | bool | None:
+    """Check --tensorboard/--tensorboard-dir/--wandb/--log-images-every before any work; returns the TensorBoard
+    target: a folder, True for the default one, or None."""
+    from fastdd.observability import check_sinks_available
+
+    if log_images_every is not None and log_images_every < 1:
+        raise FastddError(f"--log-images-every must be at least 1, got {log_images_every}.")
+    target = tensorboard_dir if tensorboard_dir is not None else (True if tensorboard else None)
+    check_sinks_available(tensorboard=target is not None, wandb=wandb)
+    return target
 
 
 @app.command("experts")
@@ -271,6 +304,19 @@ def experts_command(
     outlier_weight: float = typer.Option(0.5, help="lambda of CE(in) + lambda * H(U; f(out))."),
     device: str = typer.Option("cpu", help="Torch device."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    tensorboard: bool = typer.Option(
+        False, "--tensorboard", help="Also write TensorBoard event files, one run per expert trained "
+        "(--tensorboard-dir/expert_KKKK): loss and seconds per epoch, test_accuracy at the last epoch. Needs `pip "
+        "install tensorboard`.",
+    ),
+    tensorboard_dir: Optional[Path] = typer.Option(
+        None, "--tensorboard-dir", help="Folder of the TensorBoard runs (default OUT/tensorboard); implies "
+        "--tensorboard.",
+    ),
+    wandb: bool = typer.Option(
+        False, "--wandb", help="Also log the same scalars to Weights & Biases, one run per expert trained, grouped by "
+        "the folder (needs the wandb package; WANDB_MODE sets the mode, default offline).",
+    ),
 ) -> None:
     """Train expert trajectories for mtt/tesla: one file of snapshots (init + every epoch) per expert.
 
@@ -279,6 +325,7 @@ def experts_command(
     from fastdd.data import load_dataset
     from fastdd.distill.experts import ExpertConfig, default_expert_folder, train_experts
 
+    tensorboard_target = _check_logging_options(tensorboard, tensorboard_dir, wandb)
     cfg = ExpertConfig(
         dataset=dataset, data_root=data_root, image_size=image_size, zca=zca, model=model, width=width, depth=depth,
         norm=norm, num_experts=num_experts, epochs=epochs, lr_teacher=lr_teacher, momentum=momentum,
@@ -293,7 +340,9 @@ def experts_command(
         typer.echo(f"expert {index}: test accuracy {100 * acc:.2f} %")
 
     try:
-        result = train_experts(cfg, data, folder, progress=not quiet, on_expert=report)
+        result = train_experts(
+            cfg, data, folder, progress=not quiet, on_expert=report, tensorboard=tensorboard_target, wandb=wandb
+        )
     except KeyboardInterrupt:
         _fail("interrupted; finished experts are kept: run the same command again to continue", 130)
     accs = result.test_accuracies
