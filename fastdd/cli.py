@@ -5,12 +5,13 @@ from __future__ import annotations
 import functools
 import platform
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
 
-from fastdd.errors import FastddError
+from fastdd.errors import FastddError, FastddWarning
 
 app = typer.Typer(
     name="fastdd",
@@ -32,17 +33,34 @@ def _fail(message: str, code: int = EXIT_USER_ERROR) -> None:
     raise typer.Exit(code)
 
 
+def _one_line_warnings(previous: Callable) -> Callable:
+    """A ``warnings.showwarning`` that prints FastddWarning as one line ``warning: ...`` on stderr and passes other
+    warnings to ``previous``."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, FastddWarning):
+            typer.echo(f"warning: {message}", err=True)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def _user_errors(command: Callable) -> Callable:
-    """Turn a FastddError into one sentence on stderr and exit status 2 (no traceback)."""
+    """Turn a FastddError into one sentence on stderr and exit status 2 (no traceback); print FastddWarnings as one
+    line each."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except FastddError as exc:
-            _fail(str(exc))
-        except KeyboardInterrupt:
-            _fail("interrupted; outputs written so far are kept (continue a distillation with --resume)", 130)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", FastddWarning)
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            try:
+                return command(*args, **kwargs)
+            except FastddError as exc:
+                _fail(str(exc))
+            except KeyboardInterrupt:
+                _fail("interrupted; outputs written so far are kept (continue a distillation with --resume)", 130)
 
     return wrapper
 

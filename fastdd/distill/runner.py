@@ -1,4 +1,9 @@
-"""Runs a Distiller: the iteration loop, progress bar, ``metrics.jsonl``, atomic checkpoints, resume, final save."""
+"""Runs a Distiller: the iteration loop, progress bar, ``metrics.jsonl``, checksummed checkpoints, resume, final save.
+
+Faults: a run killed at any moment (SIGKILL included) and restarted with ``resume`` loses at most the iterations
+since its last complete checkpoint and then continues exactly as an uninterrupted run would. A damaged latest
+checkpoint is detected by its checksum and the previous one is used (see :func:`fastdd.io.load_checkpoint`).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,9 @@ from fastdd.distill.base import Distiller
 from fastdd.errors import FastddError
 from fastdd.io import (
     CHECKPOINT,
+    CHECKPOINT_FILES,
     METRICS,
+    PREVIOUS_CHECKPOINT,
     SYNSET_GRID,
     SYNSET_META,
     SYNSET_OUTLIER_GRID,
@@ -19,24 +26,27 @@ from fastdd.io import (
     MetricsLog,
     SyntheticSet,
     load_checkpoint,
+    remove_stale_temporaries,
     save_checkpoint,
 )
 
 
-RUN_FILES = (CHECKPOINT, SYNSET_TENSORS, SYNSET_META, SYNSET_GRID, SYNSET_OUTLIER_GRID, METRICS)
+RUN_FILES = (*CHECKPOINT_FILES, SYNSET_TENSORS, SYNSET_META, SYNSET_GRID, SYNSET_OUTLIER_GRID, METRICS)
 
 
 def check_output_folder(out: Path, *, resume: bool, overwrite: bool = False) -> None:
     """Refuse to replace an earlier run unless resuming or overwriting it; refuse to resume from nothing."""
+    out = Path(out)
     if resume and overwrite:
         raise FastddError("--resume and --overwrite contradict each other; pass one of them.")
-    has_run = (out / CHECKPOINT).exists() or (out / SYNSET_META).exists()
+    has_checkpoint = (out / CHECKPOINT).exists() or (out / PREVIOUS_CHECKPOINT).exists()
+    has_run = has_checkpoint or (out / SYNSET_META).exists()
     if has_run and not (resume or overwrite):
         raise FastddError(
             f"{out} already holds a distillation run; pass --resume to continue it, --overwrite to replace it, "
             "or choose another --out."
         )
-    if resume and not (out / CHECKPOINT).exists():
+    if resume and not has_checkpoint:
         raise FastddError(f"--resume was given but {out} holds no {CHECKPOINT} to continue from.")
 
 
@@ -60,10 +70,11 @@ def run_distillation(
 ) -> SyntheticSet:
     """Run ``distiller`` for ``config.iterations`` iterations, writing everything into ``out``.
 
-    Writes ``metrics.jsonl`` (one record per iteration), ``checkpoint.pt`` every ``checkpoint_every`` iterations and
-    at the end (atomically), and the synthetic set. ``overwrite`` replaces an earlier run in ``out`` (otherwise it
-    is refused). With ``resume`` the run continues from ``checkpoint.pt`` with
-    the same settings and ends bit-identical to an uninterrupted run. A non-finite loss stops the run with
+    Writes ``metrics.jsonl`` (one record per iteration), a checksummed checkpoint (``checkpoint.pt`` +
+    ``checkpoint.json``, the one before kept as ``checkpoint.prev.*``) every ``checkpoint_every`` iterations and at
+    the end, and the synthetic set. ``overwrite`` replaces an earlier run in ``out`` (otherwise it is refused).
+    With ``resume`` the run continues from the newest valid checkpoint with the same settings (``metrics.jsonl`` is
+    cut back to that checkpoint's iteration) and ends bit-identical to an uninterrupted run. A non-finite loss stops the run with
     FastddError and leaves the last checkpoint and synthetic set untouched.
 
     Returns:
@@ -75,6 +86,8 @@ def run_distillation(
     if overwrite:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
+    if overwrite or resume:  # half-written files of a killed process
+        remove_stale_temporaries(out, RUN_FILES)
     start = 0
     if resume:
         state = load_checkpoint(out)
