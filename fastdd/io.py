@@ -1,7 +1,7 @@
 """Synthetic-set and checkpoint files.
 
-A synthetic set is a folder with ``synset.safetensors`` (tensors) and ``synset.json`` (what produced it), plus a
-``synset.png`` grid for a quick look. Nothing here unpickles arbitrary objects: tensors go
+A synthetic set is a folder with ``synset.safetensors`` (tensors) and ``synset.json`` (what produced it, with its
+``"format"``), plus a ``synset.png`` grid for a quick look. Nothing here unpickles arbitrary objects: tensors go
 through safetensors and checkpoints are read with ``torch.load(weights_only=True)``, which refuses anything but
 tensors and plain values. Every file is written to a temporary name in the same folder and renamed into place, so an
 interrupted write never destroys the previous version.
@@ -210,7 +210,7 @@ class SyntheticSet:
         folder = Path(folder)
         tensors = self.tensors()
         atomic_write(folder / SYNSET_TENSORS, lambda tmp: save_file(tensors, tmp))
-        write_json(folder / SYNSET_META, self.meta)
+        write_json(folder / SYNSET_META, {"format": SYNSET_FORMAT, **self.meta})
         if grid is not None:
             save_image_grid(grid, folder / SYNSET_GRID, nrow=self.meta.get("ipc") or None)
         if outlier_grid is not None:
@@ -218,7 +218,9 @@ class SyntheticSet:
 
     @classmethod
     def load(cls, folder: str | Path) -> "SyntheticSet":
-        """Read a folder written by :meth:`save`. A missing or foreign folder raises ``FastddError``."""
+        """Read a folder written by :meth:`save` (safetensors and JSON: nothing is unpickled).
+
+        A missing, damaged or foreign folder, or one written in a newer format, raises ``FastddError``."""
         folder = Path(folder)
         tensors_path, meta_path = folder / SYNSET_TENSORS, folder / SYNSET_META
         if not tensors_path.is_file() or not meta_path.is_file():
@@ -231,6 +233,12 @@ class SyntheticSet:
             meta = json.loads(meta_path.read_text())
         except Exception as exc:  # corrupt or foreign files: one sentence for the user
             raise FastddError(f"could not read the synthetic set in {folder}: {exc}.") from exc
+        if not isinstance(meta, dict):
+            raise FastddError(f"{meta_path} is not a synthetic-set description (a JSON object was expected).")
+        if "format" in meta:  # sets written before formats were recorded have none
+            check_format(meta["format"], SYNSET_FORMAT, meta_path, "a synthetic set")
+        if "images" not in tensors or "labels" not in tensors:
+            raise FastddError(f"{tensors_path} holds no images or labels; it was not written by fastdd.")
         zca_keys = ("zca_mean", "zca_transform", "zca_inverse")
         zca = {k: tensors[k] for k in zca_keys if k in tensors} or None
         return cls(

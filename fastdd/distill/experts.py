@@ -36,7 +36,7 @@ import fastdd
 from fastdd.data import ImageDataset
 from fastdd.data.registry import get_spec
 from fastdd.errors import FastddError
-from fastdd.io import atomic_write, write_json
+from fastdd.io import atomic_write, check_format, write_json
 from fastdd.models import build_model_for, flat_parameters, parameter_layout
 from fastdd.models.registry import default_convnet_depth
 from fastdd.training import accuracy, train_epoch
@@ -503,11 +503,14 @@ def _read_header(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             if SNAPSHOTS not in f.keys():
                 raise ValueError(f"no {SNAPSHOTS!r} tensor")
-            return dict(f.metadata() or {})
+            header = dict(f.metadata() or {})
     except Exception as exc:  # foreign or damaged file: one sentence for the user
         raise FastddError(
             f"the expert file {path} could not be read ({exc}); delete it to retrain that expert."
         ) from exc
+    if "format" in header:  # experts.json carries the folder's format; a file's own is checked when it has one
+        check_format(header["format"], FORMAT, path, "an expert file")
+    return header
 
 
 def _expert_files(folder: Path) -> dict[int, Path]:
@@ -635,8 +638,9 @@ def load_experts(
         meta = json.loads(meta_path.read_text())
     except ValueError as exc:
         raise FastddError(f"{meta_path} is not valid JSON ({exc}); retrain the experts into a new folder.") from exc
-    if meta.get("format") != FORMAT:
-        raise FastddError(f"{meta_path} is not a fastdd experts file (format {meta.get('format')!r}, want {FORMAT!r}).")
+    if not isinstance(meta, dict):
+        raise FastddError(f"{meta_path} is not a fastdd experts file (a JSON object was expected).")
+    check_format(meta.get("format"), FORMAT, meta_path, "a fastdd experts file")
     if expect:
         _check_expected(folder, meta, expect)
 
