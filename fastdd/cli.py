@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import platform
 import sys
@@ -33,6 +34,10 @@ def _fail(message: str, code: int = EXIT_USER_ERROR) -> None:
     raise typer.Exit(code)
 
 
+# OSErrors a user causes and can fix (full disk, read-only or forbidden folder): one sentence, not a traceback.
+_USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
+
+
 def _one_line_warnings(previous: Callable) -> Callable:
     """A ``warnings.showwarning`` that prints FastddWarning as one line ``warning: ...`` on stderr and passes other
     warnings to ``previous``."""
@@ -47,8 +52,8 @@ def _one_line_warnings(previous: Callable) -> Callable:
 
 
 def _user_errors(command: Callable) -> Callable:
-    """Turn a FastddError into one sentence on stderr and exit status 2 (no traceback); print FastddWarnings as one
-    line each."""
+    """Turn a FastddError (or a full disk / permission OSError) into one sentence on stderr and exit status 2 (no
+    traceback); print FastddWarnings as one line each."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -61,6 +66,12 @@ def _user_errors(command: Callable) -> Callable:
                 _fail(str(exc))
             except KeyboardInterrupt:
                 _fail("interrupted; outputs written so far are kept (continue a distillation with --resume)", 130)
+            except OSError as exc:
+                if exc.errno not in _USER_OS_ERRORS:
+                    raise
+                where = f" {exc.filename}" if exc.filename else ""
+                _fail(f"could not write or read{where} ({exc.strerror or exc}); free some space or fix the "
+                      "permissions, then run the command again")
 
     return wrapper
 
@@ -295,7 +306,8 @@ def experts_command(
     Run the same command again to continue an interrupted training or to add experts to the folder.
     """
     from fastdd.data import load_dataset
-    from fastdd.distill.experts import ExpertConfig, default_expert_folder, train_experts
+    from fastdd.distill.experts import ExpertConfig, default_expert_folder, missing_experts, train_experts
+    from fastdd.io import check_writable_folder
 
     cfg = ExpertConfig(
         dataset=dataset, data_root=data_root, image_size=image_size, zca=zca, model=model, width=width, depth=depth,
@@ -304,8 +316,10 @@ def experts_command(
         keep_snapshots=keep_snapshots, device=device, outliers=outliers, outlier_data=outlier_data,
         outlier_ratio=outlier_ratio, outlier_weight=outlier_weight,
     )
-    data = load_dataset(dataset, data_root=data_root, image_size=image_size, zca=zca)
     folder = out if out is not None else default_expert_folder(cfg, "runs")
+    if missing_experts(folder, cfg.num_experts):  # a complete folder is only read (it may be a read-only cache)
+        check_writable_folder(folder)  # before the (possibly slow) data loading
+    data = load_dataset(dataset, data_root=data_root, image_size=image_size, zca=zca)
 
     def report(index: int, acc: float) -> None:
         typer.echo(f"expert {index}: test accuracy {100 * acc:.2f} %")

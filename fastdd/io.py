@@ -1,4 +1,4 @@
-"""Synthetic-set and checkpoint files.
+"""Synthetic-set and checkpoint files, and the checks that an output folder can take them.
 
 A synthetic set is a folder with ``synset.safetensors`` (tensors) and ``synset.json`` (what produced it, with its
 ``"format"``), plus a ``synset.png`` grid for a quick look. Nothing here unpickles arbitrary objects: tensors go
@@ -47,6 +47,10 @@ METRICS = "metrics.jsonl"
 
 SYNSET_FORMAT = "fastdd-synset/1"
 CHECKPOINT_FORMAT = "fastdd-checkpoint/1"
+
+# Pre-flight: refuse to start work in a folder whose disk has less free space than this (bytes). Tests lower or
+# raise it; callers may ask for more (e.g. the size of three checkpoints).
+MIN_FREE_BYTES = 64 * 2**20
 
 _OPTIONAL_TENSORS = ("soft_labels", "outlier_images", "syn_lr")
 _UMASK = os.umask(0)
@@ -158,6 +162,69 @@ def safe_torch_load(source: str | Path | bytes, where: str | Path) -> Any:
             f"{where} holds pickled Python objects other than tensors and plain values{named}, and fastdd refuses to "
             "unpickle them because that could run arbitrary code; use a file of tensors written by fastdd or torch."
         ) from None
+
+
+def check_writable_folder(folder: str | Path, *, need_bytes: int = 0) -> None:
+    """Pre-flight check before long work writes into ``folder``: it can be created, a file can be written into it
+    and deleted, and its disk has at least ``max(MIN_FREE_BYTES, need_bytes)`` bytes free.
+
+    Folders created for the check are removed again, so a failure later (or here) leaves the disk as it was.
+
+    Raises:
+        FastddError: one sentence naming the folder and the reason.
+    """
+    folder = Path(folder)
+    missing = []
+    probe = folder
+    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    created: list[Path] = []
+    try:
+        for path in reversed(missing):
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise FastddError(
+                    f"cannot create the output folder {folder} ({_reason(exc)}); choose another output folder "
+                    "(--out) or fix the permissions of its parent."
+                ) from None
+            created.append(path)
+        try:
+            fd, name = tempfile.mkstemp(prefix=".fastdd-probe-", dir=folder)
+            try:
+                os.write(fd, b"fastdd write probe\n")
+            finally:
+                os.close(fd)
+                os.unlink(name)
+        except OSError as exc:
+            raise FastddError(
+                f"cannot write into the output folder {folder} ({_reason(exc)}); choose another output folder "
+                "(--out) or fix its permissions."
+            ) from None
+        free = shutil.disk_usage(folder).free
+    finally:
+        for path in reversed(created):
+            try:
+                path.rmdir()
+            except OSError:
+                pass
+    need = max(int(MIN_FREE_BYTES), int(need_bytes))
+    if free < need:
+        raise FastddError(
+            f"only {_megabytes(free)} are free on the disk holding {folder} but this needs at least "
+            f"{_megabytes(need)}; free some space or choose another output folder (--out)."
+        )
+
+
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or str(exc) or type(exc).__name__).rstrip(".")
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 @dataclass

@@ -1,8 +1,9 @@
-"""Faults: checksummed checkpoints with a previous one to fall back on, a real SIGKILL mid-run, and death at every
-step of a checkpoint write.
+"""Faults: checksummed checkpoints with a previous one to fall back on, a real SIGKILL mid-run, death at every step of
+a checkpoint write, pre-flight checks of the output folder, and a full disk in the middle of a run.
 
 Every run is dm on the embedded digits set with tiny settings (milliseconds per iteration)."""
 
+import errno
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from fastdd import io as io_module
 from fastdd.cli import app
 from fastdd.data import load_dataset
 from fastdd.distill import get_distiller, run_distillation
@@ -287,3 +289,124 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
     assert same_synset(SyntheticSet.load(killed), SyntheticSet.load(tmp_path / "full"))
     assert logged_iterations(killed) == list(range(1, iterations + 1))
     assert not list(killed.glob(".*.tmp")), "half-written files of the killed process were left behind"
+
+
+# -- unwritable folders and full disks -------------------------------------------------------------------------------
+
+DM = ["--threads", "1", "distill", "--method", "dm", "--ipc", "1", "--width", "8", "--batch-real", "16",
+      "--iterations", "2", "--quiet"]
+EXPERTS = ["--threads", "1", "experts", "--num-experts", "1", "--epochs", "1", "--width", "8", "--quiet"]
+
+
+def assert_one_sentence_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0].endswith("."), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("command", [DM, EXPERTS], ids=["distill", "experts"])
+def test_output_folder_that_cannot_be_created(tmp_path, command):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = cli.invoke(app, [*command, "--out", str(blocker / "run")])
+    assert_one_sentence_error(result, "cannot create the output folder", "Not a directory")
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; covered by the not-a-folder test")
+def test_read_only_output_folder_keeps_the_earlier_run(tmp_path):
+    out = tmp_path / "run"
+    assert cli.invoke(app, [*DM, "--out", str(out)]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    out.chmod(0o500)
+    try:
+        result = cli.invoke(app, [*DM, "--seed", "9", "--overwrite", "--out", str(out)])
+    finally:
+        out.chmod(0o700)
+    assert_one_sentence_error(result, "cannot write into the output folder")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_folder_refusing_writes_keeps_the_earlier_run(tmp_path, monkeypatch):
+    """What a read-only folder does for a normal user (simulated, as root writes anyway): --overwrite deletes
+    nothing, one sentence, exit 2."""
+    out = tmp_path / "run"
+    assert cli.invoke(app, [*DM, "--out", str(out)]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_mkstemp = io_module.tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == out:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(out))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(io_module.tempfile, "mkstemp", mkstemp)
+    result = cli.invoke(app, [*DM, "--seed", "9", "--overwrite", "--out", str(out)])
+    assert_one_sentence_error(result, "cannot write into the output folder", "Permission denied")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_complete_experts_folder_is_only_read(tmp_path, monkeypatch):
+    """A folder holding every expert asked for may be a read-only cache: no pre-flight write, no space needed."""
+    out = tmp_path / "experts"
+    assert cli.invoke(app, [*EXPERTS, "--out", str(out)]).exit_code == 0
+    monkeypatch.setattr(io_module, "MIN_FREE_BYTES", 2**62)
+    result = cli.invoke(app, [*EXPERTS, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert_one_sentence_error(cli.invoke(app, [*EXPERTS, "--num-experts", "2", "--out", str(out)]), "are free")
+
+
+@pytest.mark.parametrize("command", [DM, EXPERTS], ids=["distill", "experts"])
+def test_full_disk_is_refused_before_work_starts(tmp_path, monkeypatch, command):
+    out = tmp_path / "run"
+    if command is DM:
+        assert cli.invoke(app, [*DM, "--out", str(out)]).exit_code == 0
+        command = [*DM, "--seed", "9", "--overwrite"]  # --overwrite must not delete anything before the check
+    before = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else None
+    monkeypatch.setattr(io_module, "MIN_FREE_BYTES", 2**62)
+    result = cli.invoke(app, [*command, "--out", str(out)])
+    assert_one_sentence_error(result, "are free on the disk holding", "free some space")
+    assert ({p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else None) == before
+
+
+def _disk_fills_at_checkpoint(monkeypatch, which: int):
+    """The ``which``-th write of checkpoint.pt runs out of space half-way through."""
+    real = io_module.atomic_write
+    seen = {"n": 0}
+
+    def atomic_write(path, write, **kwargs):
+        if Path(path).name == "checkpoint.pt":
+            seen["n"] += 1
+            if seen["n"] == which:
+                def partial(tmp):
+                    Path(tmp).write_bytes(b"\0" * 100)
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
+
+                return real(path, partial, **kwargs)
+        return real(path, write, **kwargs)
+
+    monkeypatch.setattr(io_module, "atomic_write", atomic_write)
+
+
+def test_full_disk_mid_run_keeps_the_last_checkpoint_and_synset(digits, full, tmp_path, monkeypatch):
+    _disk_fills_at_checkpoint(monkeypatch, 2)
+    with pytest.raises(FastddError, match=r"No space left on device.*iteration 2 .* intact.*--resume") as info:
+        run_distillation(make(digits), tmp_path, checkpoint_every=EVERY, progress=False)
+    assert "\n" not in str(info.value)
+    monkeypatch.undo()
+    assert not list(tmp_path.glob(".*.tmp")), "a partial temporary file was left behind"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state = load_checkpoint(tmp_path)
+    assert state["iteration"] == 2
+    assert torch.equal(SyntheticSet.load(tmp_path).images, state["distiller"]["images"])
+    assert same_synset(resume(digits, tmp_path), full)  # space freed: the run continues exactly
+
+
+def test_full_disk_mid_run_on_the_command_line(tmp_path, monkeypatch):
+    _disk_fills_at_checkpoint(monkeypatch, 2)
+    result = cli.invoke(app, [*DM, "--iterations", "3", "--checkpoint-every", "1", "--out", str(tmp_path)])
+    assert_one_sentence_error(result, "No space left on device", "iteration 1", "--resume")

@@ -2,7 +2,9 @@
 
 Faults: a run killed at any moment (SIGKILL included) and restarted with ``resume`` loses at most the iterations
 since its last complete checkpoint and then continues exactly as an uninterrupted run would. A damaged latest
-checkpoint is detected by its checksum and the previous one is used (see :func:`fastdd.io.load_checkpoint`).
+checkpoint is detected by its checksum and the previous one is used (see :func:`fastdd.io.load_checkpoint`). Before
+any work the output folder is checked to be writable with free space, and a write that fails mid-run (e.g. a full
+disk) stops with one sentence, leaving the last checkpoint and synthetic set intact.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fastdd.io import (
     SYNSET_TENSORS,
     MetricsLog,
     SyntheticSet,
+    check_writable_folder,
     load_checkpoint,
     remove_stale_temporaries,
     save_checkpoint,
@@ -34,8 +37,10 @@ from fastdd.io import (
 RUN_FILES = (*CHECKPOINT_FILES, SYNSET_TENSORS, SYNSET_META, SYNSET_GRID, SYNSET_OUTLIER_GRID, METRICS)
 
 
-def check_output_folder(out: Path, *, resume: bool, overwrite: bool = False) -> None:
-    """Refuse to replace an earlier run unless resuming or overwriting it; refuse to resume from nothing."""
+def check_output_folder(out: Path, *, resume: bool, overwrite: bool = False, need_bytes: int = 0) -> None:
+    """Refuse to replace an earlier run unless resuming or overwriting it; refuse to resume from nothing; check the
+    folder can be created and written and its disk has ``need_bytes`` (at least ``fastdd.io.MIN_FREE_BYTES``) free
+    (``fastdd.io.check_writable_folder``). Changes nothing on disk."""
     out = Path(out)
     if resume and overwrite:
         raise FastddError("--resume and --overwrite contradict each other; pass one of them.")
@@ -48,6 +53,7 @@ def check_output_folder(out: Path, *, resume: bool, overwrite: bool = False) -> 
         )
     if resume and not has_checkpoint:
         raise FastddError(f"--resume was given but {out} holds no {CHECKPOINT} to continue from.")
+    check_writable_folder(out, need_bytes=need_bytes)
 
 
 def save_synthetic_set(distiller: Distiller, out: Path) -> SyntheticSet:
@@ -73,16 +79,20 @@ def run_distillation(
     Writes ``metrics.jsonl`` (one record per iteration), a checksummed checkpoint (``checkpoint.pt`` +
     ``checkpoint.json``, the one before kept as ``checkpoint.prev.*``) every ``checkpoint_every`` iterations and at
     the end, and the synthetic set. ``overwrite`` replaces an earlier run in ``out`` (otherwise it is refused).
-    With ``resume`` the run continues from the newest valid checkpoint with the same settings (``metrics.jsonl`` is
-    cut back to that checkpoint's iteration) and ends bit-identical to an uninterrupted run. A non-finite loss stops the run with
-    FastddError and leaves the last checkpoint and synthetic set untouched.
+    Before anything is changed, ``out`` must be writable with free space for about four checkpoints. With ``resume``
+    the run continues from the newest valid checkpoint with the same settings (``metrics.jsonl`` is cut back to that
+    checkpoint's iteration) and ends bit-identical to an uninterrupted run. A non-finite loss, or a write that fails
+    (``OSError``, e.g. a full disk), stops the run with FastddError and leaves the last checkpoint and synthetic set
+    untouched.
 
     Returns:
         The final synthetic set.
     """
     out = Path(out)
     config = distiller.config
-    check_output_folder(out, resume=resume, overwrite=overwrite)
+    # Room for three checkpoints (current, previous, the one being written) and the synthetic set beside them.
+    need = 4 * _tensor_bytes(distiller.state_dict())
+    check_output_folder(out, resume=resume, overwrite=overwrite, need_bytes=need)
     if overwrite:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
@@ -105,17 +115,25 @@ def run_distillation(
     total = config.iterations
     checkpoint_every = max(1, checkpoint_every)
 
+    last_saved = start
+
     def checkpoint(iteration: int) -> SyntheticSet:
-        save_checkpoint(
-            out,
-            {
-                "iteration": iteration,
-                "method": distiller.name,
-                "config": json.dumps(config.to_dict(), sort_keys=True),
-                "distiller": distiller.state_dict(),
-            },
-        )
-        return save_synthetic_set(distiller, out)
+        nonlocal last_saved
+        try:
+            save_checkpoint(
+                out,
+                {
+                    "iteration": iteration,
+                    "method": distiller.name,
+                    "config": json.dumps(config.to_dict(), sort_keys=True),
+                    "distiller": distiller.state_dict(),
+                },
+            )
+            synset = save_synthetic_set(distiller, out)
+        except OSError as exc:
+            raise _write_failed(out, f"the checkpoint of iteration {iteration}", exc, last_saved) from None
+        last_saved = iteration
+        return synset
 
     bar = _ProgressBar(total, start, distiller.name, enabled=progress)
     t0 = time.perf_counter()
@@ -128,11 +146,38 @@ def run_distillation(
                     f"the loss became {loss} at iteration {iteration + 1}; the run stopped and the last checkpoint "
                     f"in {out} was kept (try a smaller --lr-img)."
                 )
-            log.write({"iteration": iteration + 1, "seconds": round(time.perf_counter() - t0, 4), **metrics})
+            try:
+                log.write({"iteration": iteration + 1, "seconds": round(time.perf_counter() - t0, 4), **metrics})
+            except OSError as exc:
+                raise _write_failed(out, f"{METRICS}", exc, last_saved) from None
             bar.advance(loss)
             if (iteration + 1) % checkpoint_every == 0 and iteration + 1 < total:
                 checkpoint(iteration + 1)
     return checkpoint(total)
+
+
+def _write_failed(out: Path, what: str, exc: OSError, last_saved: int) -> FastddError:
+    """One sentence for a write that failed mid-run (full disk, folder gone read-only, ...)."""
+    reason = (exc.strerror or str(exc) or type(exc).__name__).rstrip(".")
+    if last_saved > 0:
+        then = (f"the checkpoint of iteration {last_saved} and the synthetic set beside it are intact: free some space "
+                "or fix the folder, then continue with --resume")
+    else:
+        then = "no checkpoint had been written yet: free some space or fix the folder, then start again with --overwrite"
+    return FastddError(f"could not write {what} into {out} ({reason}); {then}.")
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of all tensors in a nested state (dicts, lists, tuples)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def _differs_beyond_iterations(saved: dict, current: dict) -> bool:
