@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from fastdd.errors import FastddError
+from fastdd.errors import FastddError, FastddWarning
 
-__all__ = ["FastddError", "__version__"]
+__all__ = ["FastddError", "FastddWarning", "__version__"]

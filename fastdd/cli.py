@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import platform
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
 
-from fastdd.errors import FastddError
+from fastdd.errors import FastddError, FastddWarning
 
 app = typer.Typer(
     name="fastdd",
@@ -32,17 +34,44 @@ def _fail(message: str, code: int = EXIT_USER_ERROR) -> None:
     raise typer.Exit(code)
 
 
+# OSErrors a user causes and can fix (full disk, read-only or forbidden folder): one sentence, not a traceback.
+_USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
+
+
+def _one_line_warnings(previous: Callable) -> Callable:
+    """A ``warnings.showwarning`` that prints FastddWarning as one line ``warning: ...`` on stderr and passes other
+    warnings to ``previous``."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, FastddWarning):
+            typer.echo(f"warning: {message}", err=True)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def _user_errors(command: Callable) -> Callable:
-    """Turn a FastddError into one sentence on stderr and exit status 2 (no traceback)."""
+    """Turn a FastddError (or a full disk / permission OSError) into one sentence on stderr and exit status 2 (no
+    traceback); print FastddWarnings as one line each."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except FastddError as exc:
-            _fail(str(exc))
-        except KeyboardInterrupt:
-            _fail("interrupted; outputs written so far are kept (continue a distillation with --resume)", 130)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", FastddWarning)
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            try:
+                return command(*args, **kwargs)
+            except FastddError as exc:
+                _fail(str(exc))
+            except KeyboardInterrupt:
+                _fail("interrupted; outputs written so far are kept (continue a distillation with --resume)", 130)
+            except OSError as exc:
+                if exc.errno not in _USER_OS_ERRORS:
+                    raise
+                where = f" {exc.filename}" if exc.filename else ""
+                _fail(f"could not write or read{where} ({exc.strerror or exc}); free some space or fix the "
+                      "permissions, then run the command again")
 
     return wrapper
 
@@ -323,7 +352,8 @@ def experts_command(
     Run the same command again to continue an interrupted training or to add experts to the folder.
     """
     from fastdd.data import load_dataset
-    from fastdd.distill.experts import ExpertConfig, default_expert_folder, train_experts
+    from fastdd.distill.experts import ExpertConfig, default_expert_folder, missing_experts, train_experts
+    from fastdd.io import check_writable_folder
 
     tensorboard_target = _check_logging_options(tensorboard, tensorboard_dir, wandb)
     cfg = ExpertConfig(
@@ -333,8 +363,10 @@ def experts_command(
         keep_snapshots=keep_snapshots, device=device, outliers=outliers, outlier_data=outlier_data,
         outlier_ratio=outlier_ratio, outlier_weight=outlier_weight,
     )
-    data = load_dataset(dataset, data_root=data_root, image_size=image_size, zca=zca)
     folder = out if out is not None else default_expert_folder(cfg, "runs")
+    if missing_experts(folder, cfg.num_experts):  # a complete folder is only read (it may be a read-only cache)
+        check_writable_folder(folder)  # before the (possibly slow) data loading
+    data = load_dataset(dataset, data_root=data_root, image_size=image_size, zca=zca)
 
     def report(index: int, acc: float) -> None:
         typer.echo(f"expert {index}: test accuracy {100 * acc:.2f} %")

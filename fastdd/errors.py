@@ -6,3 +6,14 @@ The CLI prints its message as a single sentence and exits with status 2; library
 
 class FastddError(Exception):
     """A user-fixable problem. The message is one sentence that says what is wrong and what to do."""
+
+
+class UnsafeFileError(FastddError):
+    """A file holds pickled Python objects other than tensors and plain values; fastdd refuses to unpickle it."""
+
+
+class FastddWarning(UserWarning):
+    """Something the user should know that does not stop the work (e.g. a damaged checkpoint was skipped).
+
+    The CLI prints its message as one line ``warning: ...`` on stderr.
+    """

@@ -36,7 +36,7 @@ import fastdd
 from fastdd.data import ImageDataset
 from fastdd.data.registry import get_spec
 from fastdd.errors import FastddError
-from fastdd.io import atomic_write, write_json
+from fastdd.io import atomic_write, check_format, check_writable_folder, write_json
 from fastdd.models import build_model_for, flat_parameters, parameter_layout
 from fastdd.models.registry import default_convnet_depth
 from fastdd.observability import TENSORBOARD_DIR, Sinks, check_sinks_available, optional_sinks
@@ -255,7 +255,8 @@ def train_experts(
     device = torch.device(config.device)
     strategy = (config.dsa_strategy or dataset.dsa_strategy) if config.dsa else None
     meta = _folder_meta(config, dataset, digest, strategy)
-    if missing:
+    if missing:  # pre-flight: the folder takes files and the disk has room for the new trajectories
+        check_writable_folder(out, need_bytes=len(missing) * config.num_snapshots * meta["num_params"] * 4)
         train_images = dataset.train_images.to(device)
         train_labels = dataset.train_labels.to(device)
         test_images = dataset.test_images.to(device)
@@ -289,10 +290,17 @@ def train_experts(
                     "test_accuracy": repr(acc),
                 }
                 path = out / expert_file_name(k)
-                atomic_write(path, lambda tmp: write_snapshots(tmp, snapshots, header))
-                existing[k] = acc
-                _append_metrics(out, {"expert": k, "test_accuracy": acc})
-                _write_folder_meta(out, meta, existing)
+                try:
+                    atomic_write(path, lambda tmp: write_snapshots(tmp, snapshots, header), durable=True)
+                    existing[k] = acc
+                    _append_metrics(out, {"expert": k, "test_accuracy": acc})
+                    _write_folder_meta(out, meta, existing)
+                except OSError as exc:
+                    reason = (exc.strerror or str(exc) or type(exc).__name__).rstrip(".")
+                    raise FastddError(
+                        f"could not write expert {k} into {out} ({reason}); the experts finished before it are kept: "
+                        "free some space or fix the folder, then run the same command again."
+                    ) from None
                 if on_expert is not None:
                     on_expert(k, acc)
     _write_folder_meta(out, meta, existing)
@@ -527,11 +535,21 @@ def _read_header(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             if SNAPSHOTS not in f.keys():
                 raise ValueError(f"no {SNAPSHOTS!r} tensor")
-            return dict(f.metadata() or {})
+            header = dict(f.metadata() or {})
     except Exception as exc:  # foreign or damaged file: one sentence for the user
         raise FastddError(
             f"the expert file {path} could not be read ({exc}); delete it to retrain that expert."
         ) from exc
+    if "format" in header:  # experts.json carries the folder's format; a file's own is checked when it has one
+        check_format(header["format"], FORMAT, path, "an expert file")
+    return header
+
+
+def missing_experts(folder: str | Path, num_experts: int) -> list[int]:
+    """The indices ``0 .. num_experts - 1`` that have no expert file in ``folder`` (all of them without the folder)."""
+    folder = Path(folder)
+    present = _expert_files(folder) if folder.is_dir() else {}
+    return [k for k in range(num_experts) if k not in present]
 
 
 def _expert_files(folder: Path) -> dict[int, Path]:
@@ -659,8 +677,9 @@ def load_experts(
         meta = json.loads(meta_path.read_text())
     except ValueError as exc:
         raise FastddError(f"{meta_path} is not valid JSON ({exc}); retrain the experts into a new folder.") from exc
-    if meta.get("format") != FORMAT:
-        raise FastddError(f"{meta_path} is not a fastdd experts file (format {meta.get('format')!r}, want {FORMAT!r}).")
+    if not isinstance(meta, dict):
+        raise FastddError(f"{meta_path} is not a fastdd experts file (a JSON object was expected).")
+    check_format(meta.get("format"), FORMAT, meta_path, "a fastdd experts file")
     if expect:
         _check_expected(folder, meta, expect)
 
@@ -805,6 +824,7 @@ __all__ = [
     "expert_file_name",
     "expert_seed",
     "load_experts",
+    "missing_experts",
     "settings_digest",
     "train_experts",
     "trajectory_settings",

@@ -1,4 +1,11 @@
-"""Runs a Distiller: the iteration loop, progress bar, ``metrics.jsonl``, atomic checkpoints, resume, final save."""
+"""Runs a Distiller: the iteration loop, progress bar, ``metrics.jsonl``, checksummed checkpoints, resume, final save.
+
+Faults: a run killed at any moment (SIGKILL included) and restarted with ``resume`` loses at most the iterations
+since its last complete checkpoint and then continues exactly as an uninterrupted run would. A damaged latest
+checkpoint is detected by its checksum and the previous one is used (see :func:`fastdd.io.load_checkpoint`). Before
+any work the output folder is checked to be writable with free space, and a write that fails mid-run (e.g. a full
+disk) stops with one sentence, leaving the last checkpoint and synthetic set intact.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +18,17 @@ from fastdd.distill.base import Distiller
 from fastdd.errors import FastddError
 from fastdd.io import (
     CHECKPOINT,
+    CHECKPOINT_FILES,
     METRICS,
+    PREVIOUS_CHECKPOINT,
     SYNSET_GRID,
     SYNSET_META,
     SYNSET_OUTLIER_GRID,
     SYNSET_TENSORS,
     SyntheticSet,
+    check_writable_folder,
     load_checkpoint,
+    remove_stale_temporaries,
     save_checkpoint,
 )
 from fastdd.observability import (
@@ -30,21 +41,26 @@ from fastdd.observability import (
 )
 
 
-RUN_FILES = (CHECKPOINT, SYNSET_TENSORS, SYNSET_META, SYNSET_GRID, SYNSET_OUTLIER_GRID, METRICS)
+RUN_FILES = (*CHECKPOINT_FILES, SYNSET_TENSORS, SYNSET_META, SYNSET_GRID, SYNSET_OUTLIER_GRID, METRICS)
 
 
-def check_output_folder(out: Path, *, resume: bool, overwrite: bool = False) -> None:
-    """Refuse to replace an earlier run unless resuming or overwriting it; refuse to resume from nothing."""
+def check_output_folder(out: Path, *, resume: bool, overwrite: bool = False, need_bytes: int = 0) -> None:
+    """Refuse to replace an earlier run unless resuming or overwriting it; refuse to resume from nothing; check the
+    folder can be created and written and its disk has ``need_bytes`` (at least ``fastdd.io.MIN_FREE_BYTES``) free
+    (``fastdd.io.check_writable_folder``). Changes nothing on disk."""
+    out = Path(out)
     if resume and overwrite:
         raise FastddError("--resume and --overwrite contradict each other; pass one of them.")
-    has_run = (out / CHECKPOINT).exists() or (out / SYNSET_META).exists()
+    has_checkpoint = (out / CHECKPOINT).exists() or (out / PREVIOUS_CHECKPOINT).exists()
+    has_run = has_checkpoint or (out / SYNSET_META).exists()
     if has_run and not (resume or overwrite):
         raise FastddError(
             f"{out} already holds a distillation run; pass --resume to continue it, --overwrite to replace it, "
             "or choose another --out."
         )
-    if resume and not (out / CHECKPOINT).exists():
+    if resume and not has_checkpoint:
         raise FastddError(f"--resume was given but {out} holds no {CHECKPOINT} to continue from.")
+    check_writable_folder(out, need_bytes=need_bytes)
 
 
 def save_synthetic_set(distiller: Distiller, out: Path) -> SyntheticSet:
@@ -70,11 +86,14 @@ def run_distillation(
 ) -> SyntheticSet:
     """Run ``distiller`` for ``config.iterations`` iterations, writing everything into ``out``.
 
-    Writes ``metrics.jsonl`` (one record per iteration), ``checkpoint.pt`` every ``checkpoint_every`` iterations and
-    at the end (atomically), and the synthetic set. ``overwrite`` replaces an earlier run in ``out`` (otherwise it
-    is refused). With ``resume`` the run continues from ``checkpoint.pt`` with
-    the same settings and ends bit-identical to an uninterrupted run. A non-finite loss stops the run with
-    FastddError and leaves the last checkpoint and synthetic set untouched.
+    Writes ``metrics.jsonl`` (one record per iteration), a checksummed checkpoint (``checkpoint.pt`` +
+    ``checkpoint.json``, the one before kept as ``checkpoint.prev.*``) every ``checkpoint_every`` iterations and at
+    the end, and the synthetic set. ``overwrite`` replaces an earlier run in ``out`` (otherwise it is refused).
+    Before anything is changed, ``out`` must be writable with free space for about four checkpoints. With ``resume``
+    the run continues from the newest valid checkpoint with the same settings (``metrics.jsonl`` is cut back to that
+    checkpoint's iteration) and ends bit-identical to an uninterrupted run. A non-finite loss, or a write that fails
+    (``OSError``, e.g. a full disk), stops the run with FastddError and leaves the last checkpoint and synthetic set
+    untouched.
 
     ``tensorboard`` (a folder, or True for ``out/tensorboard``) and ``wandb`` also send every record's numeric fields
     (step = iteration) and the image grids (``synset``, and ``synset_outliers`` for a set with outliers) every
@@ -91,10 +110,14 @@ def run_distillation(
     elif tensorboard is False:
         tensorboard = None
     check_sinks_available(tensorboard=tensorboard is not None, wandb=wandb)
-    check_output_folder(out, resume=resume, overwrite=overwrite)
+    # Room for three checkpoints (current, previous, the one being written) and the synthetic set beside them.
+    need = 4 * _tensor_bytes(distiller.state_dict())
+    check_output_folder(out, resume=resume, overwrite=overwrite, need_bytes=need)
     if overwrite:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
+    if overwrite or resume:  # half-written files of a killed process
+        remove_stale_temporaries(out, RUN_FILES)
     start = 0
     if resume:
         state = load_checkpoint(out)
@@ -113,18 +136,26 @@ def run_distillation(
     checkpoint_every = max(1, checkpoint_every)
     log_images_every = max(1, log_images_every)
 
+    last_saved = start
+
     def checkpoint(iteration: int) -> SyntheticSet:
+        nonlocal last_saved
         sinks.flush()  # what the checkpoint covers is on disk before it
-        save_checkpoint(
-            out,
-            {
-                "iteration": iteration,
-                "method": distiller.name,
-                "config": json.dumps(config.to_dict(), sort_keys=True),
-                "distiller": distiller.state_dict(),
-            },
-        )
-        return save_synthetic_set(distiller, out)
+        try:
+            save_checkpoint(
+                out,
+                {
+                    "iteration": iteration,
+                    "method": distiller.name,
+                    "config": json.dumps(config.to_dict(), sort_keys=True),
+                    "distiller": distiller.state_dict(),
+                },
+            )
+            synset = save_synthetic_set(distiller, out)
+        except OSError as exc:
+            raise _write_failed(out, f"the checkpoint of iteration {iteration}", exc, last_saved) from None
+        last_saved = iteration
+        return synset
 
     def log_images(step: int) -> None:
         to_unit = distiller.dataset.to_unit_range
@@ -149,13 +180,41 @@ def run_distillation(
                         f"checkpoint in {out} was kept (try a smaller --lr-img)."
                     )
                 step = iteration + 1
-                sinks.log_scalars({"iteration": step, "seconds": round(time.perf_counter() - t0, 4), **metrics}, step)
+                record = {"iteration": step, "seconds": round(time.perf_counter() - t0, 4), **metrics}
+                try:
+                    sinks.log_scalars(record, step)
+                except OSError as exc:
+                    raise _write_failed(out, f"{METRICS}", exc, last_saved) from None
                 bar.advance(loss)
                 if sinks.takes_images and (step % log_images_every == 0 or step == total):
                     log_images(step)
                 if step % checkpoint_every == 0 and step < total:
                     checkpoint(step)
         return checkpoint(total)
+
+
+def _write_failed(out: Path, what: str, exc: OSError, last_saved: int) -> FastddError:
+    """One sentence for a write that failed mid-run (full disk, folder gone read-only, ...)."""
+    reason = (exc.strerror or str(exc) or type(exc).__name__).rstrip(".")
+    if last_saved > 0:
+        then = (f"the checkpoint of iteration {last_saved} and the synthetic set beside it are intact: free some space "
+                "or fix the folder, then continue with --resume")
+    else:
+        then = "no checkpoint had been written yet: free some space or fix the folder, then start again with --overwrite"
+    return FastddError(f"could not write {what} into {out} ({reason}); {then}.")
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of all tensors in a nested state (dicts, lists, tuples)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def _differs_beyond_iterations(saved: dict, current: dict) -> bool:

@@ -92,15 +92,24 @@ def _load(path: Path, synset_meta: Mapping[str, Any], shape: Any) -> nn.Module:
     if path.suffix == ".safetensors":
         tensors, metadata = _read_safetensors(path, synset_meta)
         from fastdd.distill.experts import FORMAT, SNAPSHOTS
+        from fastdd.io import check_format
 
-        if metadata.get("format") == FORMAT and SNAPSHOTS in tensors:
+        found = metadata.get("format")
+        if isinstance(found, str) and found.startswith(FORMAT.rpartition("/")[0] + "/"):
+            check_format(found, FORMAT, path, "an expert file")  # a newer expert format: say so
+        if found == FORMAT and SNAPSHOTS in tensors:
             return _from_expert_file(path, tensors[SNAPSHOTS], synset_meta, shape)
         return _from_state(path, tensors, synset_meta, shape)
     if path.suffix in (".pt", ".pth"):
+        from fastdd.errors import UnsafeFileError
+        from fastdd.io import safe_torch_load
+
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = safe_torch_load(path, path)
+        except UnsafeFileError:
+            raise
         except Exception as exc:
-            raise _not_a_teacher(path, synset_meta, exc) from exc
+            raise _not_a_teacher(path, synset_meta, _first_line(exc)) from exc
         if isinstance(obj, Mapping):
             for key in ("state_dict", "model"):
                 if isinstance(obj.get(key), Mapping):
