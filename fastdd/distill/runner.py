@@ -7,6 +7,7 @@ import math
 import time
 from pathlib import Path
 
+from fastdd.distill import distributed
 from fastdd.distill.base import Distiller
 from fastdd.errors import FastddError
 from fastdd.io import (
@@ -66,13 +67,19 @@ def run_distillation(
     the same settings and ends bit-identical to an uninterrupted run. A non-finite loss stops the run with
     FastddError and leaves the last checkpoint and synthetic set untouched.
 
+    In a process group (see :mod:`fastdd.distill.distributed`) every rank calls this with the same distiller
+    settings; the distiller splits its work over the ranks, rank 0 alone writes ``out``, and with ``resume`` all
+    ranks continue from the same checkpoint (which a run with another number of processes may have written).
+
     Returns:
         The final synthetic set.
     """
     out = Path(out)
     config = distiller.config
+    main = distributed.is_main()
     check_output_folder(out, resume=resume, overwrite=overwrite)
-    if overwrite:
+    distributed.check_same(json.dumps(config.to_dict(), sort_keys=True), "settings")
+    if overwrite and main:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
     start = 0
@@ -86,13 +93,20 @@ def run_distillation(
             )
         distiller.load_state_dict(state["distiller"])
         start = int(state["iteration"])
+    # Every rank has read the folder (and the checkpoint) before rank 0 writes into it.
+    distributed.barrier()
     out.mkdir(parents=True, exist_ok=True)
-    distiller.prepare(out, progress=progress)
-    log = MetricsLog(out, resume_from=start if resume else None)
+    distiller.prepare(out, progress=progress and main)
+    log = MetricsLog(out, resume_from=start if resume else None) if main else None
     total = config.iterations
     checkpoint_every = max(1, checkpoint_every)
 
-    def checkpoint(iteration: int) -> SyntheticSet:
+    def checkpoint(iteration: int) -> SyntheticSet | None:
+        # The ranks must hold the same synthetic set (they apply the same summed gradients): a cheap guard.
+        if distributed.world_size() > 1:
+            distributed.check_same(distributed.tensor_digest(distiller.synthetic_tensors()), "synthetic images")
+        if not main:
+            return None
         save_checkpoint(
             out,
             {
@@ -104,7 +118,7 @@ def run_distillation(
         )
         return save_synthetic_set(distiller, out)
 
-    bar = _ProgressBar(total, start, distiller.name, enabled=progress)
+    bar = _ProgressBar(total, start, distiller.name, enabled=progress and main)
     t0 = time.perf_counter()
     with bar:
         for iteration in range(start, total):
@@ -115,11 +129,14 @@ def run_distillation(
                     f"the loss became {loss} at iteration {iteration + 1}; the run stopped and the last checkpoint "
                     f"in {out} was kept (try a smaller --lr-img)."
                 )
-            log.write({"iteration": iteration + 1, "seconds": round(time.perf_counter() - t0, 4), **metrics})
+            if log is not None:
+                log.write({"iteration": iteration + 1, "seconds": round(time.perf_counter() - t0, 4), **metrics})
             bar.advance(loss)
             if (iteration + 1) % checkpoint_every == 0 and iteration + 1 < total:
                 checkpoint(iteration + 1)
-    return checkpoint(total)
+    synset = checkpoint(total)
+    distributed.barrier()  # the files exist when any rank returns
+    return synset if synset is not None else distiller.synthetic_set()
 
 
 def _differs_beyond_iterations(saved: dict, current: dict) -> bool:
