@@ -2,4 +2,5 @@
 
 from fastdd.cli import main
 
-main()
+if __name__ == "__main__":  # not when a process started by --nproc imports the parent's main module
+    main()

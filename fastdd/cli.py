@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import platform
 import sys
 import warnings
@@ -30,6 +31,9 @@ def _fail(message: str, code: int = EXIT_USER_ERROR) -> None:
     message = message.strip()
     if not message.endswith((".", "?", "!")):
         message += "."
+    rank = os.environ.get("RANK", "0")
+    if rank != "0" and os.environ.get("WORLD_SIZE", "1") != "1":
+        message = f"rank {rank}: {message}"  # one process of a distributed run
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -76,13 +80,24 @@ def _user_errors(command: Callable) -> Callable:
     return wrapper
 
 
+# Commands that can run as several processes (`--nproc N`, or under torchrun).
+DISTRIBUTED_COMMANDS = ("distill", "experts")
+
+
 @app.callback()
 def _global_options(
+    ctx: typer.Context,
     threads: Optional[int] = typer.Option(
         None,
         "--threads",
         help="Torch CPU threads for the command (default: torch's, one per core); fewer when other jobs share the "
         "cores, as threads that wait for a descheduled peer slow every step.",
+    ),
+    nproc: Optional[int] = typer.Option(
+        None,
+        "--nproc",
+        help="distill and experts: run as N local processes with torch.distributed (Gloo on CPU, NCCL with "
+        "--device cuda, one GPU each), as `torchrun --nproc_per_node N` would; same result as one process.",
     ),
 ) -> None:
     if threads is not None:
@@ -91,6 +106,59 @@ def _global_options(
         import torch
 
         torch.set_num_threads(threads)
+    if nproc is not None and nproc != 1 and ctx.invoked_subcommand not in DISTRIBUTED_COMMANDS:
+        _fail(f"--nproc applies to {' and '.join(DISTRIBUTED_COMMANDS)}, not to {ctx.invoked_subcommand}")
+    _GLOBAL_OPTIONS.clear()
+    _GLOBAL_OPTIONS.update(threads=threads, nproc=nproc)
+
+
+# The options given before the command in this invocation (set by _global_options; empty in a process started by
+# --nproc, which calls the command function directly).
+_GLOBAL_OPTIONS: dict[str, Any] = {}
+
+
+def _global_option(name: str) -> Any:
+    """A value given before the command (``fastdd --nproc 2 distill``), or None."""
+    return _GLOBAL_OPTIONS.get(name)
+
+
+def _launch_processes(command: str, arguments: dict[str, Any], nproc: Optional[int]) -> bool:
+    """Start ``nproc`` processes that each run ``command`` with ``arguments`` and wait for them; False (nothing
+    started) when this command should run here: one process, or already one process of a distributed run."""
+    from fastdd.distill import distributed
+
+    if nproc is None:
+        nproc = _global_option("nproc")
+    launched = distributed.launched_world_size()
+    if launched is not None:
+        if nproc is not None and nproc != launched:
+            raise FastddError(
+                f"--nproc {nproc} was given but this process is one of {launched} started by torchrun; drop --nproc "
+                "under torchrun."
+            )
+        return False
+    if nproc is None or nproc == 1:
+        return False
+    if nproc < 1:
+        raise FastddError(f"--nproc must be at least 1, got {nproc}.")
+    threads = _global_option("threads")
+    if threads is None and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // nproc)  # share the cores, as torchrun does
+    try:
+        distributed.launch(_run_launched, (command, {**arguments, "nproc": None}), nproc=nproc, threads=threads)
+    except distributed.LaunchFailed as exc:
+        if exc.exit_code == 1:  # not a reported user error: show what failed
+            typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code)
+    return True
+
+
+def _run_launched(command: str, arguments: dict[str, Any]) -> None:
+    """The body of a process started by ``--nproc``: run the command, exit with its status."""
+    try:
+        _LAUNCHABLE[command](**arguments)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
 
 
 def _read_preset(path: Optional[Path]) -> dict[str, Any]:
@@ -162,7 +230,9 @@ def distill(
     soft_labels: Optional[bool] = typer.Option(
         None, "--soft-labels/--hard-labels", help="mtt/tesla: targets from the target expert's softmax."
     ),
-    students: Optional[int] = typer.Option(None, help="mtt/tesla: independent students per iteration (1)."),
+    students: Optional[int] = typer.Option(
+        None, help="mtt/tesla: independent students per iteration (1); split over the processes of --nproc."
+    ),
     num_experts: Optional[int] = typer.Option(None, help="mtt/tesla: experts to train when --experts is not given (5)."),
     expert_train_epochs: Optional[int] = typer.Option(
         None, help="mtt/tesla: epochs per auto-trained expert (default max_start_epoch + expert_epochs)."
@@ -246,10 +316,17 @@ def distill(
         50, "--log-images-every", help="With --tensorboard or --wandb: log the synthetic-image grid (and the outlier "
         "grid) every K iterations and at the end.",
     ),
+    nproc: Optional[int] = typer.Option(
+        None,
+        "--nproc",
+        help="Run as N local processes with torch.distributed (Gloo on CPU, NCCL with --device cuda): dc/dsa/dm "
+        "split the classes, mtt/tesla the --students; same synthetic set as one process (to float rounding).",
+    ),
 ) -> None:
     """Distill a dataset into IPC synthetic images per class and save them in OUT."""
+    arguments = dict(locals())  # first: the options as given, for the processes --nproc starts
     from fastdd.data import load_dataset
-    from fastdd.distill import get_distiller, run_distillation
+    from fastdd.distill import distributed, get_distiller, run_distillation
 
     tensorboard_target = _check_logging_options(tensorboard, tensorboard_dir, wandb, log_images_every)
     preset = _read_preset(config)
@@ -279,14 +356,19 @@ def distill(
     out = out if out is not None else _default_out(method_name, cfg.dataset, cfg.ipc)
     from fastdd.distill.runner import check_output_folder
 
-    check_output_folder(out, resume=resume, overwrite=overwrite)  # before the (possibly slow) data loading
-    data = load_dataset(cfg.dataset, data_root=cfg.data_root, image_size=cfg.image_size, zca=bool(cfg.zca))
-    distiller = distiller_class(cfg, data)
-    run_distillation(
-        distiller, out, checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, progress=not quiet,
-        tensorboard=tensorboard_target, wandb=wandb, log_images_every=log_images_every,
-    )
-    typer.echo(f"synthetic set written to {out}")
+    if distributed.launched_rank() == 0:  # one process probes the folder: its probe may create and remove it
+        check_output_folder(out, resume=resume, overwrite=overwrite)  # before the (possibly slow) data loading
+    if _launch_processes("distill", arguments, nproc):
+        return
+    with distributed.session(cfg.device):
+        data = load_dataset(cfg.dataset, data_root=cfg.data_root, image_size=cfg.image_size, zca=bool(cfg.zca))
+        distiller = distiller_class(cfg, data)
+        run_distillation(
+            distiller, out, checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, progress=not quiet,
+            tensorboard=tensorboard_target, wandb=wandb, log_images_every=log_images_every,
+        )
+        if distributed.is_main():
+            typer.echo(f"synthetic set written to {out}")
 
 
 def _check_logging_options(
@@ -346,12 +428,20 @@ def experts_command(
         False, "--wandb", help="Also log the same scalars to Weights & Biases, one run per expert trained, grouped by "
         "the folder (needs the wandb package; WANDB_MODE sets the mode, default offline).",
     ),
+    nproc: Optional[int] = typer.Option(
+        None,
+        "--nproc",
+        help="Train the experts in N local processes with torch.distributed (Gloo on CPU, NCCL with --device "
+        "cuda), the experts dealt out in turn; the files equal those of one process.",
+    ),
 ) -> None:
     """Train expert trajectories for mtt/tesla: one file of snapshots (init + every epoch) per expert.
 
     Run the same command again to continue an interrupted training or to add experts to the folder.
     """
+    arguments = dict(locals())  # first: the options as given, for the processes --nproc starts
     from fastdd.data import load_dataset
+    from fastdd.distill import distributed
     from fastdd.distill.experts import ExpertConfig, default_expert_folder, missing_experts, train_experts
     from fastdd.io import check_writable_folder
 
@@ -363,24 +453,31 @@ def experts_command(
         keep_snapshots=keep_snapshots, device=device, outliers=outliers, outlier_data=outlier_data,
         outlier_ratio=outlier_ratio, outlier_weight=outlier_weight,
     )
+    if _launch_processes("experts", arguments, nproc):
+        return
     folder = out if out is not None else default_expert_folder(cfg, "runs")
-    if missing_experts(folder, cfg.num_experts):  # a complete folder is only read (it may be a read-only cache)
+    # A complete folder is only read (it may be a read-only cache); one process probes (the probe may create and
+    # remove the folder).
+    if missing_experts(folder, cfg.num_experts) and distributed.launched_rank() == 0:
         check_writable_folder(folder)  # before the (possibly slow) data loading
-    data = load_dataset(dataset, data_root=data_root, image_size=image_size, zca=zca)
 
     def report(index: int, acc: float) -> None:
         typer.echo(f"expert {index}: test accuracy {100 * acc:.2f} %")
 
-    try:
-        result = train_experts(
-            cfg, data, folder, progress=not quiet, on_expert=report, tensorboard=tensorboard_target, wandb=wandb
-        )
-    except KeyboardInterrupt:
-        _fail("interrupted; finished experts are kept: run the same command again to continue", 130)
-    accs = result.test_accuracies
-    mean = 100 * sum(accs) / len(accs)
-    typer.echo(f"{result.num_experts} experts with {result.num_snapshots} snapshots in {folder} "
-               f"(mean test accuracy {mean:.2f} %)")
+    with distributed.session(device):
+        data = load_dataset(dataset, data_root=data_root, image_size=image_size, zca=zca)
+        try:
+            result = train_experts(
+                cfg, data, folder, progress=not quiet, on_expert=report, tensorboard=tensorboard_target, wandb=wandb
+            )
+        except KeyboardInterrupt:
+            _fail("interrupted; finished experts are kept: run the same command again to continue", 130)
+        main = distributed.is_main()
+    if main:
+        accs = result.test_accuracies
+        mean = 100 * sum(accs) / len(accs)
+        typer.echo(f"{result.num_experts} experts with {result.num_snapshots} snapshots in {folder} "
+                   f"(mean test accuracy {mean:.2f} %)")
 
 
 def _split_models(models: list[str]) -> list[str]:
@@ -831,6 +928,10 @@ def info() -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         typer.echo(f"{key:<{width}}  {value}")
+
+
+# The commands `--nproc` can start in several processes (the functions behind `fastdd distill` / `fastdd experts`).
+_LAUNCHABLE: dict[str, Callable[..., None]] = {"distill": distill, "experts": experts_command}
 
 
 def main() -> None:

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 
 import fastdd
 from fastdd.data import ImageDataset
+from fastdd.distill import distributed
 from fastdd.errors import FastddError
 from fastdd.io import SyntheticSet
 from fastdd.models import build_model_for
 from fastdd.ops import AugmentParams, diff_augment, sample_augment_params
-from fastdd.trust.masking import DEFAULT_MASK_PATCH, DEFAULT_MASK_RATIO, random_mask
+from fastdd.trust.masking import DEFAULT_MASK_PATCH, DEFAULT_MASK_RATIO, mask_like, random_mask
 from fastdd.trust.outlier_loss import DEFAULT_OUTLIER_WEIGHT, uniform_cross_entropy
 from fastdd.trust.outliers import OutlierSource, outlier_source
 from fastdd.trust.robust import (
@@ -110,6 +111,12 @@ class Distiller(ABC):
     Methods that train their matching network on real data (dc/dsa with ``net_data`` "real", dm with ``net_data``
     "real") do it with :meth:`train_network_on_real`; with ``config.robust`` that loss is the group-robust objective
     of :mod:`fastdd.trust.robust` (``self.robust_objective``).
+
+    In a torch.distributed process group (:mod:`fastdd.distill.distributed`) every rank builds the same distiller
+    from the same seed; :meth:`step` computes only this rank's share of the summed work (its classes or students),
+    still makes every random draw of the single-process run in the same order (:meth:`real_indices`,
+    :meth:`skip_mask`), and sums the gradients over the ranks (:meth:`reduce_synthetic_gradients`) before the
+    identical optimiser step, so all ranks stay equal to the single-process run.
 
     Attributes:
         images: ``[C * ipc, channels, H, W]`` leaf tensor being optimised (model space).
@@ -230,9 +237,13 @@ class Distiller(ABC):
 
     def real_batch(self, c: int, n: int) -> torch.Tensor:
         """Up to ``n`` random training images of class ``c``: ``[min(n, count_c), C, H, W]`` on the run's device."""
+        return self.dataset.train_images[self.real_indices(c, n)].to(self.device)
+
+    def real_indices(self, c: int, n: int) -> torch.Tensor:
+        """The draw of :meth:`real_batch` alone: up to ``n`` random training indices of class ``c``. A rank that
+        leaves class ``c`` to another rank calls this to keep its generator in step with the single-process run."""
         n = min(n, int(self.class_index.counts[c]))
-        idx = self.class_index.sample(c, n, self.generator)
-        return self.dataset.train_images[idx].to(self.device)
+        return self.class_index.sample(c, n, self.generator)
 
     def train_network_on_real(self, net: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> float:
         """``steps`` optimiser steps of ``net`` on fresh real minibatches; returns the mean loss.
@@ -301,6 +312,25 @@ class Distiller(ABC):
         if ratio == 0:
             return x
         return random_mask(x, ratio, generator=self.generator, patch=DEFAULT_MASK_PATCH)
+
+    def skip_mask(self, shape: tuple[int, ...]) -> None:
+        """The draws of :meth:`mask_synthetic` on images of ``shape`` ``[N, C, H, W]``, without masking anything."""
+        ratio = self.mdt_ratio
+        if ratio != 0:
+            mask_like(shape, ratio, generator=self.generator, patch=DEFAULT_MASK_PATCH)
+
+    # -- several processes (fastdd.distill.distributed) ----------------------------------------------------------
+    def reduce_synthetic_gradients(self, loss: float) -> float:
+        """Sum the gradients of the synthetic tensors (a missing one counts as zeros) and ``loss`` over the ranks;
+        returns the summed loss. In one process: returns ``loss`` and touches nothing."""
+        if distributed.world_size() == 1:
+            return loss
+        tensors = self.synthetic_tensors()
+        for t in tensors:
+            if t.grad is None:
+                t.grad = torch.zeros_like(t)
+        distributed.all_reduce_sum_([t.grad for t in tensors])
+        return distributed.sum_float(loss)
 
     # -- the loop body ------------------------------------------------------------------------------------------
     def prepare(self, out: Path, *, progress: bool) -> None:

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from fastdd.distill import distributed
 from fastdd.distill.base import DistillConfig, Distiller
 from fastdd.distill.gradient_distance import METRICS, gradient_distance
 from fastdd.errors import FastddError
@@ -128,11 +129,18 @@ class DC(Distiller):
                 m.eval()
 
     def _match_classes(self, net: torch.nn.Module) -> float:
-        """Accumulate into ``self.images.grad`` the gradient-matching loss of every class; return the loss."""
+        """Accumulate into ``self.images.grad`` the gradient-matching loss of every class; return the loss.
+
+        With several processes, class ``c`` (and the outlier group, as group ``num_classes``) is computed by rank
+        ``c % world`` only; the other ranks just make its random draws. The gradients and the loss are then summed
+        over the ranks, so every rank ends with the single-process gradient."""
         cfg = self.config
         params = [p for p in net.parameters() if p.requires_grad]
         total = 0.0
         for c in range(self.dataset.num_classes):
+            if not distributed.owns(c):
+                self._skip_class(c)
+                continue
             real = self.real_batch(c, cfg.batch_real)
             syn = self.images[c * cfg.ipc : (c + 1) * cfg.ipc]
             aug = self.augment_params(1)
@@ -146,8 +154,24 @@ class DC(Distiller):
             distance.backward()
             total += distance.item()
         if self.outlier_images is not None:
-            total += self._match_outliers(net, params)
-        return total
+            if distributed.owns(self.dataset.num_classes):
+                total += self._match_outliers(net, params)
+            else:
+                self._skip_outliers()
+        return self.reduce_synthetic_gradients(total)
+
+    def _skip_class(self, c: int) -> None:
+        """The random draws of class ``c``'s matching term (left to another rank), without its computation."""
+        cfg = self.config
+        self.real_indices(c, cfg.batch_real)
+        self.augment_params(1)
+        self.skip_mask((cfg.ipc, *self.images.shape[1:]))
+
+    def _skip_outliers(self) -> None:
+        """The random draws of the outlier matching term (left to another rank), without its computation."""
+        self.real_outliers(self.config.batch_real)
+        self.augment_params(1)
+        self.skip_mask(tuple(self.outlier_images.shape))
 
     def _match_outliers(self, net: torch.nn.Module, params: list[torch.Tensor]) -> float:
         """Accumulate the gradient-matching loss of S_out against real outliers (outlier-loss gradients)."""

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from fastdd.distill import distributed
 from fastdd.distill.base import DistillConfig, Distiller
 from fastdd.errors import FastddError
 
@@ -84,33 +86,52 @@ class DM(Distiller):
             net = self.new_network()
         net.train()
         net.requires_grad_(False)
-        reals, syns, real_sizes = [], [], []
+        if distributed.world_size() > 1 and any(isinstance(m, _BatchNorm) for m in net.modules()):
+            raise FastddError(
+                "dm with a batchnorm network normalises all classes of a batch together, so its classes cannot be "
+                "split over processes; use --norm instancenorm (the default) or run with one process."
+            )
+        reals, syns, real_sizes, owned_classes = [], [], [], 0
         for c in range(num_classes):
+            if not distributed.owns(c):
+                # Another rank matches this class: make its draws only.
+                self.real_indices(c, cfg.batch_real)
+                self.augment_params(1)
+                continue
             real = self.real_batch(c, cfg.batch_real)
             syn = self.images[c * cfg.ipc : (c + 1) * cfg.ipc]
             aug = self.augment_params(1)
             reals.append(self.augment(real, aug))
             syns.append(self.augment(syn, aug))
             real_sizes.append(real.shape[0])
+            owned_classes += 1
+        owned_outliers = False
         if self.outlier_images is not None:
             real = self.real_outliers(cfg.batch_real)
             aug = self.augment_params(1)
-            reals.append(self.augment(real, aug))
-            syns.append(self.augment(self.outlier_images, aug))
-            real_sizes.append(real.shape[0])
-        with torch.no_grad():
-            real_features = net.embed(torch.cat(reals))
-        syn_features = net.embed(torch.cat(syns))
-        real_means = torch.stack([f.mean(dim=0) for f in torch.split(real_features, real_sizes)])
-        num_in = num_classes * cfg.ipc
-        syn_means = syn_features[:num_in].reshape(num_classes, cfg.ipc, -1).mean(dim=1)
-        if self.outlier_images is not None:
-            syn_means = torch.cat([syn_means, syn_features[num_in:].mean(dim=0, keepdim=True)])
-        loss = ((real_means - syn_means) ** 2).sum()
+            if distributed.owns(num_classes):
+                reals.append(self.augment(real, aug))
+                syns.append(self.augment(self.outlier_images, aug))
+                real_sizes.append(real.shape[0])
+                owned_outliers = True
+        groups = num_classes + (self.outlier_images is not None)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_value = 0.0
+        if reals:
+            with torch.no_grad():
+                real_features = net.embed(torch.cat(reals))
+            syn_features = net.embed(torch.cat(syns))
+            real_means = torch.stack([f.mean(dim=0) for f in torch.split(real_features, real_sizes)])
+            num_in = owned_classes * cfg.ipc
+            syn_means = syn_features[:num_in].reshape(owned_classes, cfg.ipc, -1).mean(dim=1)
+            if owned_outliers:
+                syn_means = torch.cat([syn_means, syn_features[num_in:].mean(dim=0, keepdim=True)])
+            loss = ((real_means - syn_means) ** 2).sum()
+            loss.backward()
+            loss_value = loss.item()
+        loss_value = self.reduce_synthetic_gradients(loss_value)
         self.optimizer.step()
-        metrics = {"loss": loss.item() / syn_means.shape[0]}
+        metrics = {"loss": loss_value / groups}
         if self.net_data == "real":
             net.requires_grad_(True)
             metrics["net_loss"] = self.train_network_on_real(net, self.net_optimizer, cfg.net_steps)

@@ -13,8 +13,9 @@ An expert is a network trained on the real data with plain SGD; its trajectory i
 Each expert file is written atomically once the expert is finished, so an interrupted run keeps every finished
 expert, and training into a folder again trains only the experts it lacks. Expert ``k`` draws its initial
 parameters, minibatch orders and augmentations from its own generator seeded by ``expert_seed(seed, k)``, so it
-does not depend on which other experts were trained before it (a folder can be extended, and experts can be split
-over processes). Same settings and seed on the same backend and number of CPU threads give bit-identical files.
+does not depend on which other experts were trained before it (a folder can be extended, and experts are split over
+processes under torch.distributed: ``fastdd experts --nproc N``). Same settings and seed on the same backend and
+number of CPU threads give bit-identical files.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 import fastdd
 from fastdd.data import ImageDataset
 from fastdd.data.registry import get_spec
+from fastdd.distill import distributed
 from fastdd.errors import FastddError
 from fastdd.io import atomic_write, check_format, check_writable_folder, write_json
 from fastdd.models import build_model_for, flat_parameters, parameter_layout
@@ -234,6 +236,11 @@ def train_experts(
         wandb: the same scalars to one Weights & Biases run per newly trained expert, named ``FOLDER/expert_KKKK``
             in group ``FOLDER`` (see :class:`fastdd.observability.WandbSink` for the mode).
 
+    In a process group (see :mod:`fastdd.distill.distributed`) every rank calls this with the same arguments: the
+    missing experts are dealt out in turn (the ``j``-th missing expert to rank ``j % world``), each rank trains
+    its own from their own seeds (so the files equal those of one process), and rank 0 writes ``experts.json``
+    once all are saved; every rank then returns the complete set.
+
     Returns:
         The experts ``0 .. num_experts - 1`` of the folder (``num_snapshots = config.num_snapshots``).
 
@@ -252,18 +259,21 @@ def train_experts(
     digest = settings_digest(config)
     existing = _check_existing(out, config, digest)
     missing = [k for k in range(config.num_experts) if k not in existing]
+    rank, world = distributed.rank(), distributed.world_size()
+    distributed.barrier()  # every rank has read the folder before any writes into it
+    mine = missing[rank::world]
     device = torch.device(config.device)
     strategy = (config.dsa_strategy or dataset.dsa_strategy) if config.dsa else None
     meta = _folder_meta(config, dataset, digest, strategy)
-    if missing:  # pre-flight: the folder takes files and the disk has room for the new trajectories
-        check_writable_folder(out, need_bytes=len(missing) * config.num_snapshots * meta["num_params"] * 4)
+    if mine:  # pre-flight: the folder takes files and the disk has room for this rank's new trajectories
+        check_writable_folder(out, need_bytes=len(mine) * config.num_snapshots * meta["num_params"] * 4)
         train_images = dataset.train_images.to(device)
         train_labels = dataset.train_labels.to(device)
         test_images = dataset.test_images.to(device)
         test_labels = dataset.test_labels.to(device)
-        with _EpochProgress(len(missing) * config.epochs_trained, enabled=progress) as bar:
-            for n, k in enumerate(missing):
-                bar.describe(f"expert {k} ({n + 1}/{len(missing)})")
+        with _EpochProgress(len(mine) * config.epochs_trained, enabled=progress and rank == 0) as bar:
+            for n, k in enumerate(mine):
+                bar.describe(f"expert {k} ({n + 1}/{len(mine)})")
                 name = f"expert_{k:04d}"
                 sinks = Sinks(optional_sinks(
                     tensorboard=Path(tensorboard) / name if tensorboard is not None else None, wandb=wandb,
@@ -294,7 +304,10 @@ def train_experts(
                     atomic_write(path, lambda tmp: write_snapshots(tmp, snapshots, header), durable=True)
                     existing[k] = acc
                     _append_metrics(out, {"expert": k, "test_accuracy": acc})
-                    _write_folder_meta(out, meta, existing)
+                    if world == 1:
+                        _write_folder_meta(out, meta, existing)
+                    elif rank == 0:  # the experts every rank has finished so far
+                        _write_folder_meta(out, meta, _check_existing(out, config, digest))
                 except OSError as exc:
                     reason = (exc.strerror or str(exc) or type(exc).__name__).rstrip(".")
                     raise FastddError(
@@ -303,7 +316,13 @@ def train_experts(
                     ) from None
                 if on_expert is not None:
                     on_expert(k, acc)
-    _write_folder_meta(out, meta, existing)
+    if world == 1:
+        _write_folder_meta(out, meta, existing)
+    else:
+        distributed.barrier()  # every expert file is written
+        if rank == 0:
+            _write_folder_meta(out, meta, _check_existing(out, config, digest))
+        distributed.barrier()  # experts.json is complete
     return load_experts(out, max_experts=config.num_experts, max_snapshots=config.num_snapshots)
 
 

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from fastdd.distill import distributed
 from fastdd.distill.base import DistillConfig, Distiller
 from fastdd.distill.experts import (
     ExpertConfig,
@@ -28,7 +29,7 @@ from fastdd.distill.experts import (
     expected_metadata,
     load_experts,
 )
-from fastdd.distill.trajectory import match_gradients
+from fastdd.distill.trajectory import match_gradients, plan_student
 from fastdd.distill.trajectory_presets import trajectory_preset
 from fastdd.errors import FastddError
 from fastdd.io import SyntheticSet
@@ -180,6 +181,12 @@ class TrajectoryMatching(Distiller):
         return probs
 
     def step(self, iteration: int) -> dict[str, float]:
+        """One image and step-size update from ``students`` students (their gradients averaged).
+
+        With several processes, student ``i`` is trained by rank ``i % world`` only; every rank draws every
+        student's expert, start epoch and plan in order, so the generator stays in step with the single-process
+        run. The image and step-size gradients and the losses are summed over the ranks (one all-reduce), and every
+        rank applies the same update."""
         if self.experts is None:
             raise RuntimeError("call prepare() before step(): the experts are not loaded")
         cfg = self.config
@@ -188,9 +195,23 @@ class TrajectoryMatching(Distiller):
         losses = []
         augment = self.dsa_strategy if cfg.dsa else None
         images, outlier_mask = self.student_images()
-        for _ in range(cfg.students):
+        for student in range(cfg.students):
             expert = int(torch.randint(self.experts.num_experts, (), generator=self.generator))
             start = int(torch.randint(cfg.max_start_epoch, (), generator=self.generator))
+            if not distributed.owns(student):
+                # Another rank trains this student: draw its plan (minibatches, augmentations, masks) only.
+                plan_student(
+                    images.shape[0],
+                    tuple(images.shape[-2:]),
+                    syn_steps=cfg.syn_steps,
+                    batch_syn=cfg.batch_syn,
+                    augment=augment,
+                    generator=self.generator,
+                    device=images.device,
+                    mask_ratio=self.mdt_ratio,
+                    mask_patch=DEFAULT_MASK_PATCH,
+                )
+                continue
             theta0, target = self.experts.pair(expert, start, cfg.expert_epochs)
             theta0, target = theta0.to(self.device), target.to(self.device)
             targets = self.labels
@@ -218,7 +239,12 @@ class TrajectoryMatching(Distiller):
             grad_images += g_img
             grad_lr += g_lr
             losses.append(float(loss))
-        loss = sum(losses) / len(losses)
+        if distributed.world_size() == 1:
+            loss = sum(losses) / len(losses)
+        else:
+            loss_sum = torch.tensor([sum(losses)], dtype=torch.float64, device=self.device)
+            distributed.all_reduce_sum_([grad_images, grad_lr, loss_sum])
+            loss = float(loss_sum) / cfg.students
         if not math.isfinite(loss):
             return {"loss": loss, "syn_lr": self.syn_lr.item()}
         self.optimizer.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ import math
 import time
 from pathlib import Path
 
+from fastdd.distill import distributed
 from fastdd.distill.base import Distiller
 from fastdd.errors import FastddError
 from fastdd.io import (
@@ -100,23 +101,30 @@ def run_distillation(
     ``log_images_every`` iterations and at the end to TensorBoard / Weights & Biases (see
     :mod:`fastdd.observability`); a missing package raises FastddError before any work.
 
+    In a process group (see :mod:`fastdd.distill.distributed`) every rank calls this with the same distiller
+    settings; the distiller splits its work over the ranks, rank 0 alone writes ``out``, and with ``resume`` all
+    ranks continue from the same checkpoint (which a run with another number of processes may have written).
+
     Returns:
         The final synthetic set.
     """
     out = Path(out)
     config = distiller.config
+    main = distributed.is_main()
     if tensorboard is True:
         tensorboard = out / TENSORBOARD_DIR
     elif tensorboard is False:
         tensorboard = None
     check_sinks_available(tensorboard=tensorboard is not None, wandb=wandb)
-    # Room for three checkpoints (current, previous, the one being written) and the synthetic set beside them.
-    need = 4 * _tensor_bytes(distiller.state_dict())
-    check_output_folder(out, resume=resume, overwrite=overwrite, need_bytes=need)
-    if overwrite:
+    if main:  # one rank probes the folder (the launcher stops the others if it fails)
+        # Room for three checkpoints (current, previous, the one being written) and the synthetic set beside them.
+        need = 4 * _tensor_bytes(distiller.state_dict())
+        check_output_folder(out, resume=resume, overwrite=overwrite, need_bytes=need)
+    distributed.check_same(json.dumps(config.to_dict(), sort_keys=True), "settings")
+    if overwrite and main:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
-    if overwrite or resume:  # half-written files of a killed process
+    if (overwrite or resume) and main:  # half-written files of a killed process
         remove_stale_temporaries(out, RUN_FILES)
     start = 0
     if resume:
@@ -129,17 +137,24 @@ def run_distillation(
             )
         distiller.load_state_dict(state["distiller"])
         start = int(state["iteration"])
+    # Every rank has read the folder (and the checkpoint) before rank 0 writes into it.
+    distributed.barrier()
     out.mkdir(parents=True, exist_ok=True)
-    distiller.prepare(out, progress=progress)
-    sinks = Sinks([JsonlSink(out, resume_from=start if resume else None)])
+    distiller.prepare(out, progress=progress and main)
+    sinks = Sinks([JsonlSink(out, resume_from=start if resume else None)] if main else [])
     total = config.iterations
     checkpoint_every = max(1, checkpoint_every)
     log_images_every = max(1, log_images_every)
 
     last_saved = start
 
-    def checkpoint(iteration: int) -> SyntheticSet:
+    def checkpoint(iteration: int) -> SyntheticSet | None:
         nonlocal last_saved
+        # The ranks must hold the same synthetic set (they apply the same summed gradients): a cheap guard.
+        if distributed.world_size() > 1:
+            distributed.check_same(distributed.tensor_digest(distiller.synthetic_tensors()), "synthetic images")
+        if not main:
+            return None
         sinks.flush()  # what the checkpoint covers is on disk before it
         try:
             save_checkpoint(
@@ -163,13 +178,14 @@ def run_distillation(
         if distiller.outlier_images is not None:
             sinks.log_images("synset_outliers", to_unit(distiller.outlier_images.detach()), step, nrow=config.ipc)
 
-    bar = _ProgressBar(total, start, distiller.name, enabled=progress)
+    bar = _ProgressBar(total, start, distiller.name, enabled=progress and main)
     t0 = time.perf_counter()
     with sinks:
-        sinks.sinks += optional_sinks(
-            tensorboard=tensorboard, wandb=wandb, name=out.name, folder=out, first_step=start + 1,
-            config=config.to_dict(),
-        )
+        if main:
+            sinks.sinks += optional_sinks(
+                tensorboard=tensorboard, wandb=wandb, name=out.name, folder=out, first_step=start + 1,
+                config=config.to_dict(),
+            )
         with bar:
             for iteration in range(start, total):
                 metrics = distiller.step(iteration)
@@ -190,7 +206,9 @@ def run_distillation(
                     log_images(step)
                 if step % checkpoint_every == 0 and step < total:
                     checkpoint(step)
-        return checkpoint(total)
+        synset = checkpoint(total)
+    distributed.barrier()  # the files exist when any rank returns
+    return synset if synset is not None else distiller.synthetic_set()
 
 
 def _write_failed(out: Path, what: str, exc: OSError, last_saved: int) -> FastddError:
