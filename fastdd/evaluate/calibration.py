@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastdd.evaluate.histograms import save_density_histograms
+
 CALIBRATION_METRICS: tuple[str, ...] = ("ece", "nll")
 
 
@@ -160,11 +162,6 @@ def save_max_logit_histogram(
         path: the PNG file (parent folders created, written atomically).
         title: the figure title.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from fastdd.io import atomic_write
-
     if not max_logits_by_name:
         raise ValueError("max_logits_by_name is empty: give at least one named set of max logits")
     arrays = {}
@@ -175,23 +172,7 @@ def save_max_logit_histogram(
         if not np.isfinite(array).all():
             raise ValueError(f"max logits of {name!r} hold {int((~np.isfinite(array)).sum())} non-finite values")
         arrays[name] = array
-    low = min(float(a.min()) for a in arrays.values())
-    high = max(float(a.max()) for a in arrays.values())
-    if high <= low:
-        high = low + 1.0
-    bins = np.linspace(low, high, 51)
-    figure = Figure(figsize=(6.4, 4.2), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for name, values in arrays.items():
-        axes.hist(values, bins=bins, density=True, histtype="stepfilled", alpha=0.45, label=f"{name} ({values.size})")
-    axes.set_xlabel("max logit")
-    axes.set_ylabel("density")
-    if title:
-        axes.set_title(title)
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+    save_density_histograms(arrays, path, xlabel="max logit", title=title)
 
 
 def _check(logits: torch.Tensor, labels: torch.Tensor) -> None:

@@ -65,8 +65,8 @@ class CalibrationTask:
 
     @classmethod
     def create(cls, task: Any, methods: tuple[str, ...], *, seed: int, mask_ratio: float) -> "CalibrationTask":
-        """For a protocol task (its ``images``, ``targets``, ``test_images``, ``test_labels``). Refuses TS before any training when a
-        class has a single synthetic image."""
+        """For a protocol task (its ``images``, ``targets``, ``test_images``, ``test_labels``). Refuses TS before
+        any training when a class has a single synthetic image."""
         targets = task.targets
         labels = targets.argmax(dim=1) if targets.dim() == 2 else targets
         if "ts" in methods:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fastdd.errors import FastddError
+from fastdd.evaluate.histograms import save_density_histograms
 
 SCORES: tuple[str, ...] = ("msp", "mls", "energy", "gen")
 METRICS: tuple[str, ...] = ("auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_openood")
@@ -150,28 +151,7 @@ def save_score_histograms(
         score: the score's name, for the x label.
         title: the figure title.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from fastdd.io import atomic_write
-
     arrays = {"in-distribution": _as_scores(scores_in, "scores_in")}
     for name, values in scores_out.items():
         arrays[f"OOD: {name}"] = _as_scores(values, f"scores of {name}")
-    low = min(float(a.min()) for a in arrays.values())
-    high = max(float(a.max()) for a in arrays.values())
-    if high <= low:
-        high = low + 1.0
-    bins = np.linspace(low, high, 51)
-    figure = Figure(figsize=(6.4, 4.2), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for label, values in arrays.items():
-        axes.hist(values, bins=bins, density=True, histtype="stepfilled", alpha=0.45, label=f"{label} ({values.size})")
-    axes.set_xlabel(f"{score} score (higher = more in-distribution)")
-    axes.set_ylabel("density")
-    if title:
-        axes.set_title(title)
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+    save_density_histograms(arrays, path, xlabel=f"{score} score (higher = more in-distribution)", title=title)

@@ -236,17 +236,23 @@ def evaluate_synthetic_set(
     if not 0.0 <= mask_ratio < 1.0:
         raise FastddError(f"--mask-ratio must be in [0, 1), got {mask_ratio}.")
     if plots is not None and not specs and not calibrations:
-        raise FastddError("--plots draws OOD score histograms or reliability diagrams, so it needs --ood or --calibration.")
+        raise FastddError(
+            "--plots draws OOD score histograms or reliability diagrams, so it needs --ood or --calibration."
+        )
     if train_plugin not in (None, "oal"):
         raise FastddError(f"unknown training plug-in {train_plugin!r}; the only one is oal.")
     if train_plugin == "oal" and train_loss != "ce":
-        raise FastddError("OAL brings its own loss (CE + distillation + MICL), so it cannot be combined with --train-loss.")
+        raise FastddError(
+            "OAL brings its own loss (CE + distillation + MICL), so it cannot be combined with --train-loss."
+        )
     if train_plugin == "oal" and teacher is None:
         raise FastddError("OAL needs a teacher: pass --teacher expert or --teacher PATH.")
     if teacher is not None and train_plugin != "oal":
         raise FastddError("--teacher is only used by --train-plugin oal.")
     if train_plugin == "oal" and holdout_spec(specs) is not None:
-        raise FastddError("OAL's teacher classifies all classes, so it cannot train holdout:K networks; drop holdout:K.")
+        raise FastddError(
+            "OAL's teacher classifies all classes, so it cannot train holdout:K networks; drop holdout:K."
+        )
 
     meta = synset.meta
     hyper = meta.get("hyperparameters", {})
