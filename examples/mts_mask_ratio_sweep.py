@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=10, help="masks drawn per synthetic image (MTS_REPEATS)")
     args = parser.parse_args()
 
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -53,17 +54,20 @@ def main() -> None:
         raw.append(calibration_metrics(test_logits, dataset.test_labels))
         for ratio in ratios:
             masks = torch.Generator().manual_seed(zlib.crc32(f"{args.seed}/{run}/{ratio}".encode()))
-            temperature = masked_temperature(net, synset.images, labels, ratio=ratio, generator=masks)
+            temperature = masked_temperature(
+                net, synset.images, labels, ratio=ratio, generator=masks, repeats=args.repeats
+            )
             metrics = calibration_metrics(test_logits, dataset.test_labels, temperature=temperature)
             rows[ratio].append((temperature, metrics["ece"], metrics["nll"]))
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     print(f"{args.synset}: {dataset.name}, {args.runs} runs x {args.epochs} epochs, "
-          f"test acc {mean([m['acc'] for m in raw]):.2f} %")
-    print(f"{'ratio':>6} {'T':>8} {'ECE %':>8} {'NLL':>8}")
-    print(f"{'raw':>6} {1.0:8.3f} {mean([m['ece'] for m in raw]):8.2f} {mean([m['nll'] for m in raw]):8.3f}")
+          f"test acc {mean([m['acc'] for m in raw]):.2f} %, {args.repeats} masks per image")
+    std = lambda values: (sum((v - mean(values)) ** 2 for v in values) / len(values)) ** 0.5  # noqa: E731
+    print(f"{'ratio':>6} {'T':>8} {'T std':>8} {'ECE %':>8} {'NLL':>8}")
+    print(f"{'raw':>6} {1.0:8.3f} {0.0:8.3f} {mean([m['ece'] for m in raw]):8.2f} {mean([m['nll'] for m in raw]):8.3f}")
     for ratio, values in rows.items():
         t, e, n = (mean([v[i] for v in values]) for i in range(3))
-        print(f"{ratio:6.2f} {t:8.3f} {e:8.2f} {n:8.3f}")
+        print(f"{ratio:6.2f} {t:8.3f} {std([v[0] for v in values]):8.3f} {e:8.2f} {n:8.3f}")
 
 
 if __name__ == "__main__":

@@ -534,7 +534,8 @@ def evaluate(
     calibration: Optional[list[str]] = typer.Option(
         None, "--calibration", help="Calibration methods, comma separated or repeated: none (raw networks), ts (one "
         "more network per run trained on 90 % of S per class, temperature fitted on the other 10 %), mts (masked "
-        "temperature scaling: temperature fitted on all of S with random pixel masks). Reports ECE (15 bins), NLL, "
+        "temperature scaling: temperature fitted on all of S, each image under 10 random pixel masks). Reports ECE "
+        "(15 bins), NLL, "
         "temperature and accuracy.",
     ),
     mask_ratio: Optional[float] = typer.Option(

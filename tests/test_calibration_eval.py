@@ -10,7 +10,7 @@ from fastdd.cli import app
 from fastdd.data import load_dataset
 from fastdd.errors import FastddError
 from fastdd.evaluate import EvalConfig, evaluate_synthetic_set
-from fastdd.evaluate.calibration_runs import CALIBRATIONS, parse_calibrations
+from fastdd.evaluate.calibration_runs import CALIBRATIONS, MTS_MASKS_PER_IMAGE, parse_calibrations
 from real_synsets import real_image_synset
 
 FAST = EvalConfig(runs=2, epochs=2, batch_size=64)
@@ -83,8 +83,10 @@ def test_mts_ratio_zero_fits_the_temperature_of_the_unmasked_synthetic_set(digit
     finally:
         fastdd.trust.temperature.fit_temperature = original
     (zero_logits, zero_labels), (half_logits, half_labels) = seen
-    assert torch.equal(zero_labels, synset.labels) and torch.equal(half_labels, synset.labels)
-    assert not torch.equal(zero_logits, half_logits)  # the masks reached the networks
+    # r = 0 fits on every synthetic image once; r > 0 on every image under MTS_MASKS_PER_IMAGE masks
+    assert torch.equal(zero_labels, synset.labels)
+    assert torch.equal(half_labels, synset.labels.repeat(MTS_MASKS_PER_IMAGE))
+    assert not torch.equal(zero_logits.repeat(MTS_MASKS_PER_IMAGE, 1), half_logits)  # the masks reached the networks
     assert masked["mask_ratio"] == 0.5
 
 
