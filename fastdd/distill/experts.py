@@ -764,16 +764,17 @@ def _check_expected(folder: Path, meta: dict[str, Any], expect: dict[str, Any]) 
                 "or pass the right --experts folder."
             )
         have = meta[field]
-        if not _same_value(have, wanted):
+        if not same_setting_value(have, wanted):
             raise FastddError(
                 f"the experts in {folder} have {field} = {_show(have)} but this run needs {field} = {_show(wanted)}; "
                 f"retrain them with `{_retrain_command(expect, meta)}` or pass the right --experts folder."
             )
 
 
-def _same_value(a: Any, b: Any) -> bool:
+def same_setting_value(a: Any, b: Any) -> bool:
+    """Equal settings as read back from JSON: lists element-wise, bools only to bools, floats to 1e-6 relative."""
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same_setting_value(x, y) for x, y in zip(a, b))
     if isinstance(a, bool) or isinstance(b, bool):
         return a is b or (isinstance(a, bool) and isinstance(b, bool) and a == b)
     if isinstance(a, float) or isinstance(b, float):

@@ -16,9 +16,8 @@ from typing import Any, Callable
 import torch
 
 from fastdd.data import ImageDataset
-from fastdd.evaluate.protocol import DEFAULT_LR, EvalConfig, train_on_synthetic
+from fastdd.evaluate.protocol import DEFAULT_LR, EvalConfig, evaluation_network, train_on_synthetic
 from fastdd.io import SyntheticSet
-from fastdd.models import build_model_for
 from fastdd.training import predict_logits
 
 # Component counts reported by `svd_summary`, as fractions of all components, and the ratios whose component counts
@@ -120,8 +119,6 @@ def trained_test_logits(
     if config.runs < 1:
         raise ValueError(f"config.runs must be at least 1, got {config.runs}")
     meta = synset.meta
-    hyper = meta.get("hyperparameters", {})
-    same_as_distillation = model == meta.get("model")
     generator = torch.Generator()
     generator.manual_seed(config.seed)
     lr = config.lr if config.lr is not None else (float(synset.syn_lr) if synset.syn_lr is not None else DEFAULT_LR)
@@ -129,14 +126,7 @@ def trained_test_logits(
     targets = synset.soft_labels if synset.soft_labels is not None else synset.labels
     runs = []
     for run in range(config.runs):
-        net = build_model_for(
-            dataset,
-            model,
-            width=hyper.get("width", 128) if same_as_distillation else 128,
-            depth=hyper.get("depth") if same_as_distillation else None,
-            norm=hyper.get("norm", "instancenorm") if same_as_distillation else "instancenorm",
-            generator=generator,
-        ).to(config.device)
+        net = evaluation_network(dataset, model, meta, generator=generator, device=config.device)
         callback = (lambda epoch, r=run: on_epoch(r, epoch)) if on_epoch is not None else None
         train_on_synthetic(
             synset.images, targets, net, config=config, lr=lr, generator=generator, dsa_strategy=strategy,

@@ -70,6 +70,23 @@ def dataset_for_synset(synset: SyntheticSet, *, data_root: str | None = None) ->
     return dataset
 
 
+def evaluation_network(
+    shape: Any, model: str, synset_meta: dict[str, Any], *, generator: torch.Generator, device: str = "cpu"
+) -> torch.nn.Module:
+    """A fresh evaluation network for ``shape`` (``channels``, ``num_classes``, ``image_size``): the width, depth and
+    norm the set was distilled with when ``model`` is its distillation model, the defaults otherwise."""
+    hyper = synset_meta.get("hyperparameters", {})
+    same_as_distillation = model == synset_meta.get("model")
+    return build_model_for(
+        shape,
+        model,
+        width=hyper.get("width", 128) if same_as_distillation else 128,
+        depth=hyper.get("depth") if same_as_distillation else None,
+        norm=hyper.get("norm", "instancenorm") if same_as_distillation else "instancenorm",
+        generator=generator,
+    ).to(device)
+
+
 def train_on_synthetic(
     images: torch.Tensor,
     targets: torch.Tensor,
@@ -291,7 +308,6 @@ def evaluate_synthetic_set(
     results: dict[str, Any] = {}
     plot_paths: list[str] = []
     for model in models:
-        same_as_distillation = model == meta.get("model")
         accs: list[float] = []
         # score -> set -> metric -> per-run values; pooled scores for the histograms
         per_run: dict[str, dict[str, dict[str, list[float]]]] = {
@@ -306,14 +322,7 @@ def evaluate_synthetic_set(
         def fresh_trained_net(
             images: torch.Tensor, targets: torch.Tensor, gen: torch.Generator, run: int, with_outliers: bool
         ) -> torch.nn.Module:
-            net = build_model_for(
-                task.shape,
-                model,
-                width=hyper.get("width", 128) if same_as_distillation else 128,
-                depth=hyper.get("depth") if same_as_distillation else None,
-                norm=hyper.get("norm", "instancenorm") if same_as_distillation else "instancenorm",
-                generator=gen,
-            ).to(config.device)
+            net = evaluation_network(task.shape, model, meta, generator=gen, device=config.device)
             callback = (lambda epoch, m=model, r=run: on_epoch(m, r, epoch)) if on_epoch else None
             return train_on_synthetic(
                 images,

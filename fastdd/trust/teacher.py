@@ -18,7 +18,6 @@ Nothing is unpickled beyond tensors and plain containers.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -222,21 +221,16 @@ def _build_from_synset(synset_meta: Mapping[str, Any], shape: Any) -> nn.Module:
 
 def _check_same_data(where: Path, expert_meta: Mapping[str, Any], synset_meta: Mapping[str, Any]) -> None:
     """The expert must have seen the synthetic set's data: same dataset, classes, image shape, normalisation."""
+    from fastdd.distill.experts import same_setting_value
+
     for field in ("dataset", "num_classes", "image_shape", "mean", "std", "zca"):
-        if field in expert_meta and field in synset_meta and not _same(expert_meta[field], synset_meta[field]):
+        if field not in expert_meta or field not in synset_meta:
+            continue
+        if not same_setting_value(expert_meta[field], synset_meta[field]):
             raise FastddError(
                 f"the experts in {where} have {field} = {expert_meta[field]!r} but the synthetic set has "
                 f"{synset_meta[field]!r}; pass --teacher a network trained on the synthetic set's data."
             )
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equal values, floats to 1e-6 relative (JSON round trips)."""
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) or isinstance(b, float):
-        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-6)
-    return a == b
 
 
 def _not_a_teacher(path: Path, synset_meta: Mapping[str, Any], reason: Any) -> FastddError:
