@@ -1,5 +1,6 @@
 """Two Gloo processes on this CPU give the single-process result: dm, dsa (classes split), tesla (students split),
-experts (experts split), a resumed run, and the `--nproc` launcher of the command line.
+tesla and tesla-compat with one student (minibatch rows split), experts (experts split), a resumed run, and the
+`--nproc` launcher of the command line.
 
 The two processes are started once per module (starting them costs seconds) and run every scenario; the tests
 then compare their outputs with single-process runs made here with the same seeds.
@@ -31,7 +32,17 @@ TINY = {
     "tesla": dict(ipc=2, iterations=2, width=8, syn_steps=3, expert_epochs=1, max_start_epoch=2, lr_img=10.0,
                   lr_lr=1e-5),
 }
+TINY["tesla-compat"] = TINY["tesla"]
 EXPERTS = dict(dataset="digits", width=8, num_experts=2, epochs=3, seed=5)
+EXPERTS_POE = dict(EXPERTS, outliers="poe")  # TrustDD students need experts trained with outliers
+# --students 1 on 2 processes: each student's minibatch rows are split (folder: method, experts folder, options).
+# batch_syn 7 gives shares of 4 and 3 rows whose outlier counts differ from the minibatch's.
+ROW_SPLIT = {
+    "tesla_rows": ("tesla", "experts", dict(seed=4)),
+    "tesla_rows_mdt_poe": ("tesla", "experts_poe", dict(seed=6, mdt=True, outliers="poe", batch_syn=7)),
+    "compat_rows": ("tesla-compat", "experts", dict(seed=4)),
+    "compat_rows_mdt_poe": ("tesla-compat", "experts_poe", dict(seed=6, mdt=True, outliers="poe", batch_syn=7)),
+}
 
 
 def make(method, digits, **overrides):
@@ -55,6 +66,11 @@ def _scenarios(root: str) -> None:
                 root / f"tesla{students}",
                 progress=False,
             )
+        train_experts(ExpertConfig(**EXPERTS_POE), digits, root / "experts_poe", progress=False)
+        for folder, (method, experts, options) in ROW_SPLIT.items():
+            distiller = make(method, digits, experts=str(root / experts), **options)
+            assert distiller.splits_rows()
+            run_distillation(distiller, root / folder, progress=False)
         # Resume: two iterations, then all ranks continue from rank 0's checkpoint to four.
         run_distillation(make("dm", digits, iterations=2), root / "resumed", progress=False)
         run_distillation(make("dm", digits, iterations=4), root / "resumed", resume=True, progress=False)
@@ -64,6 +80,11 @@ def _scenarios(root: str) -> None:
             make("dm", digits, norm="batchnorm").step(0)
         except FastddError as exc:
             (root / f"batchnorm_refused_{distributed.rank()}.txt").write_text(str(exc))
+        # tesla's rows with batchnorm are not independent: refused, on every rank, before any collective.
+        try:
+            make("tesla", digits, norm="batchnorm").step(0)
+        except FastddError as exc:
+            (root / f"tesla_batchnorm_refused_{distributed.rank()}.txt").write_text(str(exc))
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +151,38 @@ def test_tesla_students_split_over_two_processes_equal_one_process(students, dig
     got = SyntheticSet.load(two_processes / f"tesla{students}")
     assert_same_synset(got, expected, start)
     torch.testing.assert_close(got.syn_lr, expected.syn_lr, **TOLERANCE)
+
+
+@pytest.fixture(scope="module")
+def single_poe_experts(digits, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("single_poe_experts")
+    train_experts(ExpertConfig(**EXPERTS_POE), digits, folder, progress=False)
+    return folder
+
+
+@pytest.mark.parametrize("folder", list(ROW_SPLIT))
+def test_one_student_rows_split_over_two_processes_equal_one_process(folder, digits, two_processes, single_experts,
+                                                                     single_poe_experts, tmp_path):
+    method, experts, options = ROW_SPLIT[folder]
+    experts = single_poe_experts if experts == "experts_poe" else single_experts
+    single = make(method, digits, experts=str(experts), **options)
+    assert not single.splits_rows()
+    start = single.images.detach().clone()
+    expected = run_distillation(single, tmp_path, progress=False)
+    got = SyntheticSet.load(two_processes / folder)
+    assert_same_synset(got, expected, start)
+    torch.testing.assert_close(got.syn_lr, expected.syn_lr, **TOLERANCE)
+    if expected.outlier_images is not None:
+        torch.testing.assert_close(got.outlier_images, expected.outlier_images, **TOLERANCE)
+    records = [json.loads(line) for line in (two_processes / folder / "metrics.jsonl").read_text().splitlines()]
+    single_records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in single_records], rel=1e-5)
+
+
+def test_tesla_row_split_with_batchnorm_is_refused_on_every_rank(two_processes):
+    for rank in range(NPROC):
+        message = (two_processes / f"tesla_batchnorm_refused_{rank}.txt").read_text()
+        assert "batchnorm" in message and "one process" in message and "--students" in message
 
 
 def test_resume_in_two_processes_equals_uninterrupted_single_run(digits, two_processes, tmp_path):

@@ -7,9 +7,10 @@ The design keeps a distributed run equal to the single-process run with the same
   single-process run makes, in the same order, including the draws of work it does not do itself.
 - Only work whose results are summed is split: the classes of dc/dsa/dm (group ``g`` on rank ``g % world``, the
   outlier group of TrustDD counting as group ``num_classes``), the students of mtt/tesla (student ``i`` on rank
-  ``i % world``) and the experts of ``fastdd experts``. Each rank computes its part of the image (and step-size)
-  gradient; one ``all_reduce(SUM)`` gives every rank the full gradient, and every rank applies the same optimiser
-  step. There is no DDP wrapper.
+  ``i % world``; with fewer tesla/tesla-compat students than ranks, the rows of every student step's minibatch
+  instead, with the step's parameter gradient all-reduced at every step) and the experts of ``fastdd experts``.
+  Each rank computes its part of the image (and step-size) gradient; one ``all_reduce(SUM)`` gives every rank the
+  full gradient, and every rank applies the same optimiser step. There is no DDP wrapper.
 - Rank 0 alone writes run outputs (metrics, checkpoints, synthetic set, experts.json).
 
 The sums are the same as in one process up to the order of floating-point additions, so results agree to float

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from fastdd.distill import distributed
 from fastdd.distill.base import DistillConfig, Distiller
@@ -180,13 +181,28 @@ class TrajectoryMatching(Distiller):
             self.net.train()
         return probs
 
+    def splits_rows(self) -> bool:
+        """True when this run splits every student's minibatch rows over the processes instead of the students:
+        with N > 1 processes, fewer than N students (``--students 1`` always) and the ``exact`` or ``compat`` mode
+        (``tesla``, ``tesla-compat``). ``mtt``'s unrolled autograd always splits by students."""
+        world = distributed.world_size()
+        return world > 1 and self.config.students < world and self.mode != "unrolled"
+
     def step(self, iteration: int) -> dict[str, float]:
         """One image and step-size update from ``students`` students (their gradients averaged).
 
         With several processes, student ``i`` is trained by rank ``i % world`` only; every rank draws every
         student's expert, start epoch and plan in order, so the generator stays in step with the single-process
-        run. The image and step-size gradients and the losses are summed over the ranks (one all-reduce), and every
-        rank applies the same update."""
+        run. When :meth:`splits_rows`, every rank trains every student instead, on its share of each minibatch's
+        rows (see :func:`match_gradients`' ``row_shard``). The image and step-size gradients and the losses are
+        summed over the ranks (one all-reduce), and every rank applies the same update."""
+        split_rows = self.splits_rows()
+        if split_rows and any(isinstance(m, _BatchNorm) for m in self.net.modules()):
+            raise FastddError(
+                f"{self.name} with fewer students than processes splits each student's minibatch rows over the "
+                "processes, but a batchnorm student normalises its rows together; use --norm instancenorm (the "
+                f"default), at least {distributed.world_size()} students (--students), or one process."
+            )
         if self.experts is None:
             raise RuntimeError("call prepare() before step(): the experts are not loaded")
         cfg = self.config
@@ -198,7 +214,7 @@ class TrajectoryMatching(Distiller):
         for student in range(cfg.students):
             expert = int(torch.randint(self.experts.num_experts, (), generator=self.generator))
             start = int(torch.randint(cfg.max_start_epoch, (), generator=self.generator))
-            if not distributed.owns(student):
+            if not split_rows and not distributed.owns(student):
                 # Another rank trains this student: draw its plan (minibatches, augmentations, masks) only.
                 plan_student(
                     images.shape[0],
@@ -235,10 +251,12 @@ class TrajectoryMatching(Distiller):
                 outlier_weight=cfg.outlier_weight,
                 mask_ratio=self.mdt_ratio,
                 mask_patch=DEFAULT_MASK_PATCH,
+                row_shard=(distributed.rank(), distributed.world_size()) if split_rows else None,
             )
             grad_images += g_img
             grad_lr += g_lr
-            losses.append(float(loss))
+            # Split rows: every rank holds the student's whole loss; rank 0 alone adds it to the sum over ranks.
+            losses.append(float(loss) if not split_rows or distributed.is_main() else 0.0)
         if distributed.world_size() == 1:
             loss = sum(losses) / len(losses)
         else:

@@ -25,6 +25,15 @@ rows (S_out) are masked like the labelled ones.
 
 With TrustDD outliers, ``images`` holds S_in and S_out together and ``outlier_mask`` marks the S_out rows; a student
 step's loss is then the integrated loss ``CE(in rows) + outlier_weight * H(U; f(out rows))`` of its minibatch.
+
+Row splitting (``row_shard=(rank, world)``, ``exact`` and ``compat`` only, inside a process group): every process
+draws the same plan, and computes only its share of every minibatch's rows (contiguous, by
+``torch.tensor_split(range(b), world)``). Its loss terms are per-row sums divided by the global counts of the
+minibatch (labelled rows for the cross-entropy, outlier rows for the outlier term), so the processes' parameter
+gradients sum to the full minibatch's. Each forward step's gradient is all-reduced (every process then holds the
+same ``theta_i``), and in ``exact`` each reverse step's ``H_i @ lam`` too; the image and step-size gradients
+returned are this process's part, to be summed over the processes by the caller. The rows must be independent (no
+batchnorm).
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from typing import Callable, Union
 import torch
 import torch.nn.functional as F
 
+from fastdd.distill import distributed
 from fastdd.models.functional import functional_forward, parameter_layout
 from fastdd.ops import AugmentParams, diff_augment, sample_augment_params
 from fastdd.trust.masking import mask_like
@@ -138,6 +148,9 @@ class StepTargets:
     labels: torch.Tensor
     outlier_rows: torch.Tensor | None = None
     outlier_weight: float = DEFAULT_OUTLIER_WEIGHT
+    # Row splitting: (labelled rows, outlier rows) of the whole minibatch, of which these rows are a share; the loss
+    # is then a per-row sum over these rows divided by those counts. None: these rows are the whole minibatch.
+    global_counts: tuple[int, int] | None = None
 
 
 def _step_loss(net, theta, batch, params, mask, target: StepTargets) -> torch.Tensor:
@@ -148,12 +161,28 @@ def _step_loss(net, theta, batch, params, mask, target: StepTargets) -> torch.Te
         x = x * mask
     logits = functional_forward(net, theta, x)
     rows = target.outlier_rows
+    if target.global_counts is not None:
+        return _share_loss(logits, target)
     if rows is None:
         return F.cross_entropy(logits, target.labels)
     outlier_term = target.outlier_weight * uniform_cross_entropy(logits[rows]).mean()
     if target.labels.shape[0] == 0:
         return outlier_term
     return F.cross_entropy(logits[~rows], target.labels) + outlier_term
+
+
+def _share_loss(logits: torch.Tensor, target: StepTargets) -> torch.Tensor:
+    """This process's share of a split minibatch's loss: per-row sums over its rows divided by the minibatch's global
+    counts, so that the shares sum to :func:`_step_loss` of the whole minibatch."""
+    labelled, outliers = target.global_counts
+    rows = target.outlier_rows
+    in_logits = logits if rows is None else logits[~rows]
+    loss = logits.new_zeros(())
+    if in_logits.shape[0] > 0:
+        loss = loss + F.cross_entropy(in_logits, target.labels, reduction="sum") / labelled
+    if rows is not None:
+        loss = loss + target.outlier_weight * uniform_cross_entropy(logits[rows]).sum() / outliers
+    return loss
 
 
 def match_gradients(
@@ -173,6 +202,7 @@ def match_gradients(
     outlier_weight: float = DEFAULT_OUTLIER_WEIGHT,
     mask_ratio: float = 0.0,
     mask_patch: int = 1,
+    row_shard: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The trajectory-matching loss and its gradients with respect to the images and the student learning rate.
 
@@ -197,10 +227,15 @@ def match_gradients(
         mask_ratio: MDT: the share of each student input's pixels (cells of ``mask_patch`` x ``mask_patch`` pixels)
             zeroed by a fresh mask per step, after augmentation; 0 (the default) means no masking and no draws.
         mask_patch: side of MDT's mask cells in pixels (1: single pixels, each masked in all channels at once).
+        row_shard: ``(rank, world)``: split every minibatch's rows over the ``world`` processes of the current
+            process group (``exact`` and ``compat`` only; see the module docstring). None (the default): one process
+            computes every row.
 
     Returns:
         ``(loss, grad_images, grad_lr)``: 0-d detached loss, ``[n, C, H, W]`` gradient for ``images`` and a 0-d
-        gradient for ``syn_lr``, all in ``images``' dtype.
+        gradient for ``syn_lr``, all in ``images``' dtype. With ``row_shard`` the loss is the full loss (the same on
+        every process) and the two gradients are this process's part: their sums over the processes are the full
+        gradients.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -238,6 +273,14 @@ def match_gradients(
     plan.masks = [None if m is None else m.to(images.dtype) for m in plan.masks]
     targets = [_step_targets(labels, idx, outlier_mask, outlier_weight) for idx in plan.batches]
     denominator = ((theta0 - target) ** 2).sum()
+    if row_shard is not None:
+        if mode == "unrolled":
+            raise ValueError("row_shard applies to the exact and compat modes only, not to unrolled")
+        rank, world = row_shard
+        shares = [_row_share(plan, targets, labels, i, rank, world) for i in range(len(plan.batches))]
+        return _split_reverse_accumulation(
+            net, images, shares, theta0, target, alpha, denominator, exact=mode == "exact"
+        )
     if mode == "unrolled":
         return _unrolled(net, images, targets, theta0, target, alpha, denominator, plan)
     return _reverse_accumulation(net, images, targets, theta0, target, alpha, denominator, plan, exact=mode == "exact")
@@ -314,4 +357,66 @@ def _reverse_accumulation(net, images, targets, theta0, target, alpha, denominat
             (d_batch,) = torch.autograd.grad(directional, batch)
         grad_images.index_add_(0, idx, d_batch, alpha=neg_alpha)
         grad_lr.sub_(directional.detach())
+    return matching.detach(), grad_images, grad_lr
+
+
+def _row_share(plan: StudentPlan, targets: list[StepTargets], labels: Targets, step: int, rank: int, world: int):
+    """``(idx, augment, mask, targets)`` of this process's rows of minibatch ``step`` (``idx`` may be empty)."""
+    idx, full = plan.batches[step], targets[step]
+    rows = full.outlier_rows
+    outliers = 0 if rows is None else int(rows.sum())
+    counts = (idx.numel() - outliers, outliers)
+    positions = torch.tensor_split(torch.arange(idx.numel(), device=idx.device), world)[rank]
+    if positions.numel() == 0:
+        return idx[positions], None, None, None
+    params, mask = plan.augment[step], plan.masks[step]
+    share_rows = None if rows is None else rows[positions]
+    local = idx[positions]
+    if share_rows is not None and not bool(share_rows.any()):
+        share_rows = None
+    labelled = local if share_rows is None else local[~share_rows]
+    y = labels[labelled] if isinstance(labels, torch.Tensor) else labels(labelled)
+    return (
+        local,
+        None if params is None else params.select(positions),
+        None if mask is None else mask[positions],
+        StepTargets(y.detach(), share_rows, full.outlier_weight, counts),
+    )
+
+
+def _split_reverse_accumulation(net, images, shares, theta0, target, alpha, denominator, *, exact: bool):
+    """:func:`_reverse_accumulation` with every minibatch's rows split over the process group (see the module
+    docstring): one all-reduce of ``[P]`` per forward step and, in exact mode, per reverse step."""
+    steps = len(shares)
+    neg_alpha = -float(alpha)
+    thetas = theta0.new_empty(steps + 1, theta0.numel())
+    thetas[0] = theta0
+    for i, (idx, params, mask, targets) in enumerate(shares):
+        if idx.numel() == 0:
+            grad = torch.zeros_like(theta0)
+        else:
+            theta = thetas[i].detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(_step_loss(net, theta, images[idx], params, mask, targets), theta)
+        distributed.all_reduce_sum_([grad])
+        torch.add(thetas[i], grad, alpha=neg_alpha, out=thetas[i + 1])
+    residual = thetas[-1] - target
+    matching = (residual**2).sum() / denominator
+    lam = 2 * residual / denominator
+    grad_images = torch.zeros_like(images)
+    grad_lr = torch.zeros_like(alpha)
+    for i in reversed(range(steps)):
+        idx, params, mask, targets = shares[i]
+        hvp = torch.zeros_like(lam) if exact else None
+        if idx.numel() > 0:
+            theta, batch, grad = _differentiable_step(net, thetas[i], images, idx, params, mask, targets)
+            directional = (grad * lam).sum()
+            if exact:
+                d_batch, hvp = torch.autograd.grad(directional, (batch, theta))
+            else:
+                (d_batch,) = torch.autograd.grad(directional, batch)
+            grad_images.index_add_(0, idx, d_batch, alpha=neg_alpha)
+            grad_lr.sub_(directional.detach())
+        if exact:
+            distributed.all_reduce_sum_([hvp])
+            lam.add_(hvp, alpha=neg_alpha)
     return matching.detach(), grad_images, grad_lr
