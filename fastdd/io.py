@@ -15,6 +15,7 @@ the first checkpoint is complete), and :func:`load_checkpoint` uses the newest p
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -97,9 +98,8 @@ def fsync_path(path: str | Path) -> None:
     except OSError:  # e.g. folders cannot be opened on some systems: nothing to flush there
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):  # best effort: some filesystems cannot fsync a folder
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -207,10 +207,8 @@ def check_writable_folder(folder: str | Path, *, need_bytes: int = 0) -> None:
         free = shutil.disk_usage(folder).free
     finally:
         for path in reversed(created):
-            try:
+            with contextlib.suppress(OSError):  # a folder someone else filled meanwhile stays
                 path.rmdir()
-            except OSError:
-                pass
     need = max(int(MIN_FREE_BYTES), int(need_bytes))
     if free < need:
         raise FastddError(
