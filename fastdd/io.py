@@ -28,7 +28,7 @@ import warnings
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -317,7 +317,7 @@ class SyntheticSet:
         )
 
 
-def image_grid_array(images: torch.Tensor, *, nrow: int | None = None) -> "numpy.ndarray":
+def image_grid_array(images: torch.Tensor, *, nrow: int | None = None) -> "np.ndarray":
     """``images`` ([K, C, H, W], values in [0, 1]) as one grid, ``nrow`` images per row, images under 32 pixels
     upscaled so the grid is readable.
 
