@@ -35,6 +35,9 @@ from safetensors.torch import load_file, save_file
 
 from fastdd.errors import FastddError, FastddWarning, UnsafeFileError
 
+if TYPE_CHECKING:
+    import numpy as np
+
 SYNSET_TENSORS = "synset.safetensors"
 SYNSET_META = "synset.json"
 SYNSET_GRID = "synset.png"
