@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastdd.models.conv import conv2d
 from fastdd.models.convnet import ConvNet
 from fastdd.models.functional import parameter_layout
 from fastdd.ops.norm_relu_pool import instance_norm_relu_pool
@@ -51,7 +52,7 @@ def batched_functional_forward(net: ConvNet, flat_params: torch.Tensor, x: torch
     for first in range(0, len(net.features), net.layers_per_block):
         conv, norm = net.features[first], net.features[first + 1]
         weight = params[f"features.{first}.weight"]
-        h = F.conv2d(
+        h = conv2d(
             h, weight.reshape(-1, *weight.shape[2:]), params[f"features.{first}.bias"].reshape(-1),
             padding=conv.padding, groups=students,
         )

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fastdd.errors import FastddError
+from fastdd.models.conv import conv2d
 from fastdd.models.layers import as_image_size, check_input, check_norm, first_conv_padding, make_norm
 from fastdd.ops.norm_relu_pool import instance_norm_relu_pool
 
@@ -94,12 +95,12 @@ class ConvNet(nn.Module):
         if self.norm != "instancenorm" or self.pooling == "maxpool" or x.dim() != 4:
             return self.features(x).flatten(-3)
         # conv, norm, ReLU (, pool) per block: the norm-ReLU-pool epilogue runs as one fused op, differentiable
-        # twice, which is most of a trajectory-matching step's elementwise work.
+        # twice, which is most of a trajectory-matching step's elementwise work; the convolution's double backward
+        # is the cheaper one of fastdd.models.conv.
         for first in range(0, len(self.features), self.layers_per_block):
             conv, norm = self.features[first], self.features[first + 1]
-            x = instance_norm_relu_pool(
-                conv(x), norm.weight, norm.bias, eps=norm.eps, pool=self.pooling == "avgpool"
-            )
+            x = conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+            x = instance_norm_relu_pool(x, norm.weight, norm.bias, eps=norm.eps, pool=self.pooling == "avgpool")
         return x.flatten(-3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

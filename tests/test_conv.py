@@ -1,0 +1,73 @@
+"""fastdd.models.conv.conv2d against F.conv2d (the oracle) in float64, at first, second and third order."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdd.models.conv import conv2d
+
+GEOMETRIES = [
+    dict(stride=1, padding=1, dilation=1, groups=1),
+    dict(stride=2, padding=(1, 2), dilation=1, groups=2),
+    dict(stride=1, padding=3, dilation=2, groups=1),
+    dict(stride=(1, 2), padding=0, dilation=(2, 1), groups=3),
+]
+
+
+def _inputs(groups: int, bias: bool, seed: int = 0, size: tuple[int, int, int, int] = (3, 6, 9, 7)):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(size, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 6 // groups, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    return x, w, b
+
+
+def _derivatives(conv, x, w, b, geometry, order: int):
+    """Forward value, then every derivative up to ``order`` of a fixed nonlinear function of the gradients."""
+    leaves = [t for t in (x, w, b) if t is not None]
+    y = conv(x, w, b, **geometry)
+    out = [y]
+    scalar = (y.sin() * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum()
+    for _ in range(order):
+        grads = torch.autograd.grad(scalar, leaves, create_graph=True, allow_unused=True, materialize_grads=True)
+        out.extend(grads)
+        scalar = sum((g.cos() * (1 + k)).sum() for k, g in enumerate(grads))
+    return out
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_f_conv2d_up_to_third_order(geometry, bias):
+    x, w, b = _inputs(geometry["groups"], bias)
+    ours = _derivatives(conv2d, x, w, b, geometry, order=3)
+    oracle = _derivatives(F.conv2d, x, w, b, geometry, order=3)
+    for a, e in zip(ours, oracle):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES[:2])
+def test_gradcheck_and_gradgradcheck(geometry):
+    x, w, b = _inputs(geometry["groups"], True, seed=1, size=(2, 6, 6, 5))
+
+    def f(x, w, b):
+        return conv2d(x, w, b, **geometry)
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+def test_only_the_asked_gradients_are_computed():
+    x, w, b = _inputs(1, True)
+    y = conv2d(x.detach(), w, b, padding=1)
+    (gw,) = torch.autograd.grad(y.square().sum(), w, create_graph=True)
+    (hx,) = torch.autograd.grad(gw.square().sum(), w)
+    y_ref = F.conv2d(x.detach(), w, b, padding=1)
+    (gw_ref,) = torch.autograd.grad(y_ref.square().sum(), w, create_graph=True)
+    (hx_ref,) = torch.autograd.grad(gw_ref.square().sum(), w)
+    torch.testing.assert_close(hx, hx_ref)
+
+
+def test_string_padding_is_refused():
+    x, w, b = _inputs(1, True)
+    with pytest.raises(ValueError, match="numeric paddings"):
+        conv2d(x, w, b, padding="same")
