@@ -85,6 +85,7 @@ class Config:
     threads: int | None = None
     system_malloc: bool = False
     seed: int = 0
+    keep_graphs: int = 1  # exact/compat: final student steps whose graphs the forward sweep keeps
 
 
 def _problem(config: Config):
@@ -122,7 +123,7 @@ def _measure(config: Config, mode: str, steps: int) -> dict:
             )
         return match_gradients(
             net, images, labels, start, target, config.syn_lr, syn_steps=steps, mode=mode,
-            augment=config.augment, generator=generator,
+            augment=config.augment, generator=generator, keep_graphs=1 if mode == "unrolled" else config.keep_graphs,
         )
 
     loss, grad_images, grad_lr = call()

@@ -233,6 +233,10 @@ def distill(
     students: Optional[int] = typer.Option(
         None, help="mtt/tesla: independent students per iteration (1); split over the processes of --nproc."
     ),
+    keep_graphs: Optional[int] = typer.Option(
+        None, help="tesla/tesla-compat: final student steps whose graphs the forward sweep keeps (1): each saves a "
+        "forward and a backward per iteration at the memory of one step's graph.",
+    ),
     num_experts: Optional[int] = typer.Option(None, help="mtt/tesla: experts to train when --experts is not given (5)."),
     expert_train_epochs: Optional[int] = typer.Option(
         None, help="mtt/tesla: epochs per auto-trained expert (default max_start_epoch + expert_epochs)."
@@ -339,7 +343,7 @@ def distill(
             outer_loop=outer_loop, inner_loop=inner_loop, lr_net=lr_net, batch_train=batch_train,
             dis_metric=dis_metric, device=device, experts=experts, syn_steps=syn_steps, expert_epochs=expert_epochs,
             max_start_epoch=max_start_epoch, lr_lr=lr_lr, lr_teacher=lr_teacher, batch_syn=batch_syn,
-            soft_labels=soft_labels, students=students, num_experts=num_experts,
+            soft_labels=soft_labels, students=students, keep_graphs=keep_graphs, num_experts=num_experts,
             expert_train_epochs=expert_train_epochs, expert_seed=expert_seed, outliers=outliers,
             outlier_data=outlier_data, outlier_ratio=outlier_ratio, outlier_weight=outlier_weight, robust=robust,
             cvar_alpha=cvar_alpha, clusters=clusters, cluster_space=cluster_space, robust_batch=robust_batch,

@@ -90,6 +90,14 @@ def test_students_average(digits, experts, tmp_path):
     assert torch.isfinite(two.images).all() and not torch.equal(one.images, two.images)
 
 
+def test_kept_graphs_give_the_same_set(digits, experts, tmp_path):
+    recomputed = run_distillation(make("tesla", digits, experts), tmp_path / "recomputed", progress=False)
+    kept = run_distillation(make("tesla", digits, experts, keep_graphs=2), tmp_path / "kept", progress=False)
+    torch.testing.assert_close(kept.images, recomputed.images, rtol=1e-5, atol=1e-6)
+    with pytest.raises(FastddError, match="--keep-graphs applies to tesla"):
+        make("mtt", digits, experts, keep_graphs=2)
+
+
 def test_non_positive_lr_stops_and_keeps_checkpoint(digits, experts, tmp_path, monkeypatch):
     distiller = make("tesla", digits, experts, iterations=4)
     real = mtt_module.match_gradients

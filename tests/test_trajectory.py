@@ -108,3 +108,25 @@ def test_bad_arguments(problem):
         run(problem, "exact", syn_steps=0)
     with pytest.raises(ValueError, match="batch_syn"):
         run(problem, "exact", batch_syn=99)
+
+
+@pytest.mark.parametrize("mode", ["exact", "compat"])
+@pytest.mark.parametrize("keep_graphs", [2, 4, 9])
+def test_kept_graphs_change_nothing(problem, mode, keep_graphs):
+    # Kept graphs replace the reverse pass's recomputation of the same step: the same numbers, with any window
+    # (9 > syn_steps keeps every step), also with augmentation and minibatches.
+    kwargs = dict(syn_steps=4, batch_syn=3, augment="color_crop_cutout_flip_scale_rotate")
+    recomputed = run(problem, mode, **kwargs)
+    kept = run(problem, mode, keep_graphs=keep_graphs, **kwargs)
+    for a, b in zip(kept, recomputed):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+    if mode == "exact":
+        unrolled = run(problem, "unrolled", **kwargs)
+        assert relative_error(kept[1], unrolled[1]) <= 1e-9
+
+
+def test_kept_graphs_bad_arguments(problem):
+    with pytest.raises(ValueError, match="keep_graphs must be at least 1"):
+        run(problem, "exact", keep_graphs=0)
+    with pytest.raises(ValueError, match="exact and compat"):
+        run(problem, "unrolled", keep_graphs=2)

@@ -55,6 +55,7 @@ class TrajectoryConfig(DistillConfig):
     batch_syn: int | None = None
     soft_labels: bool = False
     students: int = 1
+    keep_graphs: int = 1
     experts: str | None = None
     num_experts: int = 5
     expert_train_epochs: int | None = None
@@ -89,6 +90,8 @@ class TrajectoryMatching(Distiller):
             )
         config = config.resolved()
         self._check(config, dataset)
+        if config.keep_graphs > 1 and self.mode == "unrolled":
+            raise FastddError(f"--keep-graphs applies to tesla and tesla-compat; {self.name} keeps every step's graph.")
         super().__init__(config, dataset)
         self.syn_lr = torch.tensor(float(config.lr_teacher), device=self.device).requires_grad_(True)
         self.lr_optimizer = torch.optim.SGD([self.syn_lr], lr=config.lr_lr, momentum=config.momentum_lr)
@@ -102,7 +105,7 @@ class TrajectoryMatching(Distiller):
                 f"the preset for {config.dataset} at IPC {config.ipc} uses zca={bool(config.zca)} but the dataset was "
                 f"loaded with zca={dataset.zca is not None}; load it with zca={bool(config.zca)} or pass --zca/--no-zca."
             )
-        for name in ("syn_steps", "expert_epochs", "students", "num_experts"):
+        for name in ("syn_steps", "expert_epochs", "students", "num_experts", "keep_graphs"):
             if getattr(config, name) < 1:
                 raise FastddError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}.")
         if config.max_start_epoch < 1:
@@ -203,6 +206,11 @@ class TrajectoryMatching(Distiller):
                 "processes, but a batchnorm student normalises its rows together; use --norm instancenorm (the "
                 f"default), at least {distributed.world_size()} students (--students), or one process."
             )
+        if split_rows and self.config.keep_graphs > 1:
+            raise FastddError(
+                f"--keep-graphs does not combine with splitting each student's rows over the processes; use "
+                f"--keep-graphs 1, at least {distributed.world_size()} students (--students), or one process."
+            )
         if self.experts is None:
             raise RuntimeError("call prepare() before step(): the experts are not loaded")
         cfg = self.config
@@ -252,6 +260,7 @@ class TrajectoryMatching(Distiller):
                 mask_ratio=self.mdt_ratio,
                 mask_patch=DEFAULT_MASK_PATCH,
                 row_shard=(distributed.rank(), distributed.world_size()) if split_rows else None,
+                keep_graphs=cfg.keep_graphs if self.mode != "unrolled" else 1,
             )
             grad_images += g_img
             grad_lr += g_lr

@@ -203,6 +203,7 @@ def match_gradients(
     mask_ratio: float = 0.0,
     mask_patch: int = 1,
     row_shard: tuple[int, int] | None = None,
+    keep_graphs: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The trajectory-matching loss and its gradients with respect to the images and the student learning rate.
 
@@ -230,6 +231,10 @@ def match_gradients(
         row_shard: ``(rank, world)``: split every minibatch's rows over the ``world`` processes of the current
             process group (``exact`` and ``compat`` only; see the module docstring). None (the default): one process
             computes every row.
+        keep_graphs: ``exact`` and ``compat``: the number of final student steps whose graphs the forward sweep
+            keeps, so the reverse pass does not recompute them (a forward and a backward saved per step, at the
+            memory of one step's graph each; memory stays flat in ``syn_steps``). 1 (the default) keeps only the
+            last step, which costs no memory beyond the reverse pass's own peak. Not combined with ``row_shard``.
 
     Returns:
         ``(loss, grad_images, grad_lr)``: 0-d detached loss, ``[n, C, H, W]`` gradient for ``images`` and a 0-d
@@ -241,6 +246,10 @@ def match_gradients(
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if syn_steps < 1:
         raise ValueError(f"syn_steps must be at least 1, got {syn_steps}")
+    if keep_graphs < 1:
+        raise ValueError(f"keep_graphs must be at least 1, got {keep_graphs}")
+    if keep_graphs > 1 and (mode == "unrolled" or row_shard is not None):
+        raise ValueError("keep_graphs applies to the exact and compat modes in one process (no row_shard)")
     if images.dim() != 4:
         raise ValueError(f"images must be [n, C, H, W], got shape {tuple(images.shape)}")
     if isinstance(labels, torch.Tensor) and labels.shape[0] != images.shape[0]:
@@ -283,7 +292,9 @@ def match_gradients(
         )
     if mode == "unrolled":
         return _unrolled(net, images, targets, theta0, target, alpha, denominator, plan)
-    return _reverse_accumulation(net, images, targets, theta0, target, alpha, denominator, plan, exact=mode == "exact")
+    return _reverse_accumulation(
+        net, images, targets, theta0, target, alpha, denominator, plan, exact=mode == "exact", keep_graphs=keep_graphs
+    )
 
 
 def _step_targets(labels: Targets, idx: torch.Tensor, outlier_mask, outlier_weight: float) -> StepTargets:
@@ -317,25 +328,29 @@ def _differentiable_step(net, theta, images, idx, params, mask, targets):
     return theta, batch, grad
 
 
-def _reverse_accumulation(net, images, targets, theta0, target, alpha, denominator, plan, *, exact: bool):
+def _reverse_accumulation(
+    net, images, targets, theta0, target, alpha, denominator, plan, *, exact: bool, keep_graphs: int = 1
+):
     steps = len(plan.batches)
     neg_alpha = -float(alpha)  # once: on CUDA, float() of a tensor is a device sync
     # Forward: store theta_0 .. theta_N in one preallocated [N + 1, P] tensor (no long-lived allocations between the
-    # steps' large temporaries, so a heap allocator can reuse their memory), no graph kept across steps. The last
-    # step is built differentiable: the backward pass starts with it, and one step's graph is what that pass holds
-    # at its peak anyway.
+    # steps' large temporaries, so a heap allocator can reuse their memory), no graph kept across steps except for
+    # the last keep_graphs steps: the backward pass starts with them instead of recomputing them (the last one costs
+    # no memory beyond what that pass holds at its peak anyway; each further one holds one step's graph).
     thetas = theta0.new_empty(steps + 1, theta0.numel())
     thetas[0] = theta0
-    for i in range(steps - 1):
+    first_kept = max(0, steps - keep_graphs)
+    for i in range(first_kept):
         theta = thetas[i].detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(
             _step_loss(net, theta, images[plan.batches[i]], plan.augment[i], plan.masks[i], targets[i]), theta
         )
         torch.add(thetas[i], grad, alpha=neg_alpha, out=thetas[i + 1])
-    last_step = _differentiable_step(
-        net, thetas[-2], images, plan.batches[-1], plan.augment[-1], plan.masks[-1], targets[-1]
-    )
-    torch.add(thetas[-2], last_step[2].detach(), alpha=neg_alpha, out=thetas[-1])
+    kept = {}
+    for i in range(first_kept, steps):
+        kept[i] = _differentiable_step(net, thetas[i], images, plan.batches[i], plan.augment[i], plan.masks[i],
+                                       targets[i])
+        torch.add(thetas[i], kept[i][2].detach(), alpha=neg_alpha, out=thetas[i + 1])
     residual = thetas[-1] - target
     matching = (residual**2).sum() / denominator
     # Backward: lam = dL/dtheta_{i+1}; one double-backward per step gives the image term and H_i @ lam.
@@ -344,9 +359,8 @@ def _reverse_accumulation(net, images, targets, theta0, target, alpha, denominat
     grad_lr = torch.zeros_like(alpha)
     for i in reversed(range(steps)):
         idx, params = plan.batches[i], plan.augment[i]
-        if i == steps - 1:
-            theta, batch, grad = last_step
-            del last_step
+        if i in kept:
+            theta, batch, grad = kept.pop(i)
         else:
             theta, batch, grad = _differentiable_step(net, thetas[i], images, idx, params, plan.masks[i], targets[i])
         directional = (grad * lam).sum()
