@@ -19,7 +19,8 @@ Sections (medians of ``--repeats`` timed calls after a warm-up; speedup = refere
    fastest call of a 2048^3 ``torch.mm`` and of a 128-channel 3x3 convolution).
 4. Batched students: S = 4 students run as one grouped network (``fastdd.models.batched``) against 4 students run
    one after another: student steps per second for the first-order step (tesla's forward sweep) and for the
-   reverse-accumulation step (gradient with its graph, then the Hessian-vector and image terms).
+   reverse-accumulation step (gradient with its graph, then the Hessian-vector and image terms), and the ceiling of
+   any batching: both do the same FLOPs, so batching cannot beat the GEMM peak over the sequential students' rate.
 
 Targets on a 2-core CPU are printed with PASS/MISS; they are information, not an exit code.
 """
@@ -148,15 +149,20 @@ def batched_student_rows(repeats: int, batch: int, width: int, image_size: int) 
             torch.autograd.grad((grad * directions).sum(), (x, theta))
         return step
 
+    from torch.utils.flop_counter import FlopCounterMode
+
     rows = []
     for name, make in (("first-order step", first_order), ("reverse step", reverse)):
         sequential = median_seconds(make(sequential_logits), torch.device("cpu"), repeats=repeats)
         batched = median_seconds(make(lambda t, x: batched_functional_forward(net, t, x)), torch.device("cpu"),
                                  repeats=repeats)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            make(sequential_logits)()
         rows.append({
             "step": name, "batch": batch, "students": STUDENTS,
             "sequential_steps_per_s": STUDENTS / sequential, "batched_steps_per_s": STUDENTS / batched,
-            "speedup": sequential / batched,
+            "speedup": sequential / batched, "sequential_gflops_per_s": counter.get_total_flops() / sequential / 1e9,
         })
     return rows
 
@@ -257,17 +263,22 @@ def main() -> None:
         print(flush=True)
 
     print(f"4. batched students: {STUDENTS} students as one grouped network vs one after another")
+    # Batching does the same FLOPs: its speedup cannot exceed the GEMM peak over the sequential students' rate.
+    peak = report.get("hardware", {}).get("matmul_peak_gflops") or matmul_peak_gflops(repeats)
     header = (f"{'student step':<20}{'batch':>6}{'sequential steps/s':>20}{'batched steps/s':>17}{'speedup':>9}"
-              f"{'target':>15}")
+              f"{'target':>15}{'seq. % of peak':>16}{'ceiling':>9}")
     print(header)
     print("-" * len(header))
     batched_rows = []
     for batch in ((4,) if args.quick else (100, 10)):
         batched_rows += batched_student_rows(repeats, batch, 8 if args.quick else 128, 32)
     for row in batched_rows:
+        row["ceiling"] = peak / row["sequential_gflops_per_s"]
         print(f"{row['step']:<20}{row['batch']:>6}{row['sequential_steps_per_s']:>20.2f}"
               f"{row['batched_steps_per_s']:>17.2f}{row['speedup']:>8.2f}x"
-              f"{'>=' + str(BATCHED_TARGET) + 'x ' + _verdict(row['speedup'], BATCHED_TARGET, True):>15}")
+              f"{'>=' + str(BATCHED_TARGET) + 'x ' + _verdict(row['speedup'], BATCHED_TARGET, True):>15}"
+              f"{row['sequential_gflops_per_s'] / peak:>15.0%}{row['ceiling']:>8.2f}x")
+    print(f"  ceiling = GEMM peak ({peak:.0f} GFLOP/s) / the sequential students' GFLOP/s (convolutions and matmuls)")
     report["batched_students"] = batched_rows
 
     finished = datetime.datetime.now().astimezone()
