@@ -10,7 +10,9 @@ Backends:
   ``"reference"``  ``F.group_norm`` + ``F.relu`` + ``F.avg_pool2d``; the test oracle and the fallback.
   ``"cpp"``        ``torch.ops.fastdd.instance_norm_relu_pool`` (CPU kernel, OpenMP over feature maps), with its
                    backward and double backward as ops of their own.
-  ``"auto"``       cpp for CPU tensors when the extension is built, else reference.
+  ``"triton"``     the forward, backward and double-backward kernels of ``fastdd.kernels.instance_norm_relu_pool``
+                   (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) in two autograd Functions.
+  ``"auto"``       CUDA tensor: triton, else reference. CPU tensor: cpp, else reference.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastdd import _extension
-from fastdd.ops._dispatch import choose_backend
+from fastdd.ops._dispatch import choose_backend, triton_module
 
 DEFAULT_EPS = 1e-5  # nn.GroupNorm's
+TRITON_KERNEL = "instance_norm_relu_pool"
 
 
 def instance_norm_relu_pool(
@@ -36,7 +39,7 @@ def instance_norm_relu_pool(
         eps: added to the biased variance, as in ``nn.GroupNorm``.
         pool: True for a 2x2 average pool with stride 2 (a trailing odd row or column is dropped, as
             ``F.avg_pool2d`` does), False for none.
-        backend: ``"auto"``, ``"reference"`` or ``"cpp"`` (see the module docstring).
+        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"`` (see the module docstring).
 
     Returns:
         [N, C, H // 2, W // 2] (pool) or [N, C, H, W], differentiable twice w.r.t. x, weight and bias.
@@ -48,16 +51,17 @@ def instance_norm_relu_pool(
     chosen = resolve_backend(backend, x)
     if chosen == "reference":
         return instance_norm_relu_pool_reference(x, weight, bias, eps=eps, pool=pool)
+    if chosen == "triton":
+        return _TritonInstanceNormReluPool.apply(x, weight, bias, float(eps), bool(pool))
     return torch.ops.fastdd.instance_norm_relu_pool(x, weight, bias, float(eps), bool(pool))[0]
 
 
 def resolve_backend(backend: str, x: Tensor) -> str:
-    """The backend ``instance_norm_relu_pool`` runs for ``x``: ``backend`` itself, or auto's choice."""
-    if backend == "triton":
-        raise ValueError("instance_norm_relu_pool has no Triton kernel; valid backends are auto, reference, cpp")
-    return choose_backend(
-        "instance_norm_relu_pool", backend, x, triton_kernel="instance_norm_relu_pool", cuda_kernel=False
-    )
+    """The backend ``instance_norm_relu_pool`` runs for ``x``: ``backend`` itself, or auto's choice.
+
+    Raises ValueError for an unknown name and RuntimeError, with the reason, for a backend that cannot run here.
+    """
+    return choose_backend("instance_norm_relu_pool", backend, x, triton_kernel=TRITON_KERNEL, cuda_kernel=False)
 
 
 def instance_norm_relu_pool_reference(
@@ -81,6 +85,49 @@ def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor, pool: bool) -> None:
             raise ValueError(f"instance_norm_relu_pool: {name} must be [{x.shape[1]}], got {tuple(t.shape)}")
         if t.dtype != x.dtype or t.device != x.device:
             raise ValueError(f"instance_norm_relu_pool: {name} must have x's dtype and device ({x.dtype}, {x.device})")
+
+
+def _triton_kernels():
+    module, _ = triton_module(TRITON_KERNEL)
+    return module
+
+
+class _TritonInstanceNormReluPool(torch.autograd.Function):
+    """The forward kernel; saves x and the per-map mean and rstd, and its backward is ``_TritonBackward``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, pool: bool) -> Tensor:
+        y, mean, rstd = _triton_kernels().instance_norm_relu_pool_forward(x, weight, bias, eps, pool)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.pool = pool
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = _TritonBackward.apply(grad_y, x, weight, bias, mean, rstd, ctx.pool)
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+class _TritonBackward(torch.autograd.Function):
+    """The backward kernel, (grad_y, x, weight, bias) -> (grad_x, grad_weight, grad_bias); its backward is the
+    double-backward kernel, not differentiable itself (as with the C++ ops, there is no third derivative)."""
+
+    @staticmethod
+    def forward(ctx, grad_y, x, weight, bias, mean, rstd, pool: bool):
+        ctx.save_for_backward(grad_y, x, weight, bias, mean, rstd)
+        ctx.pool = pool
+        return _triton_kernels().instance_norm_relu_pool_backward(grad_y, x, weight, bias, mean, rstd, pool)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gg_x, gg_weight, gg_bias):
+        grad_y, x, weight, bias, mean, rstd = ctx.saved_tensors
+        grad_grad_y, grad_x, grad_weight = _triton_kernels().instance_norm_relu_pool_double_backward(
+            grad_y, x, weight, bias, mean, rstd, gg_x, gg_weight, gg_bias, ctx.pool
+        )
+        # mean and rstd are functions of x; the double-backward formula already differentiates through them.
+        return grad_grad_y, grad_x, grad_weight, None, None, None, None
 
 
 def _register_compiled_op() -> None:
