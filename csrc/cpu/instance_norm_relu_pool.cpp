@@ -12,27 +12,91 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <tuple>
-#include <utility>
 #include <vector>
 
 #include "../instance_norm_relu_pool_checks.h"
 
 #if defined(__GNUC__)
 #define FASTDD_ALWAYS_INLINE inline __attribute__((always_inline))
+#define FASTDD_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
 #else
 #define FASTDD_ALWAYS_INLINE inline
+#define FASTDD_ALWAYS_INLINE_LAMBDA
 #endif
 
 namespace fastdd {
 namespace {
 
-// The per-map loops below are contiguous and branch-free (the ReLU mask is a select), so they vectorise (omp simd
-// for the reductions); they are inlined into one copy of each kernel's map loop per x86-64 level (run_maps).
+// The per-map loops below are contiguous and branch-free (the ReLU mask is a select). All are inlined into one copy
+// of each kernel's loop over maps per x86-64 level (run_maps): the elementwise ones vectorise by themselves, the
+// ones that also sum are written on explicit vectors (map_sums), since GCC keeps omp simd reduction accumulators
+// in memory.
+
+// Explicit SIMD vectors (GCC/Clang vector extensions) of `Bytes` bytes: 64 for AVX-512, 32 for AVX2, 16 for SSE2 and
+// NEON. Other compilers get plain scalars. The vectors never cross a function boundary (everything is inlined into
+// one per-ISA function), so GCC's note that passing them would change the ABI does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+#if defined(__GNUC__)
+template <typename T, int Bytes>
+struct Simd {
+  typedef T type __attribute__((vector_size(Bytes)));
+  static constexpr int64_t lanes = Bytes / sizeof(T);
+};
+#else
+template <typename T, int Bytes>
+struct Simd {
+  using type = T;
+  static constexpr int64_t lanes = 1;
+};
+#endif
+
+// A vector or scalar P from / to unaligned memory.
+template <typename P, typename T>
+FASTDD_ALWAYS_INLINE P load(const T* source) {
+  P value;
+  std::memcpy(&value, source, sizeof(P));
+  return value;
+}
+
+template <typename P, typename T>
+FASTDD_ALWAYS_INLINE void store(T* target, const P& value) {
+  std::memcpy(target, &value, sizeof(P));
+}
+
+// The N sums over k in [0, size) of the terms body returns: body(P{}, k) handles the elements k, k + 1, ... that
+// fit a P (a Simd<T, Bytes> vector, then T for the tail), may store results for them, and returns its N terms as
+// P's. Sums run per lane, then add lanes and tail in a fixed order.
+template <typename T, int Bytes, int N, typename Body>
+FASTDD_ALWAYS_INLINE std::array<T, N> map_sums(int64_t size, const Body& body) {
+  using V = typename Simd<T, Bytes>::type;
+  constexpr int64_t lanes = Simd<T, Bytes>::lanes;
+  std::array<V, N> acc{};
+  int64_t k = 0;
+  for (; k + lanes <= size; k += lanes) {
+    const std::array<V, N> terms = body(V{}, k);
+    for (int i = 0; i < N; ++i) acc[i] += terms[i];
+  }
+  std::array<T, N> total;
+  for (int i = 0; i < N; ++i) {
+    const T* lane = reinterpret_cast<const T*>(&acc[i]);
+    total[i] = 0;
+    for (int64_t l = 0; l < lanes; ++l) total[i] += lane[l];
+  }
+  for (; k < size; ++k) {
+    const std::array<T, N> terms = body(T{}, k);
+    for (int i = 0; i < N; ++i) total[i] += terms[i];
+  }
+  return total;
+}
 
 // The feature-map geometry: H x W maps, and whether a 2x2 average pool (floor) follows.
 struct MapShape {
@@ -90,15 +154,18 @@ FASTDD_ALWAYS_INLINE void unpool_map(const T* out, const MapShape& shape, T* ful
 }
 
 // Mean and 1 / sqrt(biased variance + eps) of one map, two passes (no cancellation).
-template <typename T>
+template <typename T, int Bytes>
 FASTDD_ALWAYS_INLINE void map_statistics(const T* x, int64_t size, double eps, T& mean, T& rstd) {
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t k = 0; k < size; ++k) sum += x[k];
+  const auto [sum] = map_sums<T, Bytes, 1>(size, [&](auto pack, int64_t k) FASTDD_ALWAYS_INLINE_LAMBDA {
+    using P = decltype(pack);
+    return std::array<P, 1>{load<P>(x + k)};
+  });
   const T mu = sum / static_cast<T>(size);
-  T squares = 0;
-#pragma omp simd reduction(+ : squares)
-  for (int64_t k = 0; k < size; ++k) squares += (x[k] - mu) * (x[k] - mu);
+  const auto [squares] = map_sums<T, Bytes, 1>(size, [&](auto pack, int64_t k) FASTDD_ALWAYS_INLINE_LAMBDA {
+    using P = decltype(pack);
+    const P d = load<P>(x + k) - mu;
+    return std::array<P, 1>{d * d};
+  });
   mean = mu;
   rstd = static_cast<T>(1.0 / std::sqrt(static_cast<double>(squares) / static_cast<double>(size) + eps));
 }
@@ -115,19 +182,16 @@ FASTDD_ALWAYS_INLINE void normalised_relu(const T* x, int64_t size, T mean, T rs
 
 // grad_a = mask * grad_full (in place) with mask = [weight * z + bias > 0], z = (x - mean) * rstd; returns
 // (sum grad_a, sum grad_a * z).
-template <typename T>
-FASTDD_ALWAYS_INLINE std::pair<T, T> masked_gradient(const T* x, int64_t size, T mean, T rstd, T weight, T bias,
-                                                     T* grad) {
-  T sum_ga = 0, sum_gaz = 0;
-#pragma omp simd reduction(+ : sum_ga, sum_gaz)
-  for (int64_t k = 0; k < size; ++k) {
-    const T z = (x[k] - mean) * rstd;
-    const T ga = weight * z + bias > T(0) ? grad[k] : T(0);
-    grad[k] = ga;
-    sum_ga += ga;
-    sum_gaz += ga * z;
-  }
-  return {sum_ga, sum_gaz};
+template <typename T, int Bytes>
+FASTDD_ALWAYS_INLINE std::array<T, 2> masked_gradient(const T* x, int64_t size, T mean, T rstd, T weight, T bias,
+                                                      T* grad) {
+  return map_sums<T, Bytes, 2>(size, [&](auto pack, int64_t k) FASTDD_ALWAYS_INLINE_LAMBDA {
+    using P = decltype(pack);
+    const P z = (load<P>(x + k) - mean) * rstd;
+    const P ga = weight * z + bias > P{} ? load<P>(grad + k) : P{};
+    store(grad + k, ga);
+    return std::array<P, 2>{ga, ga * z};
+  });
 }
 
 // out = scale * (v - mean_v - z * mean_vz) with z = (x - mean) * rstd: with scale = rstd, the normalisation's
@@ -142,24 +206,24 @@ FASTDD_ALWAYS_INLINE void normalisation_jacobian(const T* x, const T* v, int64_t
   }
 }
 
-// One compiled copy of a kernel's loop over maps per x86-64 level (AVX-512, AVX2, baseline SSE2), each vectorised
-// for its own width; run_maps picks the widest the running CPU supports. A Kernel is called as
-// kernel(begin, end) on the maps [begin, end) and is inlined into each copy.
+// One compiled copy of a kernel's loop over maps per x86-64 level (AVX-512, AVX2, baseline SSE2), each with its own
+// vector width; run_maps picks the widest the running CPU supports. kernel.run<Bytes>(begin, end) handles the maps
+// [begin, end) and is inlined into each copy.
 #if defined(__GNUC__) && defined(__x86_64__)
 template <typename Kernel>
 __attribute__((target("arch=x86-64-v4"))) void maps_avx512(const Kernel& kernel, int64_t begin, int64_t end) {
-  kernel(begin, end);
+  kernel.template run<64>(begin, end);
 }
 
 template <typename Kernel>
 __attribute__((target("arch=x86-64-v3"))) void maps_avx2(const Kernel& kernel, int64_t begin, int64_t end) {
-  kernel(begin, end);
+  kernel.template run<32>(begin, end);
 }
 #endif
 
 template <typename Kernel>
 void maps_baseline(const Kernel& kernel, int64_t begin, int64_t end) {
-  kernel(begin, end);
+  kernel.template run<16>(begin, end);
 }
 
 enum class SimdLevel { baseline, avx2, avx512 };
@@ -198,12 +262,13 @@ struct ForwardMaps {
   MapShape shape;
   T *y, *mean, *rstd;
 
-  FASTDD_ALWAYS_INLINE void operator()(int64_t begin, int64_t end) const {
+  template <int Bytes>
+  FASTDD_ALWAYS_INLINE void run(int64_t begin, int64_t end) const {
     const int64_t size = shape.size(), out_size = shape.out_size();
     std::vector<T> activation(size);
     for (int64_t map = begin; map < end; ++map) {
       const int64_t c = map % channels;
-      map_statistics(x + map * size, size, eps, mean[map], rstd[map]);
+      map_statistics<T, Bytes>(x + map * size, size, eps, mean[map], rstd[map]);
       normalised_relu(x + map * size, size, mean[map], rstd[map], weight[c], bias[c], activation.data());
       pool_map(activation.data(), shape, y + map * out_size);
     }
@@ -217,7 +282,8 @@ struct BackwardMaps {
   MapShape shape;
   T *grad_x, *grad_weight_part, *grad_bias_part;
 
-  FASTDD_ALWAYS_INLINE void operator()(int64_t begin, int64_t end) const {
+  template <int Bytes>
+  FASTDD_ALWAYS_INLINE void run(int64_t begin, int64_t end) const {
     const int64_t size = shape.size(), out_size = shape.out_size();
     std::vector<T> grad_a(size);
     for (int64_t map = begin; map < end; ++map) {
@@ -225,7 +291,7 @@ struct BackwardMaps {
       const int64_t c = map % channels;
       const T m = mean[map], r = rstd[map], w = weight[c];
       unpool_map(grad_y + map * out_size, shape, grad_a.data());
-      const auto [sum_ga, sum_gaz] = masked_gradient(xm, size, m, r, w, bias[c], grad_a.data());
+      const auto [sum_ga, sum_gaz] = masked_gradient<T, Bytes>(xm, size, m, r, w, bias[c], grad_a.data());
       grad_weight_part[map] = sum_gaz;
       grad_bias_part[map] = sum_ga;
       // grad_z = w * grad_a, grad_x = L(grad_z); L is linear, so scale after: L(w * grad_a) = w * L(grad_a).
@@ -244,43 +310,37 @@ struct BackwardMaps {
 // t is a combination alpha * grad_a + beta * gg_x with per-map coefficients, so mean(t) and mean(t * z) follow
 // from the sums of the first pass, and the second pass writes d/d x and d/d grad_y at once. The ReLU mask is
 // piecewise constant, so bias gets no second-order gradient.
-template <typename T>
+template <typename T, int Bytes>
 FASTDD_ALWAYS_INLINE void double_backward_map(const T* gy, const T* x, const T* ggx, T m, T r, T w, T b, T ggw,
                                               T ggb, const MapShape& shape, T* spread, T* full, T* grad_grad_y,
                                               T* grad_x, T& grad_weight_part) {
   const int64_t size = shape.size();
   const T n = static_cast<T>(size);
   unpool_map(gy, shape, spread);
-  T sum_ga = 0, sum_gaz = 0, sum_g = 0, sum_gz = 0, sum_gga = 0;
-#pragma omp simd reduction(+ : sum_ga, sum_gaz, sum_g, sum_gz, sum_gga)
-  for (int64_t k = 0; k < size; ++k) {
-    const T z = (x[k] - m) * r;
-    const T ga = w * z + b > T(0) ? spread[k] : T(0);
-    const T g = ggx[k];
-    sum_ga += ga;
-    sum_gaz += ga * z;
-    sum_g += g;
-    sum_gz += g * z;
-    sum_gga += g * ga;
-  }
+  const auto [sum_ga, sum_gaz, sum_g, sum_gz, sum_gga] =
+      map_sums<T, Bytes, 5>(size, [&](auto pack, int64_t k) FASTDD_ALWAYS_INLINE_LAMBDA {
+        using P = decltype(pack);
+        const P z = (load<P>(x + k) - m) * r;
+        const P ga = w * z + b > P{} ? load<P>(spread + k) : P{};
+        const P g = load<P>(ggx + k);
+        return std::array<P, 5>{ga, ga * z, g, g * z, g * ga};
+      });
   const T mean_gz = w * sum_ga / n, mean_gzz = w * sum_gaz / n, mean_g = sum_g / n, mean_gzx = sum_gz / n;
   const T q = w * sum_gga - mean_gz * sum_g - mean_gzz * sum_gz;
   const T alpha = ggw - r * w * mean_gzx, beta = -r * mean_gzz;
   const T mean_t = (alpha * sum_ga + beta * sum_g) / n, mean_tz = (alpha * sum_gaz + beta * sum_gz) / n;
   const T z_scale = r * mean_tz + r * r * q / n;
-  T sum_uga = 0;
-#pragma omp simd reduction(+ : sum_uga)
-  for (int64_t k = 0; k < size; ++k) {
-    const T z = (x[k] - m) * r;
-    const bool active = w * z + b > T(0);
-    const T ga = active ? spread[k] : T(0);
-    const T g = ggx[k];
-    const T u = r * (g - mean_g - z * mean_gzx);
-    sum_uga += u * ga;
-    grad_x[k] = r * (alpha * ga + beta * g - mean_t) - z * z_scale;
-    const T grad_a_cotangent = w * u + ggw * z + ggb;
-    full[k] = active ? grad_a_cotangent : T(0);
-  }
+  const auto [sum_uga] = map_sums<T, Bytes, 1>(size, [&](auto pack, int64_t k) FASTDD_ALWAYS_INLINE_LAMBDA {
+    using P = decltype(pack);
+    const P z = (load<P>(x + k) - m) * r;
+    const auto active = w * z + b > P{};
+    const P ga = active ? load<P>(spread + k) : P{};
+    const P g = load<P>(ggx + k);
+    const P u = r * (g - mean_g - z * mean_gzx);
+    store(grad_x + k, r * (alpha * ga + beta * g - mean_t) - z * z_scale);
+    store(full + k, active ? w * u + ggw * z + ggb : P{});
+    return std::array<P, 1>{u * ga};
+  });
   grad_weight_part = sum_uga;
   pool_map(full, shape, grad_grad_y);
 }
@@ -292,12 +352,13 @@ struct DoubleBackwardMaps {
   MapShape shape;
   T *grad_grad_y, *grad_x, *grad_weight_part;
 
-  FASTDD_ALWAYS_INLINE void operator()(int64_t begin, int64_t end) const {
+  template <int Bytes>
+  FASTDD_ALWAYS_INLINE void run(int64_t begin, int64_t end) const {
     const int64_t size = shape.size(), out_size = shape.out_size();
     std::vector<T> spread(size), full(size);
     for (int64_t map = begin; map < end; ++map) {
       const int64_t c = map % channels;
-      double_backward_map(grad_y + map * out_size, x + map * size, gg_x + map * size, mean[map], rstd[map],
+      double_backward_map<T, Bytes>(grad_y + map * out_size, x + map * size, gg_x + map * size, mean[map], rstd[map],
                           weight[c], bias[c], gg_weight ? gg_weight[c] : T(0), gg_bias ? gg_bias[c] : T(0), shape,
                           spread.data(), full.data(), grad_grad_y + map * out_size, grad_x + map * size,
                           grad_weight_part[map]);
