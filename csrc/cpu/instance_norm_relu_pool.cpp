@@ -74,7 +74,7 @@ FASTDD_ALWAYS_INLINE void store(T* target, const P& value) {
 
 // The N sums over k in [0, size) of the terms body returns: body(P{}, k) handles the elements k, k + 1, ... that
 // fit a P (a Simd<T, Bytes> vector, then T for the tail), may store results for them, and returns its N terms as
-// P's. Sums run per lane, then add lanes and tail in a fixed order.
+// P's. Sums run per lane, then add lanes pairwise, then the tail, in a fixed order.
 template <typename T, int Bytes, int N, typename Body>
 FASTDD_ALWAYS_INLINE std::array<T, N> map_sums(int64_t size, const Body& body) {
   using V = typename Simd<T, Bytes>::type;
@@ -87,9 +87,12 @@ FASTDD_ALWAYS_INLINE std::array<T, N> map_sums(int64_t size, const Body& body) {
   }
   std::array<T, N> total;
   for (int i = 0; i < N; ++i) {
-    const T* lane = reinterpret_cast<const T*>(&acc[i]);
-    total[i] = 0;
-    for (int64_t l = 0; l < lanes; ++l) total[i] += lane[l];
+    T lane[lanes];
+    std::memcpy(lane, &acc[i], sizeof(lane));
+    for (int64_t half = lanes / 2; half > 0; half /= 2) {
+      for (int64_t l = 0; l < half; ++l) lane[l] += lane[l + half];
+    }
+    total[i] = lane[0];
   }
   for (; k < size; ++k) {
     const std::array<T, N> terms = body(T{}, k);
@@ -146,9 +149,10 @@ FASTDD_ALWAYS_INLINE void unpool_map(const T* out, const MapShape& shape, T* ful
       const T value = T(0.25) * o[col];
       top[2 * col] = value;
       top[2 * col + 1] = value;
+      bottom[2 * col] = value;
+      bottom[2 * col + 1] = value;
     }
-    std::fill(top + 2 * out_width, top + width, T(0));
-    std::copy(top, top + width, bottom);
+    if (width % 2 == 1) top[width - 1] = bottom[width - 1] = T(0);
   }
   std::fill(full + 2 * shape.out_height() * width, full + shape.size(), T(0));
 }
