@@ -72,9 +72,21 @@ FASTDD_ALWAYS_INLINE void store(T* target, const P& value) {
   std::memcpy(target, &value, sizeof(P));
 }
 
+// The sum of a Simd<T, Bytes> vector's lanes, adding its halves until one lane is left.
+template <typename T, int Bytes>
+FASTDD_ALWAYS_INLINE T sum_lanes(const typename Simd<T, Bytes>::type& value) {
+  if constexpr (Simd<T, Bytes>::lanes == 1) {
+    return load<T>(reinterpret_cast<const T*>(&value));
+  } else {
+    using Half = typename Simd<T, Bytes / 2>::type;
+    const T* lanes = reinterpret_cast<const T*>(&value);
+    return sum_lanes<T, Bytes / 2>(load<Half>(lanes) + load<Half>(lanes + Simd<T, Bytes>::lanes / 2));
+  }
+}
+
 // The N sums over k in [0, size) of the terms body returns: body(P{}, k) handles the elements k, k + 1, ... that
 // fit a P (a Simd<T, Bytes> vector, then T for the tail), may store results for them, and returns its N terms as
-// P's. Sums run per lane, then add lanes pairwise, then the tail, in a fixed order.
+// P's. Sums run per lane, then add lanes (sum_lanes), then the tail, in a fixed order.
 template <typename T, int Bytes, int N, typename Body>
 FASTDD_ALWAYS_INLINE std::array<T, N> map_sums(int64_t size, const Body& body) {
   using V = typename Simd<T, Bytes>::type;
@@ -86,14 +98,7 @@ FASTDD_ALWAYS_INLINE std::array<T, N> map_sums(int64_t size, const Body& body) {
     for (int i = 0; i < N; ++i) acc[i] += terms[i];
   }
   std::array<T, N> total;
-  for (int i = 0; i < N; ++i) {
-    T lane[lanes];
-    std::memcpy(lane, &acc[i], sizeof(lane));
-    for (int64_t half = lanes / 2; half > 0; half /= 2) {
-      for (int64_t l = 0; l < half; ++l) lane[l] += lane[l + half];
-    }
-    total[i] = lane[0];
-  }
+  for (int i = 0; i < N; ++i) total[i] = sum_lanes<T, Bytes>(acc[i]);
   for (; k < size; ++k) {
     const std::array<T, N> terms = body(T{}, k);
     for (int i = 0; i < N; ++i) total[i] += terms[i];
