@@ -1,5 +1,10 @@
 """instance_norm_relu_pool: the fused C++ op against the unfused PyTorch chain, to second order, and in ConvNet."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,8 +15,18 @@ from fastdd.ops.norm_relu_pool import instance_norm_relu_pool, instance_norm_rel
 
 pytestmark = pytest.mark.skipif(not _extension.has_cpp(), reason=f"fastdd._C unavailable: {_extension.load_error()}")
 
-# (N, C, H, W, pool): odd sizes drop a trailing row/column when pooling, 1x1 maps without pooling.
-CASES = [(2, 3, 5, 7, True), (1, 2, 6, 6, True), (3, 4, 4, 5, False), (2, 1, 1, 1, False), (2, 3, 2, 3, True)]
+# (N, C, H, W, pool): odd sizes drop a trailing row/column when pooling, 1x1 maps without pooling; the kernels sum on
+# vectors of 2 to 16 values plus a scalar tail, so maps of 117 and 144 values run several vectors, with and without
+# a tail.
+CASES = [
+    (2, 3, 5, 7, True),
+    (1, 2, 6, 6, True),
+    (3, 4, 4, 5, False),
+    (2, 1, 1, 1, False),
+    (2, 3, 2, 3, True),
+    (1, 2, 9, 13, True),
+    (2, 2, 12, 12, False),
+]
 
 
 def _inputs(n, c, h, w, generator, dtype=torch.float64):
@@ -58,6 +73,17 @@ def test_matches_reference_to_second_order(case, dtype, generator):
         got = torch.zeros_like(expected) if got is None and expected is not None else got
         if got is not None:
             torch.testing.assert_close(got, expected, **tol)
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_narrower_simd_copies_match_reference(capability):
+    # The CPU kernels have one copy per x86-64 level (AVX-512, AVX2, SSE2) and pick the widest once per process;
+    # ATEN_CPU_CAPABILITY caps the choice, so the narrower copies are checked here in fresh processes.
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "matches_reference_to"]
+    result = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def test_gradcheck_and_gradgradcheck(generator):

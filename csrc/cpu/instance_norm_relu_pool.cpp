@@ -12,24 +12,99 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <tuple>
-#include <utility>
 #include <vector>
 
 #include "../instance_norm_relu_pool_checks.h"
 
+#if defined(__GNUC__)
+#define FASTDD_ALWAYS_INLINE inline __attribute__((always_inline))
+#define FASTDD_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define FASTDD_ALWAYS_INLINE inline
+#define FASTDD_ALWAYS_INLINE_LAMBDA
+#endif
+
 namespace fastdd {
 namespace {
 
-// Each per-map loop below is written so the compiler vectorises it (omp simd for the reductions), and compiled
-// twice: for AVX2 + FMA, and for the baseline x86-64 the wheel targets; the loader picks one for the CPU.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FASTDD_VECTORISED __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define FASTDD_VECTORISED
+// The per-map loops below are contiguous and branch-free (the ReLU mask is a select). All are inlined into one copy
+// of each kernel's loop over maps per x86-64 level (run_maps): the elementwise ones vectorise by themselves, the
+// ones that also sum are written on explicit vectors (map_sums), since GCC keeps omp simd reduction accumulators
+// in memory.
+
+// Explicit SIMD vectors (GCC/Clang vector extensions) of `Bytes` bytes: 64 for AVX-512, 32 for AVX2, 16 for SSE2 and
+// NEON. Other compilers get plain scalars. The vectors never cross a function boundary (everything is inlined into
+// one per-ISA function), so GCC's note that passing them would change the ABI does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
 #endif
+#if defined(__GNUC__)
+template <typename T, int Bytes>
+struct Simd {
+  typedef T type __attribute__((vector_size(Bytes)));
+  static constexpr int64_t lanes = Bytes / sizeof(T);
+};
+#else
+template <typename T, int Bytes>
+struct Simd {
+  using type = T;
+  static constexpr int64_t lanes = 1;
+};
+#endif
+
+// A vector or scalar P from / to unaligned memory.
+template <typename P, typename T>
+FASTDD_ALWAYS_INLINE P load(const T* source) {
+  P value;
+  std::memcpy(&value, source, sizeof(P));
+  return value;
+}
+
+template <typename P, typename T>
+FASTDD_ALWAYS_INLINE void store(T* target, const P& value) {
+  std::memcpy(target, &value, sizeof(P));
+}
+
+// The sum of a Simd<T, Bytes> vector's lanes, adding its halves until one lane is left.
+template <typename T, int Bytes>
+FASTDD_ALWAYS_INLINE T sum_lanes(const typename Simd<T, Bytes>::type& value) {
+  if constexpr (Simd<T, Bytes>::lanes == 1) {
+    return load<T>(reinterpret_cast<const T*>(&value));
+  } else {
+    using Half = typename Simd<T, Bytes / 2>::type;
+    const T* lanes = reinterpret_cast<const T*>(&value);
+    return sum_lanes<T, Bytes / 2>(load<Half>(lanes) + load<Half>(lanes + Simd<T, Bytes>::lanes / 2));
+  }
+}
+
+// The N sums over k in [0, size) of the terms body returns: body(P{}, k) handles the elements k, k + 1, ... that
+// fit a P (a Simd<T, Bytes> vector, then T for the tail), may store results for them, and returns its N terms as
+// P's. Sums run per lane, then add lanes (sum_lanes), then the tail, in a fixed order.
+template <typename T, int Bytes, int N, typename Body>
+FASTDD_ALWAYS_INLINE std::array<T, N> map_sums(int64_t size, const Body& body) {
+  using V = typename Simd<T, Bytes>::type;
+  constexpr int64_t lanes = Simd<T, Bytes>::lanes;
+  std::array<V, N> acc{};
+  int64_t k = 0;
+  for (; k + lanes <= size; k += lanes) {
+    const std::array<V, N> terms = body(V{}, k);
+    for (int i = 0; i < N; ++i) acc[i] += terms[i];
+  }
+  std::array<T, N> total;
+  for (int i = 0; i < N; ++i) total[i] = sum_lanes<T, Bytes>(acc[i]);
+  for (; k < size; ++k) {
+    const std::array<T, N> terms = body(T{}, k);
+    for (int i = 0; i < N; ++i) total[i] += terms[i];
+  }
+  return total;
+}
 
 // The feature-map geometry: H x W maps, and whether a 2x2 average pool (floor) follows.
 struct MapShape {
@@ -44,7 +119,7 @@ struct MapShape {
 
 // out = pool(full): the 2x2 average (or a copy without pooling). full [H * W] -> out [out_size].
 template <typename T>
-FASTDD_VECTORISED void pool_map(const T* full, const MapShape& shape, T* out) {
+FASTDD_ALWAYS_INLINE void pool_map(const T* full, const MapShape& shape, T* out) {
   if (!shape.pool) {
     std::copy(full, full + shape.size(), out);
     return;
@@ -64,13 +139,12 @@ FASTDD_VECTORISED void pool_map(const T* full, const MapShape& shape, T* out) {
 // full = pool^T(out): the adjoint of pool_map (each pooled value spread as 1/4 over its 2x2 cell; dropped rows and
 // columns get 0). out [out_size] -> full [H * W].
 template <typename T>
-FASTDD_VECTORISED void unpool_map(const T* out, const MapShape& shape, T* full) {
+FASTDD_ALWAYS_INLINE void unpool_map(const T* out, const MapShape& shape, T* full) {
   if (!shape.pool) {
     std::copy(out, out + shape.size(), full);
     return;
   }
   const int64_t width = shape.width, out_width = shape.out_width();
-  std::fill(full, full + shape.size(), T(0));
   for (int64_t row = 0; row < shape.out_height(); ++row) {
     const T* o = out + row * out_width;
     T* top = full + 2 * row * width;
@@ -83,26 +157,31 @@ FASTDD_VECTORISED void unpool_map(const T* out, const MapShape& shape, T* full) 
       bottom[2 * col] = value;
       bottom[2 * col + 1] = value;
     }
+    if (width % 2 == 1) top[width - 1] = bottom[width - 1] = T(0);
   }
+  std::fill(full + 2 * shape.out_height() * width, full + shape.size(), T(0));
 }
 
 // Mean and 1 / sqrt(biased variance + eps) of one map, two passes (no cancellation).
-template <typename T>
-FASTDD_VECTORISED void map_statistics(const T* x, int64_t size, double eps, T& mean, T& rstd) {
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t k = 0; k < size; ++k) sum += x[k];
+template <typename T, int Bytes>
+FASTDD_ALWAYS_INLINE void map_statistics(const T* x, int64_t size, double eps, T& mean, T& rstd) {
+  const auto [sum] = map_sums<T, Bytes, 1>(size, [&](auto pack, int64_t k) FASTDD_ALWAYS_INLINE_LAMBDA {
+    using P = decltype(pack);
+    return std::array<P, 1>{load<P>(x + k)};
+  });
   const T mu = sum / static_cast<T>(size);
-  T squares = 0;
-#pragma omp simd reduction(+ : squares)
-  for (int64_t k = 0; k < size; ++k) squares += (x[k] - mu) * (x[k] - mu);
+  const auto [squares] = map_sums<T, Bytes, 1>(size, [&](auto pack, int64_t k) FASTDD_ALWAYS_INLINE_LAMBDA {
+    using P = decltype(pack);
+    const P d = load<P>(x + k) - mu;
+    return std::array<P, 1>{d * d};
+  });
   mean = mu;
   rstd = static_cast<T>(1.0 / std::sqrt(static_cast<double>(squares) / static_cast<double>(size) + eps));
 }
 
 // activation = relu(weight * (x - mean) * rstd + bias) over one map.
 template <typename T>
-FASTDD_VECTORISED void normalised_relu(const T* x, int64_t size, T mean, T rstd, T weight, T bias, T* activation) {
+FASTDD_ALWAYS_INLINE void normalised_relu(const T* x, int64_t size, T mean, T rstd, T weight, T bias, T* activation) {
 #pragma omp simd
   for (int64_t k = 0; k < size; ++k) {
     const T a = weight * ((x[k] - mean) * rstd) + bias;
@@ -112,147 +191,189 @@ FASTDD_VECTORISED void normalised_relu(const T* x, int64_t size, T mean, T rstd,
 
 // grad_a = mask * grad_full (in place) with mask = [weight * z + bias > 0], z = (x - mean) * rstd; returns
 // (sum grad_a, sum grad_a * z).
-template <typename T>
-FASTDD_VECTORISED std::pair<T, T> masked_gradient(const T* x, int64_t size, T mean, T rstd, T weight, T bias,
-                                                  T* grad) {
-  T sum_ga = 0, sum_gaz = 0;
-#pragma omp simd reduction(+ : sum_ga, sum_gaz)
-  for (int64_t k = 0; k < size; ++k) {
-    const T z = (x[k] - mean) * rstd;
-    const T ga = weight * z + bias > T(0) ? grad[k] : T(0);
-    grad[k] = ga;
-    sum_ga += ga;
-    sum_gaz += ga * z;
-  }
-  return {sum_ga, sum_gaz};
+template <typename T, int Bytes>
+FASTDD_ALWAYS_INLINE std::array<T, 2> masked_gradient(const T* x, int64_t size, T mean, T rstd, T weight, T bias,
+                                                      T* grad) {
+  return map_sums<T, Bytes, 2>(size, [&](auto pack, int64_t k) FASTDD_ALWAYS_INLINE_LAMBDA {
+    using P = decltype(pack);
+    const P z = (load<P>(x + k) - mean) * rstd;
+    const P ga = weight * z + bias > P{} ? load<P>(grad + k) : P{};
+    store(grad + k, ga);
+    return std::array<P, 2>{ga, ga * z};
+  });
 }
 
-// out = scale * (v - mean_v - z * mean_vz) - extra * z with z = (x - mean) * rstd: with scale = rstd, the
-// normalisation's Jacobian L applied to v (plus a z term).
+// out = scale * (v - mean_v - z * mean_vz) with z = (x - mean) * rstd: with scale = rstd, the normalisation's
+// Jacobian L applied to v.
 template <typename T>
-FASTDD_VECTORISED void normalisation_jacobian(const T* x, const T* v, int64_t size, T mean, T rstd, T scale,
-                                              T mean_v, T mean_vz, T extra, T* out) {
+FASTDD_ALWAYS_INLINE void normalisation_jacobian(const T* x, const T* v, int64_t size, T mean, T rstd, T scale,
+                                                 T mean_v, T mean_vz, T* out) {
 #pragma omp simd
   for (int64_t k = 0; k < size; ++k) {
     const T z = (x[k] - mean) * rstd;
-    out[k] = scale * (v[k] - mean_v - z * mean_vz) - extra * z;
+    out[k] = scale * (v[k] - mean_v - z * mean_vz);
   }
 }
 
-template <typename T>
-void forward_kernel(const T* x, const T* weight, const T* bias, double eps, int64_t batch, int64_t channels,
-                    const MapShape& shape, T* y, T* mean_out, T* rstd_out) {
-  const int64_t size = shape.size(), out_size = shape.out_size();
-  at::parallel_for(0, batch * channels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> activation(size);
-    for (int64_t map = begin; map < end; ++map) {
-      const int64_t c = map % channels;
-      map_statistics(x + map * size, size, eps, mean_out[map], rstd_out[map]);
-      normalised_relu(x + map * size, size, mean_out[map], rstd_out[map], weight[c], bias[c], activation.data());
-      pool_map(activation.data(), shape, y + map * out_size);
-    }
+// One compiled copy of a kernel's loop over maps per x86-64 level (AVX-512, AVX2, baseline SSE2), each with its own
+// vector width; run_maps picks the widest the running CPU supports. kernel.run<Bytes>(begin, end) handles the maps
+// [begin, end) and is inlined into each copy.
+#if defined(__GNUC__) && defined(__x86_64__)
+template <typename Kernel>
+__attribute__((target("arch=x86-64-v4"))) void maps_avx512(const Kernel& kernel, int64_t begin, int64_t end) {
+  kernel.template run<64>(begin, end);
+}
+
+template <typename Kernel>
+__attribute__((target("arch=x86-64-v3"))) void maps_avx2(const Kernel& kernel, int64_t begin, int64_t end) {
+  kernel.template run<32>(begin, end);
+}
+#endif
+
+template <typename Kernel>
+void maps_baseline(const Kernel& kernel, int64_t begin, int64_t end) {
+  kernel.template run<16>(begin, end);
+}
+
+enum class SimdLevel { baseline, avx2, avx512 };
+
+// ATEN_CPU_CAPABILITY=default or avx2 caps the choice, as it does for PyTorch's own kernels (tests use it to run
+// the narrower copies on a machine that has AVX-512).
+SimdLevel simd_level_for_this_cpu() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  const char* requested = std::getenv("ATEN_CPU_CAPABILITY");
+  const std::string cap = requested == nullptr ? "" : requested;
+  __builtin_cpu_init();
+  if (cap != "default" && cap != "avx2" && __builtin_cpu_supports("x86-64-v4")) return SimdLevel::avx512;
+  if (cap != "default" && __builtin_cpu_supports("x86-64-v3")) return SimdLevel::avx2;
+#endif
+  return SimdLevel::baseline;
+}
+
+// kernel over all maps [0, maps), in parallel, with the copy for this CPU.
+template <typename Kernel>
+void run_maps(const Kernel& kernel, int64_t maps) {
+  static const SimdLevel level = simd_level_for_this_cpu();
+  at::parallel_for(0, maps, 1, [&](int64_t begin, int64_t end) {
+#if defined(__GNUC__) && defined(__x86_64__)
+    if (level == SimdLevel::avx512) return maps_avx512(kernel, begin, end);
+    if (level == SimdLevel::avx2) return maps_avx2(kernel, begin, end);
+#endif
+    maps_baseline(kernel, begin, end);
   });
 }
 
 template <typename T>
-void backward_kernel(const T* grad_y, const T* x, const T* weight, const T* bias, const T* mean, const T* rstd,
-                     int64_t batch, int64_t channels, const MapShape& shape, T* grad_x, T* grad_weight_part,
-                     T* grad_bias_part) {
-  const int64_t size = shape.size(), out_size = shape.out_size();
-  at::parallel_for(0, batch * channels, 1, [&](int64_t begin, int64_t end) {
+struct ForwardMaps {
+  const T *x, *weight, *bias;
+  double eps;
+  int64_t channels;
+  MapShape shape;
+  T *y, *mean, *rstd;
+
+  template <int Bytes>
+  FASTDD_ALWAYS_INLINE void run(int64_t begin, int64_t end) const {
+    const int64_t size = shape.size(), out_size = shape.out_size();
+    std::vector<T> activation(size);
+    for (int64_t map = begin; map < end; ++map) {
+      const int64_t c = map % channels;
+      map_statistics<T, Bytes>(x + map * size, size, eps, mean[map], rstd[map]);
+      normalised_relu(x + map * size, size, mean[map], rstd[map], weight[c], bias[c], activation.data());
+      pool_map(activation.data(), shape, y + map * out_size);
+    }
+  }
+};
+
+template <typename T>
+struct BackwardMaps {
+  const T *grad_y, *x, *weight, *bias, *mean, *rstd;
+  int64_t channels;
+  MapShape shape;
+  T *grad_x, *grad_weight_part, *grad_bias_part;
+
+  template <int Bytes>
+  FASTDD_ALWAYS_INLINE void run(int64_t begin, int64_t end) const {
+    const int64_t size = shape.size(), out_size = shape.out_size();
     std::vector<T> grad_a(size);
     for (int64_t map = begin; map < end; ++map) {
       const T* xm = x + map * size;
       const int64_t c = map % channels;
       const T m = mean[map], r = rstd[map], w = weight[c];
       unpool_map(grad_y + map * out_size, shape, grad_a.data());
-      const auto [sum_ga, sum_gaz] = masked_gradient(xm, size, m, r, w, bias[c], grad_a.data());
+      const auto [sum_ga, sum_gaz] = masked_gradient<T, Bytes>(xm, size, m, r, w, bias[c], grad_a.data());
       grad_weight_part[map] = sum_gaz;
       grad_bias_part[map] = sum_ga;
       // grad_z = w * grad_a, grad_x = L(grad_z); L is linear, so scale after: L(w * grad_a) = w * L(grad_a).
       const T n = static_cast<T>(size);
-      normalisation_jacobian(xm, grad_a.data(), size, m, r, r * w, sum_ga / n, sum_gaz / n, T(0), grad_x + map * size);
+      normalisation_jacobian(xm, grad_a.data(), size, m, r, r * w, sum_ga / n, sum_gaz / n, grad_x + map * size);
     }
-  });
-}
-
-// out = mask * (w * u + gg_weight * z + gg_bias) with u = rstd * (gg_x - mean_g - z * mean_gz): the full-size
-// gradient w.r.t. grad_a, before the pooling adjoint.
-template <typename T>
-FASTDD_VECTORISED void grad_grad_y_full(const T* x, const T* ggx, int64_t size, T m, T r, T w, T b, T ggw, T ggb,
-                                        T mean_g, T mean_gz, T* out) {
-#pragma omp simd
-  for (int64_t k = 0; k < size; ++k) {
-    const T z = (x[k] - m) * r;
-    const T u = r * (ggx[k] - mean_g - z * mean_gz);
-    out[k] = w * z + b > T(0) ? w * u + ggw * z + ggb : T(0);
   }
-}
+};
 
-// Derivatives of <gg_x, grad_x> + <gg_weight, grad_weight> + <gg_bias, grad_bias> (the outputs of backward_kernel)
+// Derivatives of <gg_x, grad_x> + <gg_weight, grad_weight> + <gg_bias, grad_bias> (the outputs of BackwardMaps)
 // with respect to grad_y, x and weight. With L(v) = rstd * (v - mean(v) - z * mean(v * z)) (symmetric, and the
 // Jacobian of z with respect to x), grad_a = mask * unpool(grad_y) and grad_z = weight * grad_a:
 //   u = L(gg_x);  d/d grad_y = pool(mask * (weight * u + gg_weight * z + gg_bias));  d/d weight = sum(u * grad_a);
 //   d/d x = L(t) - rstd^2 * q * z / M  with  t = gg_weight * grad_a - rstd * (gg_x * mean(grad_z * z)
 //           + mean(gg_x * z) * grad_z)  and  q = <gg_x, grad_z - mean(grad_z) - z * mean(grad_z * z)>.
-// The ReLU mask is piecewise constant, so bias gets no second-order gradient.
-template <typename T>
-FASTDD_VECTORISED void double_backward_map(const T* gy, const T* x, const T* ggx, T m, T r, T w, T b, T ggw, T ggb,
-                                           const MapShape& shape, T* grad_a, T* scratch, T* grad_grad_y,
-                                           T* grad_x, T& grad_weight_part) {
+// t is a combination alpha * grad_a + beta * gg_x with per-map coefficients, so mean(t) and mean(t * z) follow
+// from the sums of the first pass, and the second pass writes d/d x and d/d grad_y at once. The ReLU mask is
+// piecewise constant, so bias gets no second-order gradient.
+template <typename T, int Bytes>
+FASTDD_ALWAYS_INLINE void double_backward_map(const T* gy, const T* x, const T* ggx, T m, T r, T w, T b, T ggw,
+                                              T ggb, const MapShape& shape, T* spread, T* full, T* grad_grad_y,
+                                              T* grad_x, T& grad_weight_part) {
   const int64_t size = shape.size();
   const T n = static_cast<T>(size);
-  unpool_map(gy, shape, grad_a);
-  T sum_ga = 0, sum_gaz = 0, sum_g = 0, sum_gz = 0, sum_gga = 0;
-#pragma omp simd reduction(+ : sum_ga, sum_gaz, sum_g, sum_gz, sum_gga)
-  for (int64_t k = 0; k < size; ++k) {
-    const T z = (x[k] - m) * r;
-    const T ga = w * z + b > T(0) ? grad_a[k] : T(0);
-    const T g = ggx[k];
-    grad_a[k] = ga;
-    sum_ga += ga;
-    sum_gaz += ga * z;
-    sum_g += g;
-    sum_gz += g * z;
-    sum_gga += g * ga;
-  }
+  unpool_map(gy, shape, spread);
+  const auto [sum_ga, sum_gaz, sum_g, sum_gz, sum_gga] =
+      map_sums<T, Bytes, 5>(size, [&](auto pack, int64_t k) FASTDD_ALWAYS_INLINE_LAMBDA {
+        using P = decltype(pack);
+        const P z = (load<P>(x + k) - m) * r;
+        const P ga = w * z + b > P{} ? load<P>(spread + k) : P{};
+        const P g = load<P>(ggx + k);
+        return std::array<P, 5>{ga, ga * z, g, g * z, g * ga};
+      });
   const T mean_gz = w * sum_ga / n, mean_gzz = w * sum_gaz / n, mean_g = sum_g / n, mean_gzx = sum_gz / n;
   const T q = w * sum_gga - mean_gz * sum_g - mean_gzz * sum_gz;
-  // scratch = t; sums for L(t), and <u, grad_a> for weight.
-  T sum_t = 0, sum_tz = 0, sum_uga = 0;
-#pragma omp simd reduction(+ : sum_t, sum_tz, sum_uga)
-  for (int64_t k = 0; k < size; ++k) {
-    const T z = (x[k] - m) * r;
-    const T g = ggx[k];
-    const T u = r * (g - mean_g - z * mean_gzx);
-    sum_uga += u * grad_a[k];
-    const T t = ggw * grad_a[k] - r * (g * mean_gzz + mean_gzx * w * grad_a[k]);
-    scratch[k] = t;
-    sum_t += t;
-    sum_tz += t * z;
-  }
+  const T alpha = ggw - r * w * mean_gzx, beta = -r * mean_gzz;
+  const T mean_t = (alpha * sum_ga + beta * sum_g) / n, mean_tz = (alpha * sum_gaz + beta * sum_gz) / n;
+  const T z_scale = r * mean_tz + r * r * q / n;
+  const auto [sum_uga] = map_sums<T, Bytes, 1>(size, [&](auto pack, int64_t k) FASTDD_ALWAYS_INLINE_LAMBDA {
+    using P = decltype(pack);
+    const P z = (load<P>(x + k) - m) * r;
+    const auto active = w * z + b > P{};
+    const P ga = active ? load<P>(spread + k) : P{};
+    const P g = load<P>(ggx + k);
+    const P u = r * (g - mean_g - z * mean_gzx);
+    store(grad_x + k, r * (alpha * ga + beta * g - mean_t) - z * z_scale);
+    store(full + k, active ? w * u + ggw * z + ggb : P{});
+    return std::array<P, 1>{u * ga};
+  });
   grad_weight_part = sum_uga;
-  normalisation_jacobian(x, scratch, size, m, r, r, sum_t / n, sum_tz / n, r * r * q / n, grad_x);
-  grad_grad_y_full(x, ggx, size, m, r, w, b, ggw, ggb, mean_g, mean_gzx, scratch);
-  pool_map(scratch, shape, grad_grad_y);
+  pool_map(full, shape, grad_grad_y);
 }
 
 template <typename T>
-void double_backward_kernel(const T* grad_y, const T* x, const T* weight, const T* bias, const T* mean,
-                            const T* rstd, const T* gg_x, const T* gg_weight, const T* gg_bias, int64_t batch,
-                            int64_t channels, const MapShape& shape, T* grad_grad_y, T* grad_x, T* grad_weight_part) {
-  const int64_t size = shape.size(), out_size = shape.out_size();
-  at::parallel_for(0, batch * channels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> grad_a(size), scratch(size);
+struct DoubleBackwardMaps {
+  const T *grad_y, *x, *weight, *bias, *mean, *rstd, *gg_x, *gg_weight, *gg_bias;
+  int64_t channels;
+  MapShape shape;
+  T *grad_grad_y, *grad_x, *grad_weight_part;
+
+  template <int Bytes>
+  FASTDD_ALWAYS_INLINE void run(int64_t begin, int64_t end) const {
+    const int64_t size = shape.size(), out_size = shape.out_size();
+    std::vector<T> spread(size), full(size);
     for (int64_t map = begin; map < end; ++map) {
       const int64_t c = map % channels;
-      double_backward_map(grad_y + map * out_size, x + map * size, gg_x + map * size, mean[map],
-                          rstd[map], weight[c], bias[c], gg_weight ? gg_weight[c] : T(0),
-                          gg_bias ? gg_bias[c] : T(0), shape, grad_a.data(), scratch.data(),
-                          grad_grad_y + map * out_size, grad_x + map * size, grad_weight_part[map]);
+      double_backward_map<T, Bytes>(grad_y + map * out_size, x + map * size, gg_x + map * size, mean[map], rstd[map],
+                          weight[c], bias[c], gg_weight ? gg_weight[c] : T(0), gg_bias ? gg_bias[c] : T(0), shape,
+                          spread.data(), full.data(), grad_grad_y + map * out_size, grad_x + map * size,
+                          grad_weight_part[map]);
     }
-  });
-}
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_relu_pool_cpu(const at::Tensor& x,
                                                                            const at::Tensor& weight,
@@ -267,9 +388,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_relu_pool_cpu(const
   auto rstd = at::empty({batch, channels}, input.options());
   const auto w = weight.contiguous(), b = bias.contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "instance_norm_relu_pool_cpu", [&] {
-    forward_kernel<scalar_t>(input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                             b.const_data_ptr<scalar_t>(), eps, batch, channels, map, y.mutable_data_ptr<scalar_t>(),
-                             mean.mutable_data_ptr<scalar_t>(), rstd.mutable_data_ptr<scalar_t>());
+    const ForwardMaps<scalar_t> kernel{input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                       b.const_data_ptr<scalar_t>(), eps, channels, map,
+                                       y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<scalar_t>(),
+                                       rstd.mutable_data_ptr<scalar_t>()};
+    run_maps(kernel, batch * channels);
   });
   return {y, mean, rstd};
 }
@@ -287,11 +410,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_relu_pool_backward_
   auto weight_part = at::empty({batch, channels}, input.options());
   auto bias_part = at::empty({batch, channels}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "instance_norm_relu_pool_backward_cpu", [&] {
-    backward_kernel<scalar_t>(gy.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
-                              w.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
-                              mu.const_data_ptr<scalar_t>(), rs.const_data_ptr<scalar_t>(), batch, channels, map,
-                              grad_x.mutable_data_ptr<scalar_t>(), weight_part.mutable_data_ptr<scalar_t>(),
-                              bias_part.mutable_data_ptr<scalar_t>());
+    const BackwardMaps<scalar_t> kernel{gy.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+                                        w.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+                                        mu.const_data_ptr<scalar_t>(), rs.const_data_ptr<scalar_t>(), channels, map,
+                                        grad_x.mutable_data_ptr<scalar_t>(), weight_part.mutable_data_ptr<scalar_t>(),
+                                        bias_part.mutable_data_ptr<scalar_t>()};
+    run_maps(kernel, batch * channels);
   });
   return {grad_x, weight_part.sum(0), bias_part.sum(0)};
 }
@@ -316,14 +440,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_relu_pool_double_ba
   auto grad_x = at::empty_like(input);
   auto weight_part = at::empty({batch, channels}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "instance_norm_relu_pool_double_backward_cpu", [&] {
-    double_backward_kernel<scalar_t>(
+    const DoubleBackwardMaps<scalar_t> kernel{
         gy.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
         b.const_data_ptr<scalar_t>(), mu.const_data_ptr<scalar_t>(), rs.const_data_ptr<scalar_t>(),
-        ggx.const_data_ptr<scalar_t>(),
-        ggw.defined() ? ggw.const_data_ptr<scalar_t>() : nullptr,
-        ggb.defined() ? ggb.const_data_ptr<scalar_t>() : nullptr, batch, channels, map,
+        ggx.const_data_ptr<scalar_t>(), ggw.defined() ? ggw.const_data_ptr<scalar_t>() : nullptr,
+        ggb.defined() ? ggb.const_data_ptr<scalar_t>() : nullptr, channels, map,
         grad_grad_y.mutable_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
-        weight_part.mutable_data_ptr<scalar_t>());
+        weight_part.mutable_data_ptr<scalar_t>()};
+    run_maps(kernel, batch * channels);
   });
   return {grad_grad_y, grad_x, weight_part.sum(0)};
 }
