@@ -71,3 +71,17 @@ def test_string_padding_is_refused():
     x, w, b = _inputs(1, True)
     with pytest.raises(ValueError, match="numeric paddings"):
         conv2d(x, w, b, padding="same")
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_plain_backward_matches_f_conv2d(geometry):
+    # Without create_graph the backward is one fused kernel call (bias included); with it, the twice-differentiable
+    # path. Both must give F.conv2d's gradients.
+    x, w, b = _inputs(geometry["groups"], True, seed=2)
+    upstream = torch.randn(conv2d(x, w, b, **geometry).shape, dtype=torch.float64)
+    ours = torch.autograd.grad(conv2d(x, w, b, **geometry), (x, w, b), upstream)
+    oracle = torch.autograd.grad(F.conv2d(x, w, b, **geometry), (x, w, b), upstream)
+    for a, e in zip(ours, oracle):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    (only_w,) = torch.autograd.grad(conv2d(x, w, b, **geometry), w, upstream)
+    torch.testing.assert_close(only_w, oracle[1], rtol=1e-12, atol=1e-12)

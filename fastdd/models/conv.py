@@ -109,6 +109,14 @@ class _Convolution(torch.autograd.Function):
         want_x, want_weight, want_bias, _ = ctx.needs_input_grad
         want_x = want_x and _engine_needs(x)
         want_weight = want_weight and _engine_needs(weight)
+        if not torch.is_grad_enabled():  # no create_graph: one kernel call, bias gradient included
+            stride, padding, dilation, groups = ctx.geometry
+            bias_sizes = [weight.shape[0]] if want_bias else None
+            grad_x, grad_weight, grad_bias = _convolution_backward(
+                grad_out, x, weight, bias_sizes, stride, padding, dilation, False, [0, 0], groups,
+                [want_x, want_weight, want_bias],
+            )
+            return grad_x, grad_weight, grad_bias, None
         grad_x = grad_weight = None
         if want_x or want_weight:
             grad_x, grad_weight = _ConvolutionBackward.apply(x, weight, grad_out, ctx.geometry, want_x, want_weight)
