@@ -11,10 +11,19 @@
 //
 // Each image runs through all its families in per-thread scratch buffers, read once from memory and written once
 // (parallel over images). Adjacent separable families are composed into one stage while each axis keeps at most 2
-// taps (flip then scale is one stage). A separable stage first resamples every row along the columns, then combines
-// whole rows (vector operations), so scale costs 2 scalar taps per value and its parameters O(H + W) work. Shared
-// parameters (one row) build their stages once per call; per-image parameters build them per image, reusing the
-// buffers.
+// taps (flip then scale is one stage). A separable axis map is a gather (out[i] = sum of weight x in[index]); its
+// adjoint is the gather of the transposed map (built with the stage, O(H + W)), so both directions run the same
+// code. A one-tap axis map (crop, flip and their compositions) is a shifted or reversed contiguous copy with zero
+// fill, and runs as one. With several taps a separable stage first resamples every row along the columns, then
+// combines whole rows (vector operations). Rotate handles all channels per pixel row: the row's taps are loaded or
+// computed once, then gathered from every channel; its adjoint scatters them (4 taps x C channels per pixel).
+// Shared parameters (one row) build their stages once per call (rotate materialises its tap map); per-image
+// parameters build them per image, reusing the buffers, and compute rotate's taps a row at a time.
+//
+// Every tap reads a valid pixel (taps outside the image have weight 0 and a clamped index) and a zero-weight tap
+// contributes a selected 0 rather than 0 * value, so the hot loops have no branches and a non-finite value never
+// leaks into zero-filled pixels. The per-image work is compiled for AVX-512, AVX2 and baseline x86-64 and the loader
+// picks the copy for the running CPU.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -30,28 +39,99 @@
 
 #include "../diff_augment_checks.h"
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTDD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTDD_CPU_CLONES
+#endif
+
+#if defined(__GNUC__)
+#define FASTDD_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define FASTDD_ALWAYS_INLINE inline
+#endif
+
 namespace fastdd {
 namespace {
 
-// out[i] = sum over t < taps of weight[i * taps + t] * in[index[i * taps + t]]: along one axis (a separable
-// stage) or over the pixels of an image (rotate). A tap outside the image has weight 0 and a valid, unused index.
+// out[i] = sum over t < taps of weight[t * size + i] * in[index[t * size + i]]: along one axis (a separable stage)
+// or over the pixels of an image (rotate). A tap outside the image has weight 0 and a valid, unused index.
 template <typename T>
 struct TapMap {
+  int64_t size = 0;
   int64_t taps = 0;
   std::vector<int32_t> index;
   std::vector<T> weight;
 
-  void resize(int64_t size, int64_t tap_count) {
+  void resize(int64_t n, int64_t tap_count) {
+    size = n;
     taps = tap_count;
-    index.resize(size * tap_count);
-    weight.resize(size * tap_count);
+    index.resize(n * tap_count);
+    weight.resize(n * tap_count);
   }
+  const int32_t* index_of(int64_t t) const { return index.data() + t * size; }
+  const T* weight_of(int64_t t) const { return weight.data() + t * size; }
 };
+
+// A one-tap axis map as a copy: out[i] = in[source + (i - begin)] (in[source - (i - begin)] when reversed) for
+// begin <= i < end, 0 elsewhere.
+struct Shift {
+  int64_t begin = 0;
+  int64_t end = 0;
+  int64_t source = 0;
+  bool reversed = false;
+};
+
+// `map` as a Shift if it is one (one tap of weight 1 on an interval, sources consecutive or reversed).
+template <typename T>
+bool as_shift(const TapMap<T>& map, Shift& shift) {
+  if (map.taps != 1) {
+    return false;
+  }
+  const int64_t n = map.size;
+  const int32_t* index = map.index.data();
+  const T* weight = map.weight.data();
+  int64_t begin = 0;
+  while (begin < n && weight[begin] == T(0)) {
+    ++begin;
+  }
+  shift = Shift{begin, begin, begin < n ? index[begin] : 0, false};
+  if (begin == n) {
+    return true;
+  }
+  shift.reversed = begin + 1 < n && weight[begin + 1] != T(0) && index[begin + 1] == index[begin] - 1;
+  const int64_t step = shift.reversed ? -1 : 1;
+  int64_t end = begin;
+  while (end < n && weight[end] == T(1) && index[end] == shift.source + step * (end - begin)) {
+    ++end;
+  }
+  shift.end = end;
+  for (int64_t i = end; i < n; ++i) {
+    if (weight[i] != T(0)) {
+      return false;
+    }
+  }
+  return true;
+}
 
 struct ColorFactors {
   double brightness;
   double saturation;
   double contrast;
+};
+
+// Output coordinate (u, v) samples the input at (m00 u + m01 v, m10 u + m11 v).
+template <typename T>
+struct Affine2 {
+  T m00, m01, m10, m11;
+};
+
+// One axis of a separable stage in the direction being run: the gather map, and whether it is a plain copy.
+template <typename T>
+struct Axis {
+  TapMap<T> map;
+  Shift shift;
+  bool is_shift = false;
 };
 
 enum class StageKind { kColor, kSeparable, kRectangle, kPixelMap };
@@ -60,8 +140,10 @@ template <typename T>
 struct Stage {
   StageKind kind = StageKind::kColor;
   ColorFactors color{};
-  TapMap<T> rows, cols;  // kSeparable: out[r, c] = sum_a sum_b rows.w[r, a] cols.w[c, b] in[rows.i[r, a], cols.i[c, b]]
-  TapMap<T> pixels;      // kPixelMap
+  Axis<T> rows, cols;  // kSeparable: out[r, c] = sum_a sum_b rows.w[r, a] cols.w[c, b] in[rows.i[r, a], cols.i[c, b]]
+  Affine2<T> affine{};  // kPixelMap
+  TapMap<T> pixels;     // kPixelMap with shared parameters: the taps of every pixel
+  bool materialised = false;
   int64_t top = 0, left = 0, bottom = 0, right = 0;  // kRectangle: rows [top, bottom) x columns [left, right) zeroed
 };
 
@@ -128,20 +210,21 @@ struct SamplingGrid {
   }
 };
 
-// The two bilinear taps of pixel coordinate `at` along an axis of n pixels (zero padding): first index and weights.
+// The two bilinear taps of pixel coordinate `at` along an axis of n pixels (zero padding): indices and weights.
 template <typename T>
-inline void linear_taps(T at, int64_t n, int32_t* index, T* weight) {
+FASTDD_ALWAYS_INLINE void linear_taps(T at, int64_t n, int32_t& low_index, int32_t& high_index, T& low_weight,
+                                      T& high_weight) {
   // Both taps are outside unless -1 < at < n (also false for NaN).
   const bool useful = at > T(-1) && at < static_cast<T>(n);
   at = useful ? at : T(0);
   // floor by truncating the positive at + 1 (std::floor is a libm call on baseline x86-64).
-  const int64_t low = static_cast<int64_t>(at + T(1)) - 1;
+  const int32_t low = static_cast<int32_t>(at + T(1)) - 1;
   const T frac = at - static_cast<T>(low);
   const bool low_inside = useful && low >= 0, high_inside = useful && low + 1 < n;
-  index[0] = low_inside ? static_cast<int32_t>(low) : 0;
-  index[1] = high_inside ? static_cast<int32_t>(low + 1) : 0;
-  weight[0] = low_inside ? T(1) - frac : T(0);
-  weight[1] = high_inside ? frac : T(0);
+  low_index = low_inside ? low : 0;
+  high_index = high_inside ? low + 1 : 0;
+  low_weight = low_inside ? T(1) - frac : T(0);
+  high_weight = high_inside ? frac : T(0);
 }
 
 // One-tap axis map i -> i + shift (zero outside), or i -> n - 1 - i when mirrored.
@@ -162,49 +245,75 @@ void fill_axis_scale(const std::vector<T>& coordinates, T factor, T half_extent,
   const int64_t n = static_cast<int64_t>(coordinates.size());
   map.resize(n, 2);
   for (int64_t i = 0; i < n; ++i) {
-    linear_taps<T>(factor * coordinates[i] * half_extent + centre, n, map.index.data() + 2 * i,
-                   map.weight.data() + 2 * i);
+    linear_taps<T>(factor * coordinates[i] * half_extent + centre, n, map.index[i], map.index[n + i], map.weight[i],
+                   map.weight[n + i]);
   }
 }
 
-// Output coordinate (u, v) samples the input at (m00 u + m01 v, m10 u + m11 v), bilinearly with zero padding.
+// The 4 bilinear taps of the pixels of row r (tap t of column c at index[t * stride + c], weight[t * stride + c]),
+// in the order (top, left), (top, right), (bottom, left), (bottom, right).
 template <typename T>
-void fill_pixel_bilinear(T m00, T m01, T m10, T m11, const SamplingGrid<T>& grid, TapMap<T>& map) {
+FASTDD_ALWAYS_INLINE void bilinear_row(const Affine2<T>& m, const SamplingGrid<T>& grid, int64_t r, int32_t* index,
+                                       T* weight, int64_t stride) {
   const int64_t height = static_cast<int64_t>(grid.v.size()), width = static_cast<int64_t>(grid.u.size());
-  map.resize(height * width, 4);
-  int32_t* index = map.index.data();
-  T* weight = map.weight.data();
-  for (int64_t r = 0; r < height; ++r) {
-    for (int64_t c = 0; c < width; ++c, index += 4, weight += 4) {
-      const T u = grid.u[c], v = grid.v[r];
-      int32_t col[2], row[2];
-      T wc[2], wr[2];
-      linear_taps<T>((m00 * u + m01 * v) * grid.half_width + grid.centre_x, width, col, wc);
-      linear_taps<T>((m10 * u + m11 * v) * grid.half_height + grid.centre_y, height, row, wr);
-      for (int64_t dy = 0; dy < 2; ++dy) {
-        for (int64_t dx = 0; dx < 2; ++dx) {
-          index[dy * 2 + dx] = static_cast<int32_t>(row[dy] * width + col[dx]);
-          weight[dy * 2 + dx] = wr[dy] * wc[dx];
-        }
-      }
-    }
+  const T v = grid.v[r];
+  const T* u = grid.u.data();
+  const int32_t w32 = static_cast<int32_t>(width);
+  for (int64_t c = 0; c < width; ++c) {
+    int32_t col0, col1, row0, row1;
+    T wc0, wc1, wr0, wr1;
+    linear_taps<T>((m.m00 * u[c] + m.m01 * v) * grid.half_width + grid.centre_x, width, col0, col1, wc0, wc1);
+    linear_taps<T>((m.m10 * u[c] + m.m11 * v) * grid.half_height + grid.centre_y, height, row0, row1, wr0, wr1);
+    index[c] = row0 * w32 + col0;
+    index[stride + c] = row0 * w32 + col1;
+    index[2 * stride + c] = row1 * w32 + col0;
+    index[3 * stride + c] = row1 * w32 + col1;
+    weight[c] = wr0 * wc0;
+    weight[stride + c] = wr0 * wc1;
+    weight[2 * stride + c] = wr1 * wc0;
+    weight[3 * stride + c] = wr1 * wc1;
   }
 }
 
 // out = later after earlier: each tap of `later` continues through the taps of `earlier` (weights multiply).
 template <typename T>
 void compose(const TapMap<T>& later, const TapMap<T>& earlier, TapMap<T>& out) {
-  const int64_t ka = later.taps, kb = earlier.taps;
-  const int64_t size = static_cast<int64_t>(later.index.size()) / ka;
+  const int64_t ka = later.taps, kb = earlier.taps, size = later.size;
   out.resize(size, ka * kb);
-  for (int64_t i = 0; i < size; ++i) {
-    for (int64_t a = 0; a < ka; ++a) {
-      const int32_t middle = later.index[i * ka + a];
-      const T w = later.weight[i * ka + a];
-      for (int64_t b = 0; b < kb; ++b) {
-        const int64_t slot = (i * ka + a) * kb + b;
-        out.index[slot] = earlier.index[middle * kb + b];
-        out.weight[slot] = w * earlier.weight[middle * kb + b];
+  for (int64_t a = 0; a < ka; ++a) {
+    for (int64_t b = 0; b < kb; ++b) {
+      const int64_t t = a * kb + b;
+      for (int64_t i = 0; i < size; ++i) {
+        const int32_t middle = later.index[a * size + i];
+        out.index[t * size + i] = earlier.index[b * earlier.size + middle];
+        out.weight[t * size + i] = later.weight[a * size + i] * earlier.weight[b * earlier.size + middle];
+      }
+    }
+  }
+}
+
+// The transposed map as a gather: entry j lists the (i, weight) with map.index[t, i] == j and a nonzero weight,
+// padded with zero-weight taps to the largest count.
+template <typename T>
+void transpose(const TapMap<T>& map, int64_t source_size, TapMap<T>& out, std::vector<int32_t>& count) {
+  count.assign(source_size, 0);
+  for (int64_t slot = 0; slot < map.taps * map.size; ++slot) {
+    count[map.index[slot]] += map.weight[slot] != T(0);
+  }
+  const int64_t taps = std::max<int64_t>(1, *std::max_element(count.begin(), count.end()));
+  out.size = source_size;
+  out.taps = taps;
+  out.index.assign(taps * source_size, 0);
+  out.weight.assign(taps * source_size, T(0));
+  std::fill(count.begin(), count.end(), 0);
+  for (int64_t t = 0; t < map.taps; ++t) {
+    for (int64_t i = 0; i < map.size; ++i) {
+      const T w = map.weight[t * map.size + i];
+      if (w != T(0)) {
+        const int32_t j = map.index[t * map.size + i];
+        const int64_t slot = count[j]++ * source_size + j;
+        out.index[slot] = static_cast<int32_t>(i);
+        out.weight[slot] = w;
       }
     }
   }
@@ -214,6 +323,7 @@ void compose(const TapMap<T>& later, const TapMap<T>& earlier, TapMap<T>& out) {
 template <typename T>
 struct PlanWorkspace {
   TapMap<T> rows, cols, composed;
+  std::vector<int32_t> count;
 };
 
 // Appends the separable stage (rows, cols), composing it into the previous stage when that one is separable too
@@ -221,22 +331,33 @@ struct PlanWorkspace {
 template <typename T>
 void add_separable(Plan<T>& plan, PlanWorkspace<T>& work) {
   Stage<T>* last = plan.last();
-  if (last != nullptr && last->kind == StageKind::kSeparable && last->rows.taps * work.rows.taps <= 2 &&
-      last->cols.taps * work.cols.taps <= 2) {
-    compose(work.rows, last->rows, work.composed);
-    std::swap(last->rows, work.composed);
-    compose(work.cols, last->cols, work.composed);
-    std::swap(last->cols, work.composed);
+  if (last != nullptr && last->kind == StageKind::kSeparable && last->rows.map.taps * work.rows.taps <= 2 &&
+      last->cols.map.taps * work.cols.taps <= 2) {
+    compose(work.rows, last->rows.map, work.composed);
+    std::swap(last->rows.map, work.composed);
+    compose(work.cols, last->cols.map, work.composed);
+    std::swap(last->cols.map, work.composed);
     return;
   }
   Stage<T>& stage = plan.add(StageKind::kSeparable);
-  std::swap(stage.rows, work.rows);
-  std::swap(stage.cols, work.cols);
+  std::swap(stage.rows.map, work.rows);
+  std::swap(stage.cols.map, work.cols);
+}
+
+// Readies an axis of a separable stage to run in the given direction.
+template <typename T>
+void finish_axis(Axis<T>& axis, bool adjoint, PlanWorkspace<T>& work) {
+  if (adjoint) {
+    transpose(axis.map, axis.map.size, work.composed, work.count);
+    std::swap(axis.map, work.composed);
+  }
+  axis.is_shift = as_shift(axis.map, axis.shift);
 }
 
 template <typename T>
 void build_plan(const std::vector<AugmentFamily>& families, const double* real, const int64_t* ints,
-                const Geometry& g, const SamplingGrid<T>& grid, Plan<T>& plan, PlanWorkspace<T>& work) {
+                const Geometry& g, const SamplingGrid<T>& grid, bool shared, bool adjoint, Plan<T>& plan,
+                PlanWorkspace<T>& work) {
   plan.size = 0;
   for (const AugmentFamily family : families) {
     switch (family) {
@@ -280,16 +401,32 @@ void build_plan(const std::vector<AugmentFamily>& families, const double* real, 
         // The reference builds theta = [[cos, -sin], [sin, cos]] in the images' dtype.
         const T angle = static_cast<T>(real[kRotation]);
         const T cos = std::cos(angle), sin = std::sin(angle);
-        fill_pixel_bilinear<T>(cos, -sin, sin, cos, grid, plan.add(StageKind::kPixelMap).pixels);
+        Stage<T>& stage = plan.add(StageKind::kPixelMap);
+        stage.affine = {cos, -sin, sin, cos};
+        stage.materialised = shared;
+        if (shared) {
+          stage.pixels.resize(g.height * g.width, 4);
+          for (int64_t r = 0; r < g.height; ++r) {
+            bilinear_row(stage.affine, grid, r, stage.pixels.index.data() + r * g.width,
+                         stage.pixels.weight.data() + r * g.width, stage.pixels.size);
+          }
+        }
         break;
       }
+    }
+  }
+  for (int64_t s = 0; s < plan.size; ++s) {
+    Stage<T>& stage = plan.stages[s];
+    if (stage.kind == StageKind::kSeparable) {
+      finish_axis(stage.rows, adjoint, work);
+      finish_axis(stage.cols, adjoint, work);
     }
   }
 }
 
 // Sum of n values in double, in 8 independent lanes (a single running sum cannot be vectorised).
 template <typename T>
-double sum_values(const T* values, int64_t n) {
+FASTDD_ALWAYS_INLINE double sum_values(const T* values, int64_t n) {
   double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -304,18 +441,20 @@ double sum_values(const T* values, int64_t n) {
   return total;
 }
 
-// Scratch of one thread for running images: two images and one plane.
+// Scratch of one thread for running images: two images, one plane, and the taps of one pixel row.
 template <typename T>
 struct RunWorkspace {
-  std::vector<T> images, plane;
-  RunWorkspace(int64_t numel, int64_t pixels) : images(2 * numel), plane(pixels) {}
+  std::vector<T> images, plane, row_weight;
+  std::vector<int32_t> row_index;
+  RunWorkspace(int64_t numel, int64_t pixels, int64_t width)
+      : images(2 * numel), plane(pixels), row_weight(4 * width), row_index(4 * width) {}
 };
 
 // The color map on one image [channels, pixels]; its linear part (with_offset false) is symmetric, hence also the
 // adjoint.
 template <typename T>
-void apply_color(const ColorFactors& f, bool with_offset, const T* src, T* dst, int64_t channels, int64_t pixels,
-                 T* pixel_mean) {
+FASTDD_ALWAYS_INLINE void apply_color(const ColorFactors& f, bool with_offset, const T* src, T* dst, int64_t channels,
+                                      int64_t pixels, T* pixel_mean) {
   const T image_mean = static_cast<T>(sum_values(src, channels * pixels) / static_cast<double>(channels * pixels));
   const T s = static_cast<T>(f.saturation), k = static_cast<T>(f.contrast);
   const T shift = image_mean + (with_offset ? static_cast<T>(f.brightness) : T(0));
@@ -345,125 +484,171 @@ void apply_color(const ColorFactors& f, bool with_offset, const T* src, T* dst, 
   }
 }
 
-// y += w * x over n values; nothing when w is 0, so a non-finite value does not leak into zero-filled pixels.
+// weight * value, or 0 for a zero weight whatever the value.
 template <typename T>
-inline void axpy(T w, const T* x, T* y, int64_t n) {
-  if (w == T(0)) {
+FASTDD_ALWAYS_INLINE T tap(T weight, T value) {
+  return weight != T(0) ? weight * value : T(0);
+}
+
+// out[i] = sum over the taps of entries first .. first + n of `map` (out is overwritten).
+template <typename T>
+FASTDD_ALWAYS_INLINE void gather_line(const TapMap<T>& map, int64_t first, const T* in, T* out, int64_t n) {
+  const int32_t* i0 = map.index_of(0) + first;
+  const T* w0 = map.weight_of(0) + first;
+  if (map.taps == 2) {
+    const int32_t* i1 = map.index_of(1) + first;
+    const T* w1 = map.weight_of(1) + first;
+    for (int64_t i = 0; i < n; ++i) {
+      out[i] = tap(w0[i], in[i0[i]]) + tap(w1[i], in[i1[i]]);
+    }
     return;
   }
   for (int64_t i = 0; i < n; ++i) {
-    y[i] += w * x[i];
+    out[i] = tap(w0[i], in[i0[i]]);
   }
-}
-
-// out[i] = sum over taps of weight * in[index] for i < n (zero-weight taps skipped, as in axpy).
-template <typename T, int64_t K>
-inline void gather_line(const TapMap<T>& map, const T* in, T* out, int64_t n) {
-  const int32_t* index = map.index.data();
-  const T* weight = map.weight.data();
-  for (int64_t i = 0; i < n; ++i, index += K, weight += K) {
-    T acc = T(0);
-    for (int64_t t = 0; t < K; ++t) {
-      acc += weight[t] != T(0) ? weight[t] * in[index[t]] : T(0);
-    }
-    out[i] = acc;
-  }
-}
-
-// The transpose of gather_line: out[index] += weight * in[i] (out is not cleared).
-template <typename T, int64_t K>
-inline void scatter_line(const TapMap<T>& map, const T* in, T* out, int64_t n) {
-  const int32_t* index = map.index.data();
-  const T* weight = map.weight.data();
-  for (int64_t i = 0; i < n; ++i, index += K, weight += K) {
-    for (int64_t t = 0; t < K; ++t) {
-      if (weight[t] != T(0)) {
-        out[index[t]] += weight[t] * in[i];
-      }
+  for (int64_t t = 1; t < map.taps; ++t) {
+    const int32_t* index = map.index_of(t) + first;
+    const T* weight = map.weight_of(t) + first;
+    for (int64_t i = 0; i < n; ++i) {
+      out[i] += tap(weight[i], in[index[i]]);
     }
   }
 }
 
+// One line through a Shift: a (reversed) copy and zero fill.
 template <typename T>
-inline void gather_taps(const TapMap<T>& map, const T* in, T* out, int64_t n) {
-  switch (map.taps) {
-    case 1:
-      return gather_line<T, 1>(map, in, out, n);
-    case 2:
-      return gather_line<T, 2>(map, in, out, n);
-    default:
-      return gather_line<T, 4>(map, in, out, n);
+FASTDD_ALWAYS_INLINE void shift_line(const Shift& shift, const T* in, T* out, int64_t n) {
+  std::fill(out, out + shift.begin, T(0));
+  const int64_t count = shift.end - shift.begin;
+  if (shift.reversed) {
+    const T* from = in + shift.source;
+    T* to = out + shift.begin;
+    for (int64_t i = 0; i < count; ++i) {
+      to[i] = from[-i];
+    }
+  } else {
+    std::memcpy(out + shift.begin, in + shift.source, sizeof(T) * count);
   }
+  std::fill(out + shift.end, out + n, T(0));
 }
 
 template <typename T>
-inline void scatter_taps(const TapMap<T>& map, const T* in, T* out, int64_t n) {
-  switch (map.taps) {
-    case 1:
-      return scatter_line<T, 1>(map, in, out, n);
-    case 2:
-      return scatter_line<T, 2>(map, in, out, n);
-    default:
-      return scatter_line<T, 4>(map, in, out, n);
+FASTDD_ALWAYS_INLINE void resample_line(const Axis<T>& cols, const T* in, T* out, int64_t width) {
+  if (cols.is_shift) {
+    shift_line(cols.shift, in, out, width);
+  } else {
+    gather_line(cols.map, 0, in, out, width);
   }
 }
 
-// Separable stage on one plane [height, width]: every input row resampled along the columns into `rows_done`,
-// then each output row is a weighted sum of whole rows of it.
-// With one row tap (crop, flip) each output row is its source row resampled: one pass, no intermediate.
+// Separable stage on one plane [height, width]. With one row tap (crop, flip) each output row is its source row
+// resampled (and scaled unless its weight is 1); otherwise every input row is resampled along the columns into
+// `rows_done`, then each output row is a weighted sum of whole rows of it.
 template <typename T>
-void separable_forward(const Stage<T>& stage, const T* in, T* out, int64_t height, int64_t width, T* rows_done) {
-  if (stage.rows.taps == 1) {
+FASTDD_ALWAYS_INLINE void separable_plane(const Stage<T>& stage, const T* in, T* out, int64_t height, int64_t width,
+                                          T* rows_done) {
+  const TapMap<T>& rows = stage.rows.map;
+  if (rows.taps == 1) {
     for (int64_t r = 0; r < height; ++r) {
-      if (stage.rows.weight[r] == T(0)) {
-        std::fill(out + r * width, out + (r + 1) * width, T(0));
-      } else {
-        gather_taps(stage.cols, in + stage.rows.index[r] * width, out + r * width, width);
+      T* line = out + r * width;
+      const T w = rows.weight[r];
+      if (w == T(0)) {
+        std::fill(line, line + width, T(0));
+        continue;
+      }
+      resample_line(stage.cols, in + rows.index[r] * width, line, width);
+      if (w != T(1)) {
+        for (int64_t c = 0; c < width; ++c) {
+          line[c] *= w;
+        }
       }
     }
     return;
   }
   for (int64_t y = 0; y < height; ++y) {
-    gather_taps(stage.cols, in + y * width, rows_done + y * width, width);
+    resample_line(stage.cols, in + y * width, rows_done + y * width, width);
   }
-  const int64_t kr = stage.rows.taps;
   for (int64_t r = 0; r < height; ++r) {
     T* line = out + r * width;
-    std::fill(line, line + width, T(0));
-    for (int64_t a = 0; a < kr; ++a) {
-      axpy(stage.rows.weight[r * kr + a], rows_done + stage.rows.index[r * kr + a] * width, line, width);
+    bool empty = true;
+    for (int64_t a = 0; a < rows.taps; ++a) {
+      const T w = rows.weight_of(a)[r];
+      if (w == T(0)) {  // skipped, so a non-finite row does not leak
+        continue;
+      }
+      const T* source = rows_done + rows.index_of(a)[r] * width;
+      if (empty) {
+        for (int64_t c = 0; c < width; ++c) {
+          line[c] = w * source[c];
+        }
+      } else {
+        for (int64_t c = 0; c < width; ++c) {
+          line[c] += w * source[c];
+        }
+      }
+      empty = false;
+    }
+    if (empty) {
+      std::fill(line, line + width, T(0));
     }
   }
 }
 
+// Rotate on one image, all channels a pixel row at a time; the adjoint scatters each tap back to its source.
 template <typename T>
-void separable_adjoint(const Stage<T>& stage, const T* in, T* out, int64_t height, int64_t width, T* rows_done) {
-  if (stage.rows.taps == 1) {  // the one-tap row map is injective: each output row receives at most one row
-    std::fill(out, out + height * width, T(0));
-    for (int64_t r = 0; r < height; ++r) {
-      if (stage.rows.weight[r] != T(0)) {
-        scatter_taps(stage.cols, in + r * width, out + stage.rows.index[r] * width, width);
+FASTDD_ALWAYS_INLINE void pixel_map_image(const Stage<T>& stage, bool adjoint, const SamplingGrid<T>& grid,
+                                          const T* in, T* out, int64_t channels, int64_t height, int64_t width,
+                                          RunWorkspace<T>& work) {
+  const int64_t pixels = height * width;
+  if (adjoint) {
+    std::fill(out, out + channels * pixels, T(0));
+  }
+  for (int64_t r = 0; r < height; ++r) {
+    const int32_t* index;
+    const T* weight;
+    int64_t stride;
+    if (stage.materialised) {
+      index = stage.pixels.index.data() + r * width;
+      weight = stage.pixels.weight.data() + r * width;
+      stride = pixels;
+    } else {
+      bilinear_row(stage.affine, grid, r, work.row_index.data(), work.row_weight.data(), width);
+      index = work.row_index.data();
+      weight = work.row_weight.data();
+      stride = width;
+    }
+    const int32_t *i0 = index, *i1 = index + stride, *i2 = index + 2 * stride, *i3 = index + 3 * stride;
+    const T *w0 = weight, *w1 = weight + stride, *w2 = weight + 2 * stride, *w3 = weight + 3 * stride;
+    if (!adjoint) {
+      for (int64_t ch = 0; ch < channels; ++ch) {
+        const T* source = in + ch * pixels;
+        T* line = out + ch * pixels + r * width;
+        for (int64_t c = 0; c < width; ++c) {
+          line[c] = (tap(w0[c], source[i0[c]]) + tap(w1[c], source[i1[c]])) +
+                    (tap(w2[c], source[i2[c]]) + tap(w3[c], source[i3[c]]));
+        }
+      }
+      continue;
+    }
+    for (int64_t c = 0; c < width; ++c) {
+      const int64_t p = r * width + c;
+      for (int64_t ch = 0; ch < channels; ++ch) {
+        const T g = in[ch * pixels + p];
+        T* target = out + ch * pixels;
+        target[i0[c]] += tap(w0[c], g);
+        target[i1[c]] += tap(w1[c], g);
+        target[i2[c]] += tap(w2[c], g);
+        target[i3[c]] += tap(w3[c], g);
       }
     }
-    return;
-  }
-  std::fill(rows_done, rows_done + height * width, T(0));
-  const int64_t kr = stage.rows.taps;
-  for (int64_t r = 0; r < height; ++r) {
-    for (int64_t a = 0; a < kr; ++a) {
-      axpy(stage.rows.weight[r * kr + a], in + r * width, rows_done + stage.rows.index[r * kr + a] * width, width);
-    }
-  }
-  std::fill(out, out + height * width, T(0));
-  for (int64_t y = 0; y < height; ++y) {
-    scatter_taps(stage.cols, rows_done + y * width, out + y * width, width);
   }
 }
 
 // Runs one image [channels, height, width] through the plan (the adjoint: the transposed stages, last first).
 template <typename T>
-void run_image(const Plan<T>& plan, bool adjoint, bool with_offset, const T* in, T* out, int64_t channels,
-               int64_t height, int64_t width, RunWorkspace<T>& work) {
+FASTDD_CPU_CLONES void run_image(const Plan<T>& plan, bool adjoint, bool with_offset, const SamplingGrid<T>& grid,
+                                 const T* in, T* out, int64_t channels, int64_t height, int64_t width,
+                                 RunWorkspace<T>& work) {
   const int64_t count = plan.size, pixels = height * width, numel = channels * pixels;
   if (count == 0) {
     std::memcpy(out, in, sizeof(T) * numel);
@@ -479,8 +664,7 @@ void run_image(const Plan<T>& plan, bool adjoint, bool with_offset, const T* in,
         break;
       case StageKind::kSeparable:
         for (int64_t c = 0; c < channels; ++c) {
-          (adjoint ? separable_adjoint<T> : separable_forward<T>)(stage, src + c * pixels, dst + c * pixels, height,
-                                                                   width, work.plane.data());
+          separable_plane(stage, src + c * pixels, dst + c * pixels, height, width, work.plane.data());
         }
         break;
       case StageKind::kRectangle:  // a diagonal 0/1 map: its own adjoint
@@ -493,14 +677,7 @@ void run_image(const Plan<T>& plan, bool adjoint, bool with_offset, const T* in,
         }
         break;
       case StageKind::kPixelMap:
-        for (int64_t c = 0; c < channels; ++c) {
-          if (adjoint) {
-            std::fill(dst + c * pixels, dst + (c + 1) * pixels, T(0));
-            scatter_taps(stage.pixels, src + c * pixels, dst + c * pixels, pixels);
-          } else {
-            gather_taps(stage.pixels, src + c * pixels, dst + c * pixels, pixels);
-          }
-        }
+        pixel_map_image(stage, adjoint, grid, src, dst, channels, height, width, work);
         break;
     }
     src = dst;
@@ -523,20 +700,20 @@ void diff_augment_cpu_kernel(const at::Tensor& images, const std::vector<Augment
   Plan<T> shared_plan;
   if (shared) {
     PlanWorkspace<T> work;
-    build_plan(families, real, ints, geometry, grid, shared_plan, work);
+    build_plan(families, real, ints, geometry, grid, true, adjoint, shared_plan, work);
   }
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, numel));
   at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
-    RunWorkspace<T> run_work(numel, pixels);
+    RunWorkspace<T> run_work(numel, pixels, geometry.width);
     Plan<T> local_plan;
     PlanWorkspace<T> plan_work;
     for (int64_t b = begin; b < end; ++b) {
       if (!shared) {
-        build_plan(families, real + b * kNumRealParams, ints + b * kNumIntParams, geometry, grid, local_plan,
-                   plan_work);
+        build_plan(families, real + b * kNumRealParams, ints + b * kNumIntParams, geometry, grid, false, adjoint,
+                   local_plan, plan_work);
       }
-      run_image(shared ? shared_plan : local_plan, adjoint, with_offset, in_data + b * numel, out_data + b * numel,
-                channels, geometry.height, geometry.width, run_work);
+      run_image(shared ? shared_plan : local_plan, adjoint, with_offset, grid, in_data + b * numel,
+                out_data + b * numel, channels, geometry.height, geometry.width, run_work);
     }
   });
 }
