@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -49,6 +50,17 @@
 #define FASTDD_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
 #define FASTDD_ALWAYS_INLINE inline
+#endif
+
+// With W <= 32 a row of float32 pixels fits two AVX-512 registers, and one two-register permute reads 16 taps from
+// it; x86 gather instructions are slower than scalar loads on some CPUs (and GCC does not emit them for generic
+// tuning), so the bilinear float32 loops use permutes on CPUs with AVX-512.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FASTDD_HAS_AVX512_PATH 1
+#define FASTDD_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+#include <immintrin.h>
+#else
+#define FASTDD_HAS_AVX512_PATH 0
 #endif
 
 namespace fastdd {
@@ -126,6 +138,23 @@ struct Affine2 {
   T m00, m01, m10, m11;
 };
 
+// The bilinear taps of pixels, factored by axis: pixel i reads rows top[i] and bottom[i] (weights wt, wb) and
+// columns left[i] and right[i] (weights wl, wr). A tap outside the image has weight 0 and index 0.
+template <typename T>
+struct BilinearTaps {
+  std::vector<int32_t> top, bottom, left, right;
+  std::vector<T> wt, wb, wl, wr;
+
+  void resize(int64_t n) {
+    for (std::vector<int32_t>* v : {&top, &bottom, &left, &right}) {
+      v->resize(n);
+    }
+    for (std::vector<T>* v : {&wt, &wb, &wl, &wr}) {
+      v->resize(n);
+    }
+  }
+};
+
 // One axis of a separable stage in the direction being run: the gather map, and whether it is a plain copy.
 template <typename T>
 struct Axis {
@@ -141,8 +170,8 @@ struct Stage {
   StageKind kind = StageKind::kColor;
   ColorFactors color{};
   Axis<T> rows, cols;  // kSeparable: out[r, c] = sum_a sum_b rows.w[r, a] cols.w[c, b] in[rows.i[r, a], cols.i[c, b]]
-  Affine2<T> affine{};  // kPixelMap
-  TapMap<T> pixels;     // kPixelMap with shared parameters: the taps of every pixel
+  Affine2<T> affine{};     // kPixelMap
+  BilinearTaps<T> pixels;  // kPixelMap with shared parameters: the taps of every pixel
   bool materialised = false;
   int64_t top = 0, left = 0, bottom = 0, right = 0;  // kRectangle: rows [top, bottom) x columns [left, right) zeroed
 };
@@ -211,16 +240,17 @@ struct SamplingGrid {
 };
 
 // The two bilinear taps of pixel coordinate `at` along an axis of n pixels (zero padding): indices and weights.
+// Branch-free (bitwise & and selects), so loops over pixels vectorise.
 template <typename T>
-FASTDD_ALWAYS_INLINE void linear_taps(T at, int64_t n, int32_t& low_index, int32_t& high_index, T& low_weight,
+FASTDD_ALWAYS_INLINE void linear_taps(T at, int32_t n, int32_t& low_index, int32_t& high_index, T& low_weight,
                                       T& high_weight) {
   // Both taps are outside unless -1 < at < n (also false for NaN).
-  const bool useful = at > T(-1) && at < static_cast<T>(n);
+  const bool useful = (at > T(-1)) & (at < static_cast<T>(n));
   at = useful ? at : T(0);
   // floor by truncating the positive at + 1 (std::floor is a libm call on baseline x86-64).
   const int32_t low = static_cast<int32_t>(at + T(1)) - 1;
   const T frac = at - static_cast<T>(low);
-  const bool low_inside = useful && low >= 0, high_inside = useful && low + 1 < n;
+  const bool low_inside = useful & (low >= 0), high_inside = useful & (low + 1 < n);
   low_index = low_inside ? low : 0;
   high_index = high_inside ? low + 1 : 0;
   low_weight = low_inside ? T(1) - frac : T(0);
@@ -245,34 +275,212 @@ void fill_axis_scale(const std::vector<T>& coordinates, T factor, T half_extent,
   const int64_t n = static_cast<int64_t>(coordinates.size());
   map.resize(n, 2);
   for (int64_t i = 0; i < n; ++i) {
-    linear_taps<T>(factor * coordinates[i] * half_extent + centre, n, map.index[i], map.index[n + i], map.weight[i],
-                   map.weight[n + i]);
+    linear_taps<T>(factor * coordinates[i] * half_extent + centre, static_cast<int32_t>(n), map.index[i],
+                   map.index[n + i], map.weight[i], map.weight[n + i]);
   }
 }
 
-// The 4 bilinear taps of the pixels of row r (tap t of column c at index[t * stride + c], weight[t * stride + c]),
-// in the order (top, left), (top, right), (bottom, left), (bottom, right).
+// The taps of the pixels of row r, written at entries offset .. offset + W of `taps`.
 template <typename T>
-FASTDD_ALWAYS_INLINE void bilinear_row(const Affine2<T>& m, const SamplingGrid<T>& grid, int64_t r, int32_t* index,
-                                       T* weight, int64_t stride) {
-  const int64_t height = static_cast<int64_t>(grid.v.size()), width = static_cast<int64_t>(grid.u.size());
-  const T v = grid.v[r];
-  const T* u = grid.u.data();
-  const int32_t w32 = static_cast<int32_t>(width);
-  for (int64_t c = 0; c < width; ++c) {
-    int32_t col0, col1, row0, row1;
-    T wc0, wc1, wr0, wr1;
-    linear_taps<T>((m.m00 * u[c] + m.m01 * v) * grid.half_width + grid.centre_x, width, col0, col1, wc0, wc1);
-    linear_taps<T>((m.m10 * u[c] + m.m11 * v) * grid.half_height + grid.centre_y, height, row0, row1, wr0, wr1);
-    index[c] = row0 * w32 + col0;
-    index[stride + c] = row0 * w32 + col1;
-    index[2 * stride + c] = row1 * w32 + col0;
-    index[3 * stride + c] = row1 * w32 + col1;
-    weight[c] = wr0 * wc0;
-    weight[stride + c] = wr0 * wc1;
-    weight[2 * stride + c] = wr1 * wc0;
-    weight[3 * stride + c] = wr1 * wc1;
+FASTDD_ALWAYS_INLINE void bilinear_row(const Affine2<T>& m, const SamplingGrid<T>& grid, int64_t r,
+                                       BilinearTaps<T>& taps, int64_t offset) {
+  const int32_t height = static_cast<int32_t>(grid.v.size()), width = static_cast<int32_t>(grid.u.size());
+  // Locals and restrict pointers: the stores must not look as if they could change the grid or the factors.
+  const T v = grid.v[r], half_width = grid.half_width, centre_x = grid.centre_x;
+  const T half_height = grid.half_height, centre_y = grid.centre_y;
+  const T x_row = m.m01 * v, y_row = m.m11 * v, m00 = m.m00, m10 = m.m10;
+  const T* __restrict u = grid.u.data();
+  int32_t* __restrict top = taps.top.data() + offset;
+  int32_t* __restrict bottom = taps.bottom.data() + offset;
+  int32_t* __restrict left = taps.left.data() + offset;
+  int32_t* __restrict right = taps.right.data() + offset;
+  T* __restrict wt = taps.wt.data() + offset;
+  T* __restrict wb = taps.wb.data() + offset;
+  T* __restrict wl = taps.wl.data() + offset;
+  T* __restrict wr = taps.wr.data() + offset;
+  for (int32_t c = 0; c < width; ++c) {
+    linear_taps<T>((m00 * u[c] + x_row) * half_width + centre_x, width, left[c], right[c], wl[c], wr[c]);
+    linear_taps<T>((m10 * u[c] + y_row) * half_height + centre_y, height, top[c], bottom[c], wt[c], wb[c]);
   }
+}
+
+#if FASTDD_HAS_AVX512_PATH
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  return has;
+}
+
+// Lanes of the first `count` of 16 (all when count >= 16, none when count <= 0).
+FASTDD_AVX512 inline __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? __mmask16(0xFFFF) : count <= 0 ? __mmask16(0) : __mmask16((1u << count) - 1);
+}
+
+// out[y, c] = sum over taps t of weight[t * width + c] * in[y, index[t * width + c]] for the rows y < rows of a
+// float32 plane of width <= 32 (zero-weight taps selected out).
+FASTDD_AVX512 void gather_columns_avx512(const TapMap<float>& map, const float* in, float* out, int64_t rows,
+                                         int64_t width) {
+  const __mmask16 low_lanes = first_lanes(width), high_lanes = first_lanes(width - 16);
+  for (int64_t y = 0; y < rows; ++y) {
+    const __m512 low = _mm512_maskz_loadu_ps(low_lanes, in + y * width);
+    const __m512 high = _mm512_maskz_loadu_ps(high_lanes, in + y * width + 16);
+    for (int64_t c = 0; c < width; c += 16) {
+      const __mmask16 lanes = first_lanes(width - c);
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t t = 0; t < map.taps; ++t) {
+        const __m512i index = _mm512_maskz_loadu_epi32(lanes, map.index_of(t) + c);
+        const __m512 weight = _mm512_maskz_loadu_ps(lanes, map.weight_of(t) + c);
+        const __m512 value = _mm512_permutex2var_ps(low, index, high);
+        acc = _mm512_mask3_fmadd_ps(weight, value, acc, _mm512_cmpneq_ps_mask(weight, _mm512_setzero_ps()));
+      }
+      _mm512_mask_storeu_ps(out + y * width + c, lanes, acc);
+    }
+  }
+}
+
+// linear_taps on the 16 coordinates `at` (lanes outside `lanes` are written nowhere).
+FASTDD_AVX512 inline void linear_taps_avx512(__m512 at, int32_t n, __mmask16 lanes, int32_t* low_index,
+                                             int32_t* high_index, float* low_weight, float* high_weight) {
+  const __mmask16 useful = _mm512_cmp_ps_mask(at, _mm512_set1_ps(-1.0f), _CMP_GT_OQ) &
+                           _mm512_cmp_ps_mask(at, _mm512_set1_ps(static_cast<float>(n)), _CMP_LT_OQ);
+  at = _mm512_maskz_mov_ps(useful, at);
+  const __m512i low = _mm512_sub_epi32(_mm512_cvttps_epi32(_mm512_add_ps(at, _mm512_set1_ps(1.0f))),
+                                       _mm512_set1_epi32(1));
+  const __m512i high = _mm512_add_epi32(low, _mm512_set1_epi32(1));
+  const __m512 frac = _mm512_sub_ps(at, _mm512_cvtepi32_ps(low));
+  const __mmask16 low_inside = useful & _mm512_cmpge_epi32_mask(low, _mm512_setzero_si512());
+  const __mmask16 high_inside = useful & _mm512_cmplt_epi32_mask(high, _mm512_set1_epi32(n));
+  _mm512_mask_storeu_epi32(low_index, lanes, _mm512_maskz_mov_epi32(low_inside, low));
+  _mm512_mask_storeu_epi32(high_index, lanes, _mm512_maskz_mov_epi32(high_inside, high));
+  _mm512_mask_storeu_ps(low_weight, lanes, _mm512_maskz_sub_ps(low_inside, _mm512_set1_ps(1.0f), frac));
+  _mm512_mask_storeu_ps(high_weight, lanes, _mm512_maskz_mov_ps(high_inside, frac));
+}
+
+// bilinear_row for float32 (any width), 16 pixels at a time.
+FASTDD_AVX512 void bilinear_row_avx512_taps(const Affine2<float>& m, const SamplingGrid<float>& grid, int64_t r,
+                                            BilinearTaps<float>& taps, int64_t offset) {
+  const int32_t height = static_cast<int32_t>(grid.v.size()), width = static_cast<int32_t>(grid.u.size());
+  const float v = grid.v[r];
+  const __m512 m00 = _mm512_set1_ps(m.m00), m10 = _mm512_set1_ps(m.m10);
+  const __m512 x_row = _mm512_set1_ps(m.m01 * v), y_row = _mm512_set1_ps(m.m11 * v);
+  const __m512 half_width = _mm512_set1_ps(grid.half_width), centre_x = _mm512_set1_ps(grid.centre_x);
+  const __m512 half_height = _mm512_set1_ps(grid.half_height), centre_y = _mm512_set1_ps(grid.centre_y);
+  for (int32_t c = 0; c < width; c += 16) {
+    const __mmask16 lanes = first_lanes(width - c);
+    const __m512 u = _mm512_maskz_loadu_ps(lanes, grid.u.data() + c);
+    const __m512 x = _mm512_fmadd_ps(_mm512_fmadd_ps(m00, u, x_row), half_width, centre_x);
+    const __m512 y = _mm512_fmadd_ps(_mm512_fmadd_ps(m10, u, y_row), half_height, centre_y);
+    const int64_t at = offset + c;
+    linear_taps_avx512(x, width, lanes, taps.left.data() + at, taps.right.data() + at, taps.wl.data() + at,
+                       taps.wr.data() + at);
+    linear_taps_avx512(y, height, lanes, taps.top.data() + at, taps.bottom.data() + at, taps.wt.data() + at,
+                       taps.wb.data() + at);
+  }
+}
+
+// The 4 taps of pixels 0 .. width of `taps` (from entry offset) as index[t * width + c], weight[t * width + c], in
+// the order (top, left), (top, right), (bottom, left), (bottom, right); a zero-weight tap t gets index spare + t.
+FASTDD_AVX512 void four_taps_avx512(const BilinearTaps<float>& taps, int64_t offset, int32_t width, int32_t spare,
+                                    int32_t* index, float* weight) {
+  const __m512i row_stride = _mm512_set1_epi32(width);
+  const __m512 zero = _mm512_setzero_ps();
+  for (int32_t c = 0; c < width; c += 16) {
+    const __mmask16 lanes = first_lanes(width - c);
+    const int64_t at = offset + c;
+    const __m512i top = _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(lanes, taps.top.data() + at), row_stride);
+    const __m512i bottom = _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(lanes, taps.bottom.data() + at), row_stride);
+    const __m512i left = _mm512_maskz_loadu_epi32(lanes, taps.left.data() + at);
+    const __m512i right = _mm512_maskz_loadu_epi32(lanes, taps.right.data() + at);
+    const __m512 wt = _mm512_maskz_loadu_ps(lanes, taps.wt.data() + at);
+    const __m512 wb = _mm512_maskz_loadu_ps(lanes, taps.wb.data() + at);
+    const __m512 wl = _mm512_maskz_loadu_ps(lanes, taps.wl.data() + at);
+    const __m512 wr = _mm512_maskz_loadu_ps(lanes, taps.wr.data() + at);
+    const __m512i rows[2] = {top, bottom};
+    const __m512i cols[2] = {left, right};
+    const __m512 row_weights[2] = {wt, wb};
+    const __m512 col_weights[2] = {wl, wr};
+    for (int32_t t = 0; t < 4; ++t) {
+      const __m512 w = _mm512_mul_ps(row_weights[t / 2], col_weights[t % 2]);
+      const __m512i i = _mm512_mask_mov_epi32(_mm512_add_epi32(rows[t / 2], cols[t % 2]),
+                                              _mm512_cmpeq_ps_mask(w, zero), _mm512_set1_epi32(spare + t));
+      _mm512_mask_storeu_epi32(index + t * width + c, lanes, i);
+      _mm512_mask_storeu_ps(weight + t * width + c, lanes, w);
+    }
+  }
+}
+
+// One output row of a float32 image of width <= 32 from its bilinear taps (entries 0 .. width of `taps`), every
+// channel: for each input row the 16 lanes of a chunk touch, the row is permuted into both column taps, combined
+// horizontally, and added to the lanes whose top or bottom tap it is.
+FASTDD_AVX512 void bilinear_row_avx512(const BilinearTaps<float>& taps, int64_t offset, const float* in, float* out,
+                                       int64_t channels, int64_t pixels, int64_t width) {
+  const __mmask16 low_lanes = first_lanes(width), high_lanes = first_lanes(width - 16);
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t c = 0; c < width; c += 16) {
+    const __mmask16 lanes = first_lanes(width - c);
+    const int64_t at = offset + c;
+    const __m512i top = _mm512_maskz_loadu_epi32(lanes, taps.top.data() + at);
+    const __m512i bottom = _mm512_maskz_loadu_epi32(lanes, taps.bottom.data() + at);
+    const __m512i left = _mm512_maskz_loadu_epi32(lanes, taps.left.data() + at);
+    const __m512i right = _mm512_maskz_loadu_epi32(lanes, taps.right.data() + at);
+    const __m512 wt = _mm512_maskz_loadu_ps(lanes, taps.wt.data() + at);
+    const __m512 wb = _mm512_maskz_loadu_ps(lanes, taps.wb.data() + at);
+    const __m512 wl = _mm512_maskz_loadu_ps(lanes, taps.wl.data() + at);
+    const __m512 wr = _mm512_maskz_loadu_ps(lanes, taps.wr.data() + at);
+    const __mmask16 use_top = _mm512_cmpneq_ps_mask(wt, zero), use_bottom = _mm512_cmpneq_ps_mask(wb, zero);
+    const __mmask16 use_left = _mm512_cmpneq_ps_mask(wl, zero), use_right = _mm512_cmpneq_ps_mask(wr, zero);
+    if ((use_top | use_bottom) == 0) {
+      for (int64_t ch = 0; ch < channels; ++ch) {
+        _mm512_mask_storeu_ps(out + ch * pixels + c, lanes, zero);
+      }
+      continue;
+    }
+    const int32_t first = std::min(_mm512_mask_reduce_min_epi32(use_top, top),
+                                   _mm512_mask_reduce_min_epi32(use_bottom, bottom));
+    const int32_t last = std::max(_mm512_mask_reduce_max_epi32(use_top, top),
+                                  _mm512_mask_reduce_max_epi32(use_bottom, bottom));
+    for (int64_t ch = 0; ch < channels; ++ch) {
+      const float* plane = in + ch * pixels;
+      __m512 acc = zero;
+      for (int32_t y = first; y <= last; ++y) {
+        const __m512 low = _mm512_maskz_loadu_ps(low_lanes, plane + y * width);
+        const __m512 high = _mm512_maskz_loadu_ps(high_lanes, plane + y * width + 16);
+        __m512 line = _mm512_maskz_mul_ps(use_left, wl, _mm512_permutex2var_ps(low, left, high));
+        line = _mm512_mask3_fmadd_ps(wr, _mm512_permutex2var_ps(low, right, high), line, use_right);
+        const __m512i row = _mm512_set1_epi32(y);
+        acc = _mm512_mask3_fmadd_ps(wt, line, acc, _mm512_mask_cmpeq_epi32_mask(use_top, top, row));
+        acc = _mm512_mask3_fmadd_ps(wb, line, acc, _mm512_mask_cmpeq_epi32_mask(use_bottom, bottom, row));
+      }
+      _mm512_mask_storeu_ps(out + ch * pixels + c, lanes, acc);
+    }
+  }
+}
+#endif
+
+template <typename T>
+FASTDD_ALWAYS_INLINE bool permute_path(int64_t width) {
+#if FASTDD_HAS_AVX512_PATH
+  return std::is_same<T, float>::value && width <= 32 && cpu_has_avx512();
+#else
+  (void)width;
+  return false;
+#endif
+}
+
+// bilinear_row, vectorised for float32 on CPUs with AVX-512 (both directions and both parameter layouts use the
+// same copy, so the adjoint stays the forward's exact transpose).
+template <typename T>
+FASTDD_ALWAYS_INLINE void row_taps(const Affine2<T>& m, const SamplingGrid<T>& grid, int64_t r, BilinearTaps<T>& taps,
+                                   int64_t offset) {
+#if FASTDD_HAS_AVX512_PATH
+  if constexpr (std::is_same<T, float>::value) {
+    if (cpu_has_avx512()) {
+      bilinear_row_avx512_taps(m, grid, r, taps, offset);
+      return;
+    }
+  }
+#endif
+  bilinear_row(m, grid, r, taps, offset);
 }
 
 // out = later after earlier: each tap of `later` continues through the taps of `earlier` (weights multiply).
@@ -405,10 +613,9 @@ void build_plan(const std::vector<AugmentFamily>& families, const double* real, 
         stage.affine = {cos, -sin, sin, cos};
         stage.materialised = shared;
         if (shared) {
-          stage.pixels.resize(g.height * g.width, 4);
+          stage.pixels.resize(g.height * g.width);
           for (int64_t r = 0; r < g.height; ++r) {
-            bilinear_row(stage.affine, grid, r, stage.pixels.index.data() + r * g.width,
-                         stage.pixels.weight.data() + r * g.width, stage.pixels.size);
+            row_taps(stage.affine, grid, r, stage.pixels, r * g.width);
           }
         }
         break;
@@ -441,13 +648,21 @@ FASTDD_ALWAYS_INLINE double sum_values(const T* values, int64_t n) {
   return total;
 }
 
-// Scratch of one thread for running images: two images, one plane, and the taps of one pixel row.
+// Scratch of one thread for running images: two images, one plane, an image with 4 spare pixels per channel (see
+// pixel_map_image), and the taps of one pixel row.
 template <typename T>
 struct RunWorkspace {
-  std::vector<T> images, plane, row_weight;
+  std::vector<T> images, plane, padded, row_weight;
   std::vector<int32_t> row_index;
-  RunWorkspace(int64_t numel, int64_t pixels, int64_t width)
-      : images(2 * numel), plane(pixels), row_weight(4 * width), row_index(4 * width) {}
+  BilinearTaps<T> row_taps;
+  RunWorkspace(int64_t channels, int64_t pixels, int64_t width)
+      : images(2 * channels * pixels),
+        plane(pixels),
+        padded(channels * (pixels + 4)),
+        row_weight(4 * width),
+        row_index(4 * width) {
+    row_taps.resize(width);
+  }
 };
 
 // The color map on one image [channels, pixels]; its linear part (with_offset false) is symmetric, hence also the
@@ -565,8 +780,21 @@ FASTDD_ALWAYS_INLINE void separable_plane(const Stage<T>& stage, const T* in, T*
     }
     return;
   }
-  for (int64_t y = 0; y < height; ++y) {
-    resample_line(stage.cols, in + y * width, rows_done + y * width, width);
+#if FASTDD_HAS_AVX512_PATH
+  if constexpr (std::is_same<T, float>::value) {
+    if (!stage.cols.is_shift && permute_path<T>(width)) {
+      gather_columns_avx512(stage.cols.map, in, rows_done, height, width);
+    } else {
+      for (int64_t y = 0; y < height; ++y) {
+        resample_line(stage.cols, in + y * width, rows_done + y * width, width);
+      }
+    }
+  } else
+#endif
+  {
+    for (int64_t y = 0; y < height; ++y) {
+      resample_line(stage.cols, in + y * width, rows_done + y * width, width);
+    }
   }
   for (int64_t r = 0; r < height; ++r) {
     T* line = out + r * width;
@@ -594,31 +822,111 @@ FASTDD_ALWAYS_INLINE void separable_plane(const Stage<T>& stage, const T* in, T*
   }
 }
 
-// Rotate on one image, all channels a pixel row at a time; the adjoint scatters each tap back to its source.
+// padded[ch, index[t, c]] += weight[t, c] * in[ch, c] for the 4 taps of the pixels c < width of one row, every
+// channel (Channels of them when nonzero, else `channels`): a pixel's values are loaded once for its 4 taps.
+template <typename T, int64_t Channels>
+FASTDD_ALWAYS_INLINE void scatter_row(const int32_t* index, const T* weight, int64_t width, const T* in,
+                                      int64_t pixels, T* padded, int64_t stride, int64_t channels) {
+  if constexpr (Channels == 0) {
+    for (int64_t c = 0; c < width; ++c) {
+      for (int64_t t = 0; t < 4; ++t) {
+        const int32_t target = index[t * width + c];
+        const T w = weight[t * width + c];
+        for (int64_t ch = 0; ch < channels; ++ch) {
+          padded[ch * stride + target] += w * in[ch * pixels + c];
+        }
+      }
+    }
+  } else {
+    for (int64_t c = 0; c < width; ++c) {
+      if (weight[c] == T(0) && weight[width + c] == T(0) && weight[2 * width + c] == T(0) &&
+          weight[3 * width + c] == T(0)) {
+        continue;  // outside the image: nothing to send
+      }
+      T value[Channels];
+      for (int64_t ch = 0; ch < Channels; ++ch) {
+        value[ch] = in[ch * pixels + c];
+      }
+      for (int64_t t = 0; t < 4; ++t) {
+        const int32_t target = index[t * width + c];
+        const T w = weight[t * width + c];
+        for (int64_t ch = 0; ch < Channels; ++ch) {
+          padded[ch * stride + target] += w * value[ch];
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+FASTDD_ALWAYS_INLINE void scatter_row_any(const int32_t* index, const T* weight, int64_t width, const T* in,
+                                          int64_t pixels, T* padded, int64_t stride, int64_t channels) {
+  if (channels == 3) {
+    scatter_row<T, 3>(index, weight, width, in, pixels, padded, stride, 3);
+  } else if (channels == 1) {
+    scatter_row<T, 1>(index, weight, width, in, pixels, padded, stride, 1);
+  } else {
+    scatter_row<T, 0>(index, weight, width, in, pixels, padded, stride, channels);
+  }
+}
+
+// Rotate on one image, all channels a pixel row at a time. The adjoint scatters each tap back to its source in
+// `work.padded` (channel stride pixels + 4), where a zero-weight tap t goes to the spare pixel pixels + t of its
+// channel: then no tap needs a select, and a non-finite value never reaches a real pixel. (One spare per tap, and
+// pixels entirely outside skipped, keep the spares from chaining every update through one address.)
 template <typename T>
 FASTDD_ALWAYS_INLINE void pixel_map_image(const Stage<T>& stage, bool adjoint, const SamplingGrid<T>& grid,
                                           const T* in, T* out, int64_t channels, int64_t height, int64_t width,
                                           RunWorkspace<T>& work) {
-  const int64_t pixels = height * width;
+  const int64_t pixels = height * width, stride = pixels + 4;
+  const bool permute = !adjoint && permute_path<T>(width);
+  T* padded = work.padded.data();
   if (adjoint) {
-    std::fill(out, out + channels * pixels, T(0));
+    std::fill(padded, padded + channels * stride, T(0));
   }
+  const int32_t w32 = static_cast<int32_t>(width), spare = static_cast<int32_t>(pixels);
   for (int64_t r = 0; r < height; ++r) {
-    const int32_t* index;
-    const T* weight;
-    int64_t stride;
-    if (stage.materialised) {
-      index = stage.pixels.index.data() + r * width;
-      weight = stage.pixels.weight.data() + r * width;
-      stride = pixels;
-    } else {
-      bilinear_row(stage.affine, grid, r, work.row_index.data(), work.row_weight.data(), width);
-      index = work.row_index.data();
-      weight = work.row_weight.data();
-      stride = width;
+    const BilinearTaps<T>* taps = &stage.pixels;
+    int64_t offset = r * width;
+    if (!stage.materialised) {
+      row_taps(stage.affine, grid, r, work.row_taps, 0);
+      taps = &work.row_taps;
+      offset = 0;
     }
-    const int32_t *i0 = index, *i1 = index + stride, *i2 = index + 2 * stride, *i3 = index + 3 * stride;
-    const T *w0 = weight, *w1 = weight + stride, *w2 = weight + 2 * stride, *w3 = weight + 3 * stride;
+#if FASTDD_HAS_AVX512_PATH
+    if constexpr (std::is_same<T, float>::value) {
+      if (permute) {
+        bilinear_row_avx512(*taps, offset, in, out + r * width, channels, pixels, width);
+        continue;
+      }
+    }
+#endif
+    const int32_t *top = taps->top.data() + offset, *bottom = taps->bottom.data() + offset;
+    const int32_t *left = taps->left.data() + offset, *right = taps->right.data() + offset;
+    const T *wt = taps->wt.data() + offset, *wb = taps->wb.data() + offset;
+    const T *wl = taps->wl.data() + offset, *wr = taps->wr.data() + offset;
+    int32_t* index = work.row_index.data();
+    T* weight = work.row_weight.data();
+#if FASTDD_HAS_AVX512_PATH
+    if constexpr (std::is_same<T, float>::value) {
+      if (adjoint && cpu_has_avx512()) {
+        four_taps_avx512(*taps, offset, w32, spare, index, weight);
+        scatter_row_any(index, weight, width, in + r * width, pixels, padded, stride, channels);
+        continue;
+      }
+    }
+#endif
+    for (int64_t c = 0; c < width; ++c) {
+      const T w[4] = {wt[c] * wl[c], wt[c] * wr[c], wb[c] * wl[c], wb[c] * wr[c]};
+      const int32_t i[4] = {top[c] * w32 + left[c], top[c] * w32 + right[c], bottom[c] * w32 + left[c],
+                            bottom[c] * w32 + right[c]};
+      for (int64_t t = 0; t < 4; ++t) {
+        weight[t * width + c] = w[t];
+        index[t * width + c] = adjoint && w[t] == T(0) ? spare + static_cast<int32_t>(t) : i[t];
+      }
+    }
+    const int32_t *i0 = index, *i1 = index + width, *i2 = index + 2 * width, *i3 = index + 3 * width;
+    const T *w0 = weight, *w1 = weight + width, *w2 = weight + 2 * width, *w3 = weight + 3 * width;
     if (!adjoint) {
       for (int64_t ch = 0; ch < channels; ++ch) {
         const T* source = in + ch * pixels;
@@ -630,16 +938,11 @@ FASTDD_ALWAYS_INLINE void pixel_map_image(const Stage<T>& stage, bool adjoint, c
       }
       continue;
     }
-    for (int64_t c = 0; c < width; ++c) {
-      const int64_t p = r * width + c;
-      for (int64_t ch = 0; ch < channels; ++ch) {
-        const T g = in[ch * pixels + p];
-        T* target = out + ch * pixels;
-        target[i0[c]] += tap(w0[c], g);
-        target[i1[c]] += tap(w1[c], g);
-        target[i2[c]] += tap(w2[c], g);
-        target[i3[c]] += tap(w3[c], g);
-      }
+    scatter_row_any(index, weight, width, in + r * width, pixels, padded, stride, channels);
+  }
+  if (adjoint) {
+    for (int64_t ch = 0; ch < channels; ++ch) {
+      std::memcpy(out + ch * pixels, padded + ch * stride, sizeof(T) * pixels);
     }
   }
 }
@@ -704,7 +1007,7 @@ void diff_augment_cpu_kernel(const at::Tensor& images, const std::vector<Augment
   }
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, numel));
   at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
-    RunWorkspace<T> run_work(numel, pixels, geometry.width);
+    RunWorkspace<T> run_work(channels, pixels, geometry.width);
     Plan<T> local_plan;
     PlanWorkspace<T> plan_work;
     for (int64_t b = begin; b < end; ++b) {
