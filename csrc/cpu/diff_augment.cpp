@@ -648,17 +648,18 @@ FASTDD_ALWAYS_INLINE double sum_values(const T* values, int64_t n) {
   return total;
 }
 
-// Scratch of one thread for running images: two images, one plane, an image with 4 spare pixels per channel (see
-// pixel_map_image), and the taps of one pixel row.
+// Scratch of one thread for running images: two images, one plane, an image with 4 spare pixels in planes and in
+// pixel-major lanes (see scatter_row), and the taps of one pixel row.
 template <typename T>
 struct RunWorkspace {
-  std::vector<T> images, plane, padded, row_weight;
+  std::vector<T> images, plane, padded, lanes, row_weight;
   std::vector<int32_t> row_index;
   BilinearTaps<T> row_taps;
   RunWorkspace(int64_t channels, int64_t pixels, int64_t width)
       : images(2 * channels * pixels),
         plane(pixels),
         padded(channels * (pixels + 4)),
+        lanes(4 * (pixels + 4)),
         row_weight(4 * width),
         row_index(4 * width) {
     row_taps.resize(width);
@@ -822,58 +823,52 @@ FASTDD_ALWAYS_INLINE void separable_plane(const Stage<T>& stage, const T* in, T*
   }
 }
 
-// padded[ch, index[t, c]] += weight[t, c] * in[ch, c] for the 4 taps of the pixels c < width of one row, every
-// channel (Channels of them when nonzero, else `channels`): a pixel's values are loaded once for its 4 taps.
-template <typename T, int64_t Channels>
+// The 4 taps of pixel c < width of one row go to the pixels index[t * width + c] with weights weight[t * width + c]
+// (zero-weight taps to spare pixels). With 2 to 4 channels the target is `lanes` (pixel-major, 4 values per pixel,
+// channels in the first ones), so each tap is one 4-wide update instead of one per channel; otherwise `planes`
+// (channel stride `stride`). A pixel with no nonzero tap is skipped.
+// (GCC ignores vector_size on a dependent type, hence the two named types.)
+typedef float Float4 __attribute__((vector_size(4 * sizeof(float))));
+typedef double Double4 __attribute__((vector_size(4 * sizeof(double))));
+
+template <typename T>
 FASTDD_ALWAYS_INLINE void scatter_row(const int32_t* index, const T* weight, int64_t width, const T* in,
-                                      int64_t pixels, T* padded, int64_t stride, int64_t channels) {
-  if constexpr (Channels == 0) {
-    for (int64_t c = 0; c < width; ++c) {
+                                      int64_t pixels, int64_t channels, T* lanes, T* planes, int64_t stride) {
+  using Lanes = typename std::conditional<std::is_same<T, float>::value, Float4, Double4>::type;
+  static_assert(sizeof(Lanes) == 4 * sizeof(T), "4 lanes of T");
+  const bool use_lanes = channels >= 2 && channels <= 4;
+  for (int64_t c = 0; c < width; ++c) {
+    if (weight[c] == T(0) && weight[width + c] == T(0) && weight[2 * width + c] == T(0) &&
+        weight[3 * width + c] == T(0)) {
+      continue;
+    }
+    if (use_lanes) {
+      // Built from scalars, not stored to memory and reloaded (a wide load of narrow stores stalls).
+      const Lanes value = {in[c], in[pixels + c], channels > 2 ? in[2 * pixels + c] : T(0),
+                           channels > 3 ? in[3 * pixels + c] : T(0)};
+      for (int64_t t = 0; t < 4; ++t) {
+        T* target = lanes + 4 * static_cast<int64_t>(index[t * width + c]);
+        Lanes sum;
+        std::memcpy(&sum, target, sizeof(Lanes));
+        sum += weight[t * width + c] * value;
+        std::memcpy(target, &sum, sizeof(Lanes));
+      }
+    } else {
       for (int64_t t = 0; t < 4; ++t) {
         const int32_t target = index[t * width + c];
         const T w = weight[t * width + c];
         for (int64_t ch = 0; ch < channels; ++ch) {
-          padded[ch * stride + target] += w * in[ch * pixels + c];
-        }
-      }
-    }
-  } else {
-    for (int64_t c = 0; c < width; ++c) {
-      if (weight[c] == T(0) && weight[width + c] == T(0) && weight[2 * width + c] == T(0) &&
-          weight[3 * width + c] == T(0)) {
-        continue;  // outside the image: nothing to send
-      }
-      T value[Channels];
-      for (int64_t ch = 0; ch < Channels; ++ch) {
-        value[ch] = in[ch * pixels + c];
-      }
-      for (int64_t t = 0; t < 4; ++t) {
-        const int32_t target = index[t * width + c];
-        const T w = weight[t * width + c];
-        for (int64_t ch = 0; ch < Channels; ++ch) {
-          padded[ch * stride + target] += w * value[ch];
+          planes[ch * stride + target] += w * in[ch * pixels + c];
         }
       }
     }
   }
 }
 
-template <typename T>
-FASTDD_ALWAYS_INLINE void scatter_row_any(const int32_t* index, const T* weight, int64_t width, const T* in,
-                                          int64_t pixels, T* padded, int64_t stride, int64_t channels) {
-  if (channels == 3) {
-    scatter_row<T, 3>(index, weight, width, in, pixels, padded, stride, 3);
-  } else if (channels == 1) {
-    scatter_row<T, 1>(index, weight, width, in, pixels, padded, stride, 1);
-  } else {
-    scatter_row<T, 0>(index, weight, width, in, pixels, padded, stride, channels);
-  }
-}
-
-// Rotate on one image, all channels a pixel row at a time. The adjoint scatters each tap back to its source in
-// `work.padded` (channel stride pixels + 4), where a zero-weight tap t goes to the spare pixel pixels + t of its
-// channel: then no tap needs a select, and a non-finite value never reaches a real pixel. (One spare per tap, and
-// pixels entirely outside skipped, keep the spares from chaining every update through one address.)
+// Rotate on one image, all channels a pixel row at a time. The adjoint scatters each tap back to its source in a
+// buffer with 4 spare pixels (see scatter_row), where a zero-weight tap t goes to the spare pixel pixels + t: then
+// no tap needs a select, and a non-finite value never reaches a real pixel. (One spare per tap, and pixels entirely
+// outside skipped, keep the spares from chaining every update through one address.)
 template <typename T>
 FASTDD_ALWAYS_INLINE void pixel_map_image(const Stage<T>& stage, bool adjoint, const SamplingGrid<T>& grid,
                                           const T* in, T* out, int64_t channels, int64_t height, int64_t width,
@@ -881,8 +876,10 @@ FASTDD_ALWAYS_INLINE void pixel_map_image(const Stage<T>& stage, bool adjoint, c
   const int64_t pixels = height * width, stride = pixels + 4;
   const bool permute = !adjoint && permute_path<T>(width);
   T* padded = work.padded.data();
+  T* lanes = work.lanes.data();
   if (adjoint) {
     std::fill(padded, padded + channels * stride, T(0));
+    std::fill(lanes, lanes + 4 * stride, T(0));
   }
   const int32_t w32 = static_cast<int32_t>(width), spare = static_cast<int32_t>(pixels);
   for (int64_t r = 0; r < height; ++r) {
@@ -911,7 +908,7 @@ FASTDD_ALWAYS_INLINE void pixel_map_image(const Stage<T>& stage, bool adjoint, c
     if constexpr (std::is_same<T, float>::value) {
       if (adjoint && cpu_has_avx512()) {
         four_taps_avx512(*taps, offset, w32, spare, index, weight);
-        scatter_row_any(index, weight, width, in + r * width, pixels, padded, stride, channels);
+        scatter_row(index, weight, width, in + r * width, pixels, channels, lanes, padded, stride);
         continue;
       }
     }
@@ -938,11 +935,17 @@ FASTDD_ALWAYS_INLINE void pixel_map_image(const Stage<T>& stage, bool adjoint, c
       }
       continue;
     }
-    scatter_row_any(index, weight, width, in + r * width, pixels, padded, stride, channels);
+    scatter_row(index, weight, width, in + r * width, pixels, channels, lanes, padded, stride);
   }
   if (adjoint) {
     for (int64_t ch = 0; ch < channels; ++ch) {
-      std::memcpy(out + ch * pixels, padded + ch * stride, sizeof(T) * pixels);
+      if (channels >= 2 && channels <= 4) {
+        for (int64_t p = 0; p < pixels; ++p) {
+          out[ch * pixels + p] = lanes[4 * p + ch];
+        }
+      } else {
+        std::memcpy(out + ch * pixels, padded + ch * stride, sizeof(T) * pixels);
+      }
     }
   }
 }
