@@ -171,7 +171,11 @@ struct Stage {
   ColorFactors color{};
   Axis<T> rows, cols;  // kSeparable: out[r, c] = sum_a sum_b rows.w[r, a] cols.w[c, b] in[rows.i[r, a], cols.i[c, b]]
   Affine2<T> affine{};     // kPixelMap
-  BilinearTaps<T> pixels;  // kPixelMap with shared parameters: the taps of every pixel
+  // kPixelMap with shared parameters: the taps of every pixel, and for the adjoint as four_taps gives them (row r
+  // at entry 4 r W).
+  BilinearTaps<T> pixels;
+  std::vector<int32_t> four_index;
+  std::vector<T> four_weight;
   bool materialised = false;
   int64_t top = 0, left = 0, bottom = 0, right = 0;  // kRectangle: rows [top, bottom) x columns [left, right) zeroed
 };
@@ -483,6 +487,36 @@ FASTDD_ALWAYS_INLINE void row_taps(const Affine2<T>& m, const SamplingGrid<T>& g
   bilinear_row(m, grid, r, taps, offset);
 }
 
+// The 4 taps of the pixels 0 .. width of `taps` (from entry offset) as index[t * width + c], weight[t * width + c],
+// in the order (top, left), (top, right), (bottom, left), (bottom, right). With `to_spares` a zero-weight tap t
+// gets index spare + t (see pixel_map_image).
+template <typename T>
+FASTDD_ALWAYS_INLINE void four_taps(const BilinearTaps<T>& taps, int64_t offset, int64_t width, bool to_spares,
+                                    int32_t spare, int32_t* index, T* weight) {
+#if FASTDD_HAS_AVX512_PATH
+  if constexpr (std::is_same<T, float>::value) {
+    if (to_spares && cpu_has_avx512()) {
+      four_taps_avx512(taps, offset, static_cast<int32_t>(width), spare, index, weight);
+      return;
+    }
+  }
+#endif
+  const int32_t w32 = static_cast<int32_t>(width);
+  const int32_t *top = taps.top.data() + offset, *bottom = taps.bottom.data() + offset;
+  const int32_t *left = taps.left.data() + offset, *right = taps.right.data() + offset;
+  const T *wt = taps.wt.data() + offset, *wb = taps.wb.data() + offset;
+  const T *wl = taps.wl.data() + offset, *wr = taps.wr.data() + offset;
+  for (int64_t c = 0; c < width; ++c) {
+    const T w[4] = {wt[c] * wl[c], wt[c] * wr[c], wb[c] * wl[c], wb[c] * wr[c]};
+    const int32_t i[4] = {top[c] * w32 + left[c], top[c] * w32 + right[c], bottom[c] * w32 + left[c],
+                          bottom[c] * w32 + right[c]};
+    for (int64_t t = 0; t < 4; ++t) {
+      weight[t * width + c] = w[t];
+      index[t * width + c] = to_spares && w[t] == T(0) ? spare + static_cast<int32_t>(t) : i[t];
+    }
+  }
+}
+
 // out = later after earlier: each tap of `later` continues through the taps of `earlier` (weights multiply).
 template <typename T>
 void compose(const TapMap<T>& later, const TapMap<T>& earlier, TapMap<T>& out) {
@@ -616,6 +650,14 @@ void build_plan(const std::vector<AugmentFamily>& families, const double* real, 
           stage.pixels.resize(g.height * g.width);
           for (int64_t r = 0; r < g.height; ++r) {
             row_taps(stage.affine, grid, r, stage.pixels, r * g.width);
+          }
+          if (adjoint) {
+            stage.four_index.resize(4 * g.height * g.width);
+            stage.four_weight.resize(4 * g.height * g.width);
+            for (int64_t r = 0; r < g.height; ++r) {
+              four_taps(stage.pixels, r * g.width, g.width, true, static_cast<int32_t>(g.height * g.width),
+                        stage.four_index.data() + 4 * r * g.width, stage.four_weight.data() + 4 * r * g.width);
+            }
           }
         }
         break;
@@ -881,46 +923,30 @@ FASTDD_ALWAYS_INLINE void pixel_map_image(const Stage<T>& stage, bool adjoint, c
     std::fill(padded, padded + channels * stride, T(0));
     std::fill(lanes, lanes + 4 * stride, T(0));
   }
-  const int32_t w32 = static_cast<int32_t>(width), spare = static_cast<int32_t>(pixels);
+  const int32_t spare = static_cast<int32_t>(pixels);
   for (int64_t r = 0; r < height; ++r) {
-    const BilinearTaps<T>* taps = &stage.pixels;
-    int64_t offset = r * width;
-    if (!stage.materialised) {
-      row_taps(stage.affine, grid, r, work.row_taps, 0);
-      taps = &work.row_taps;
-      offset = 0;
-    }
+    const int32_t* index = work.row_index.data();
+    const T* weight = work.row_weight.data();
+    if (adjoint && stage.materialised) {
+      index = stage.four_index.data() + 4 * r * width;
+      weight = stage.four_weight.data() + 4 * r * width;
+    } else {
+      const BilinearTaps<T>* taps = &stage.pixels;
+      int64_t offset = r * width;
+      if (!stage.materialised) {
+        row_taps(stage.affine, grid, r, work.row_taps, 0);
+        taps = &work.row_taps;
+        offset = 0;
+      }
 #if FASTDD_HAS_AVX512_PATH
-    if constexpr (std::is_same<T, float>::value) {
-      if (permute) {
-        bilinear_row_avx512(*taps, offset, in, out + r * width, channels, pixels, width);
-        continue;
+      if constexpr (std::is_same<T, float>::value) {
+        if (permute) {
+          bilinear_row_avx512(*taps, offset, in, out + r * width, channels, pixels, width);
+          continue;
+        }
       }
-    }
 #endif
-    const int32_t *top = taps->top.data() + offset, *bottom = taps->bottom.data() + offset;
-    const int32_t *left = taps->left.data() + offset, *right = taps->right.data() + offset;
-    const T *wt = taps->wt.data() + offset, *wb = taps->wb.data() + offset;
-    const T *wl = taps->wl.data() + offset, *wr = taps->wr.data() + offset;
-    int32_t* index = work.row_index.data();
-    T* weight = work.row_weight.data();
-#if FASTDD_HAS_AVX512_PATH
-    if constexpr (std::is_same<T, float>::value) {
-      if (adjoint && cpu_has_avx512()) {
-        four_taps_avx512(*taps, offset, w32, spare, index, weight);
-        scatter_row(index, weight, width, in + r * width, pixels, channels, lanes, padded, stride);
-        continue;
-      }
-    }
-#endif
-    for (int64_t c = 0; c < width; ++c) {
-      const T w[4] = {wt[c] * wl[c], wt[c] * wr[c], wb[c] * wl[c], wb[c] * wr[c]};
-      const int32_t i[4] = {top[c] * w32 + left[c], top[c] * w32 + right[c], bottom[c] * w32 + left[c],
-                            bottom[c] * w32 + right[c]};
-      for (int64_t t = 0; t < 4; ++t) {
-        weight[t * width + c] = w[t];
-        index[t * width + c] = adjoint && w[t] == T(0) ? spare + static_cast<int32_t>(t) : i[t];
-      }
+      four_taps(*taps, offset, width, adjoint, spare, work.row_index.data(), work.row_weight.data());
     }
     const int32_t *i0 = index, *i1 = index + width, *i2 = index + 2 * width, *i3 = index + 3 * width;
     const T *w0 = weight, *w1 = weight + width, *w2 = weight + 2 * width, *w3 = weight + 3 * width;
