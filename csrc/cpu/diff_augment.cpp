@@ -342,9 +342,15 @@ FASTDD_AVX512 void gather_columns_avx512(const TapMap<float>& map, const float* 
   }
 }
 
-// linear_taps on the 16 coordinates `at` (lanes outside `lanes` are written nowhere).
-FASTDD_AVX512 inline void linear_taps_avx512(__m512 at, int32_t n, __mmask16 lanes, int32_t* low_index,
-                                             int32_t* high_index, float* low_weight, float* high_weight) {
+// The bilinear taps of 16 pixels (BilinearTaps fields as vectors).
+struct TapVectors {
+  __m512i top, bottom, left, right;
+  __m512 wt, wb, wl, wr;
+};
+
+// linear_taps on the 16 coordinates `at`.
+FASTDD_AVX512 inline void linear_taps_avx512(__m512 at, int32_t n, __m512i& low_index, __m512i& high_index,
+                                             __m512& low_weight, __m512& high_weight) {
   const __mmask16 useful = _mm512_cmp_ps_mask(at, _mm512_set1_ps(-1.0f), _CMP_GT_OQ) &
                            _mm512_cmp_ps_mask(at, _mm512_set1_ps(static_cast<float>(n)), _CMP_LT_OQ);
   at = _mm512_maskz_mov_ps(useful, at);
@@ -354,55 +360,88 @@ FASTDD_AVX512 inline void linear_taps_avx512(__m512 at, int32_t n, __mmask16 lan
   const __m512 frac = _mm512_sub_ps(at, _mm512_cvtepi32_ps(low));
   const __mmask16 low_inside = useful & _mm512_cmpge_epi32_mask(low, _mm512_setzero_si512());
   const __mmask16 high_inside = useful & _mm512_cmplt_epi32_mask(high, _mm512_set1_epi32(n));
-  _mm512_mask_storeu_epi32(low_index, lanes, _mm512_maskz_mov_epi32(low_inside, low));
-  _mm512_mask_storeu_epi32(high_index, lanes, _mm512_maskz_mov_epi32(high_inside, high));
-  _mm512_mask_storeu_ps(low_weight, lanes, _mm512_maskz_sub_ps(low_inside, _mm512_set1_ps(1.0f), frac));
-  _mm512_mask_storeu_ps(high_weight, lanes, _mm512_maskz_mov_ps(high_inside, frac));
+  low_index = _mm512_maskz_mov_epi32(low_inside, low);
+  high_index = _mm512_maskz_mov_epi32(high_inside, high);
+  low_weight = _mm512_maskz_sub_ps(low_inside, _mm512_set1_ps(1.0f), frac);
+  high_weight = _mm512_maskz_mov_ps(high_inside, frac);
+}
+
+// bilinear_row for the pixels c .. c + 16 of row r (lanes past the width get zero weights).
+FASTDD_AVX512 inline TapVectors compute_taps(const Affine2<float>& m, const SamplingGrid<float>& grid, int64_t r,
+                                             int64_t c, __mmask16 lanes) {
+  const int32_t height = static_cast<int32_t>(grid.v.size()), width = static_cast<int32_t>(grid.u.size());
+  const float v = grid.v[r];
+  const __m512 u = _mm512_maskz_loadu_ps(lanes, grid.u.data() + c);
+  const __m512 x = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(m.m00), u, _mm512_set1_ps(m.m01 * v)),
+                                   _mm512_set1_ps(grid.half_width), _mm512_set1_ps(grid.centre_x));
+  const __m512 y = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(m.m10), u, _mm512_set1_ps(m.m11 * v)),
+                                   _mm512_set1_ps(grid.half_height), _mm512_set1_ps(grid.centre_y));
+  TapVectors t;
+  linear_taps_avx512(x, width, t.left, t.right, t.wl, t.wr);
+  linear_taps_avx512(y, height, t.top, t.bottom, t.wt, t.wb);
+  const __m512 zero = _mm512_setzero_ps();
+  t.wt = _mm512_mask_mov_ps(zero, lanes, t.wt);
+  t.wb = _mm512_mask_mov_ps(zero, lanes, t.wb);
+  return t;
+}
+
+FASTDD_AVX512 inline TapVectors load_taps(const BilinearTaps<float>& taps, int64_t at, __mmask16 lanes) {
+  return {_mm512_maskz_loadu_epi32(lanes, taps.top.data() + at),
+          _mm512_maskz_loadu_epi32(lanes, taps.bottom.data() + at),
+          _mm512_maskz_loadu_epi32(lanes, taps.left.data() + at),
+          _mm512_maskz_loadu_epi32(lanes, taps.right.data() + at),
+          _mm512_maskz_loadu_ps(lanes, taps.wt.data() + at),
+          _mm512_maskz_loadu_ps(lanes, taps.wb.data() + at),
+          _mm512_maskz_loadu_ps(lanes, taps.wl.data() + at),
+          _mm512_maskz_loadu_ps(lanes, taps.wr.data() + at)};
+}
+
+// The taps of row r: stored taps (entries offset .. offset + W) when given, else computed.
+struct RowTapSource {
+  const BilinearTaps<float>* taps;
+  int64_t offset;
+  const Affine2<float>* affine;
+  const SamplingGrid<float>* grid;
+  int64_t row;
+};
+
+FASTDD_AVX512 inline TapVectors row_tap_vectors(const RowTapSource& source, int64_t c, __mmask16 lanes) {
+  return source.taps != nullptr ? load_taps(*source.taps, source.offset + c, lanes)
+                                : compute_taps(*source.affine, *source.grid, source.row, c, lanes);
 }
 
 // bilinear_row for float32 (any width), 16 pixels at a time.
 FASTDD_AVX512 void bilinear_row_avx512_taps(const Affine2<float>& m, const SamplingGrid<float>& grid, int64_t r,
                                             BilinearTaps<float>& taps, int64_t offset) {
-  const int32_t height = static_cast<int32_t>(grid.v.size()), width = static_cast<int32_t>(grid.u.size());
-  const float v = grid.v[r];
-  const __m512 m00 = _mm512_set1_ps(m.m00), m10 = _mm512_set1_ps(m.m10);
-  const __m512 x_row = _mm512_set1_ps(m.m01 * v), y_row = _mm512_set1_ps(m.m11 * v);
-  const __m512 half_width = _mm512_set1_ps(grid.half_width), centre_x = _mm512_set1_ps(grid.centre_x);
-  const __m512 half_height = _mm512_set1_ps(grid.half_height), centre_y = _mm512_set1_ps(grid.centre_y);
-  for (int32_t c = 0; c < width; c += 16) {
+  const int64_t width = static_cast<int64_t>(grid.u.size());
+  for (int64_t c = 0; c < width; c += 16) {
     const __mmask16 lanes = first_lanes(width - c);
-    const __m512 u = _mm512_maskz_loadu_ps(lanes, grid.u.data() + c);
-    const __m512 x = _mm512_fmadd_ps(_mm512_fmadd_ps(m00, u, x_row), half_width, centre_x);
-    const __m512 y = _mm512_fmadd_ps(_mm512_fmadd_ps(m10, u, y_row), half_height, centre_y);
+    const TapVectors t = compute_taps(m, grid, r, c, lanes);
     const int64_t at = offset + c;
-    linear_taps_avx512(x, width, lanes, taps.left.data() + at, taps.right.data() + at, taps.wl.data() + at,
-                       taps.wr.data() + at);
-    linear_taps_avx512(y, height, lanes, taps.top.data() + at, taps.bottom.data() + at, taps.wt.data() + at,
-                       taps.wb.data() + at);
+    _mm512_mask_storeu_epi32(taps.top.data() + at, lanes, t.top);
+    _mm512_mask_storeu_epi32(taps.bottom.data() + at, lanes, t.bottom);
+    _mm512_mask_storeu_epi32(taps.left.data() + at, lanes, t.left);
+    _mm512_mask_storeu_epi32(taps.right.data() + at, lanes, t.right);
+    _mm512_mask_storeu_ps(taps.wt.data() + at, lanes, t.wt);
+    _mm512_mask_storeu_ps(taps.wb.data() + at, lanes, t.wb);
+    _mm512_mask_storeu_ps(taps.wl.data() + at, lanes, t.wl);
+    _mm512_mask_storeu_ps(taps.wr.data() + at, lanes, t.wr);
   }
 }
 
-// The 4 taps of pixels 0 .. width of `taps` (from entry offset) as index[t * width + c], weight[t * width + c], in
-// the order (top, left), (top, right), (bottom, left), (bottom, right); a zero-weight tap t gets index spare + t.
-FASTDD_AVX512 void four_taps_avx512(const BilinearTaps<float>& taps, int64_t offset, int32_t width, int32_t spare,
-                                    int32_t* index, float* weight) {
+// The 4 taps of the pixels of a row as index[t * width + c], weight[t * width + c], in the order (top, left),
+// (top, right), (bottom, left), (bottom, right); a zero-weight tap t gets index spare + t.
+FASTDD_AVX512 void four_taps_avx512(const RowTapSource& source, int32_t width, int32_t spare, int32_t* index,
+                                    float* weight) {
   const __m512i row_stride = _mm512_set1_epi32(width);
   const __m512 zero = _mm512_setzero_ps();
   for (int32_t c = 0; c < width; c += 16) {
     const __mmask16 lanes = first_lanes(width - c);
-    const int64_t at = offset + c;
-    const __m512i top = _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(lanes, taps.top.data() + at), row_stride);
-    const __m512i bottom = _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(lanes, taps.bottom.data() + at), row_stride);
-    const __m512i left = _mm512_maskz_loadu_epi32(lanes, taps.left.data() + at);
-    const __m512i right = _mm512_maskz_loadu_epi32(lanes, taps.right.data() + at);
-    const __m512 wt = _mm512_maskz_loadu_ps(lanes, taps.wt.data() + at);
-    const __m512 wb = _mm512_maskz_loadu_ps(lanes, taps.wb.data() + at);
-    const __m512 wl = _mm512_maskz_loadu_ps(lanes, taps.wl.data() + at);
-    const __m512 wr = _mm512_maskz_loadu_ps(lanes, taps.wr.data() + at);
-    const __m512i rows[2] = {top, bottom};
-    const __m512i cols[2] = {left, right};
-    const __m512 row_weights[2] = {wt, wb};
-    const __m512 col_weights[2] = {wl, wr};
+    const TapVectors v = row_tap_vectors(source, c, lanes);
+    const __m512i rows[2] = {_mm512_mullo_epi32(v.top, row_stride), _mm512_mullo_epi32(v.bottom, row_stride)};
+    const __m512i cols[2] = {v.left, v.right};
+    const __m512 row_weights[2] = {v.wt, v.wb};
+    const __m512 col_weights[2] = {v.wl, v.wr};
     for (int32_t t = 0; t < 4; ++t) {
       const __m512 w = _mm512_mul_ps(row_weights[t / 2], col_weights[t % 2]);
       const __m512i i = _mm512_mask_mov_epi32(_mm512_add_epi32(rows[t / 2], cols[t % 2]),
@@ -413,47 +452,39 @@ FASTDD_AVX512 void four_taps_avx512(const BilinearTaps<float>& taps, int64_t off
   }
 }
 
-// One output row of a float32 image of width <= 32 from its bilinear taps (entries 0 .. width of `taps`), every
-// channel: for each input row the 16 lanes of a chunk touch, the row is permuted into both column taps, combined
-// horizontally, and added to the lanes whose top or bottom tap it is.
-FASTDD_AVX512 void bilinear_row_avx512(const BilinearTaps<float>& taps, int64_t offset, const float* in, float* out,
-                                       int64_t channels, int64_t pixels, int64_t width) {
+// One output row of a float32 image of width <= 32 from its bilinear taps, every channel: for each input row the 16
+// lanes of a chunk touch, the row is permuted into both column taps, combined horizontally, and added to the lanes
+// whose top or bottom tap it is.
+FASTDD_AVX512 void bilinear_row_avx512(const RowTapSource& source, const float* in, float* out, int64_t channels,
+                                       int64_t pixels, int64_t width) {
   const __mmask16 low_lanes = first_lanes(width), high_lanes = first_lanes(width - 16);
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t c = 0; c < width; c += 16) {
     const __mmask16 lanes = first_lanes(width - c);
-    const int64_t at = offset + c;
-    const __m512i top = _mm512_maskz_loadu_epi32(lanes, taps.top.data() + at);
-    const __m512i bottom = _mm512_maskz_loadu_epi32(lanes, taps.bottom.data() + at);
-    const __m512i left = _mm512_maskz_loadu_epi32(lanes, taps.left.data() + at);
-    const __m512i right = _mm512_maskz_loadu_epi32(lanes, taps.right.data() + at);
-    const __m512 wt = _mm512_maskz_loadu_ps(lanes, taps.wt.data() + at);
-    const __m512 wb = _mm512_maskz_loadu_ps(lanes, taps.wb.data() + at);
-    const __m512 wl = _mm512_maskz_loadu_ps(lanes, taps.wl.data() + at);
-    const __m512 wr = _mm512_maskz_loadu_ps(lanes, taps.wr.data() + at);
-    const __mmask16 use_top = _mm512_cmpneq_ps_mask(wt, zero), use_bottom = _mm512_cmpneq_ps_mask(wb, zero);
-    const __mmask16 use_left = _mm512_cmpneq_ps_mask(wl, zero), use_right = _mm512_cmpneq_ps_mask(wr, zero);
+    const TapVectors v = row_tap_vectors(source, c, lanes);
+    const __mmask16 use_top = _mm512_cmpneq_ps_mask(v.wt, zero), use_bottom = _mm512_cmpneq_ps_mask(v.wb, zero);
+    const __mmask16 use_left = _mm512_cmpneq_ps_mask(v.wl, zero), use_right = _mm512_cmpneq_ps_mask(v.wr, zero);
     if ((use_top | use_bottom) == 0) {
       for (int64_t ch = 0; ch < channels; ++ch) {
         _mm512_mask_storeu_ps(out + ch * pixels + c, lanes, zero);
       }
       continue;
     }
-    const int32_t first = std::min(_mm512_mask_reduce_min_epi32(use_top, top),
-                                   _mm512_mask_reduce_min_epi32(use_bottom, bottom));
-    const int32_t last = std::max(_mm512_mask_reduce_max_epi32(use_top, top),
-                                  _mm512_mask_reduce_max_epi32(use_bottom, bottom));
+    const int32_t first = std::min(_mm512_mask_reduce_min_epi32(use_top, v.top),
+                                   _mm512_mask_reduce_min_epi32(use_bottom, v.bottom));
+    const int32_t last = std::max(_mm512_mask_reduce_max_epi32(use_top, v.top),
+                                  _mm512_mask_reduce_max_epi32(use_bottom, v.bottom));
     for (int64_t ch = 0; ch < channels; ++ch) {
       const float* plane = in + ch * pixels;
       __m512 acc = zero;
       for (int32_t y = first; y <= last; ++y) {
         const __m512 low = _mm512_maskz_loadu_ps(low_lanes, plane + y * width);
         const __m512 high = _mm512_maskz_loadu_ps(high_lanes, plane + y * width + 16);
-        __m512 line = _mm512_maskz_mul_ps(use_left, wl, _mm512_permutex2var_ps(low, left, high));
-        line = _mm512_mask3_fmadd_ps(wr, _mm512_permutex2var_ps(low, right, high), line, use_right);
+        __m512 line = _mm512_maskz_mul_ps(use_left, v.wl, _mm512_permutex2var_ps(low, v.left, high));
+        line = _mm512_mask3_fmadd_ps(v.wr, _mm512_permutex2var_ps(low, v.right, high), line, use_right);
         const __m512i row = _mm512_set1_epi32(y);
-        acc = _mm512_mask3_fmadd_ps(wt, line, acc, _mm512_mask_cmpeq_epi32_mask(use_top, top, row));
-        acc = _mm512_mask3_fmadd_ps(wb, line, acc, _mm512_mask_cmpeq_epi32_mask(use_bottom, bottom, row));
+        acc = _mm512_mask3_fmadd_ps(v.wt, line, acc, _mm512_mask_cmpeq_epi32_mask(use_top, v.top, row));
+        acc = _mm512_mask3_fmadd_ps(v.wb, line, acc, _mm512_mask_cmpeq_epi32_mask(use_bottom, v.bottom, row));
       }
       _mm512_mask_storeu_ps(out + ch * pixels + c, lanes, acc);
     }
@@ -496,7 +527,7 @@ FASTDD_ALWAYS_INLINE void four_taps(const BilinearTaps<T>& taps, int64_t offset,
 #if FASTDD_HAS_AVX512_PATH
   if constexpr (std::is_same<T, float>::value) {
     if (to_spares && cpu_has_avx512()) {
-      four_taps_avx512(taps, offset, static_cast<int32_t>(width), spare, index, weight);
+      four_taps_avx512({&taps, offset, nullptr, nullptr, 0}, static_cast<int32_t>(width), spare, index, weight);
       return;
     }
   }
@@ -931,6 +962,23 @@ FASTDD_ALWAYS_INLINE void pixel_map_image(const Stage<T>& stage, bool adjoint, c
       index = stage.four_index.data() + 4 * r * width;
       weight = stage.four_weight.data() + 4 * r * width;
     } else {
+#if FASTDD_HAS_AVX512_PATH
+      if constexpr (std::is_same<T, float>::value) {
+        if (permute || (adjoint && cpu_has_avx512())) {
+          const RowTapSource source = stage.materialised
+                                          ? RowTapSource{&stage.pixels, r * width, nullptr, nullptr, r}
+                                          : RowTapSource{nullptr, 0, &stage.affine, &grid, r};
+          if (permute) {
+            bilinear_row_avx512(source, in, out + r * width, channels, pixels, width);
+            continue;
+          }
+          four_taps_avx512(source, static_cast<int32_t>(width), spare, work.row_index.data(),
+                           work.row_weight.data());
+          scatter_row(index, weight, width, in + r * width, pixels, channels, lanes, padded, stride);
+          continue;
+        }
+      }
+#endif
       const BilinearTaps<T>* taps = &stage.pixels;
       int64_t offset = r * width;
       if (!stage.materialised) {
@@ -938,14 +986,6 @@ FASTDD_ALWAYS_INLINE void pixel_map_image(const Stage<T>& stage, bool adjoint, c
         taps = &work.row_taps;
         offset = 0;
       }
-#if FASTDD_HAS_AVX512_PATH
-      if constexpr (std::is_same<T, float>::value) {
-        if (permute) {
-          bilinear_row_avx512(*taps, offset, in, out + r * width, channels, pixels, width);
-          continue;
-        }
-      }
-#endif
       four_taps(*taps, offset, width, adjoint, spare, work.row_index.data(), work.row_weight.data());
     }
     const int32_t *i0 = index, *i1 = index + width, *i2 = index + 2 * width, *i3 = index + 3 * width;
