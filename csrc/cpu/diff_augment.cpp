@@ -15,15 +15,20 @@
 // adjoint is the gather of the transposed map (built with the stage, O(H + W)), so both directions run the same
 // code. A one-tap axis map (crop, flip and their compositions) is a shifted or reversed contiguous copy with zero
 // fill, and runs as one. With several taps a separable stage first resamples every row along the columns, then
-// combines whole rows (vector operations). Rotate handles all channels per pixel row: the row's taps are loaded or
-// computed once, then gathered from every channel; its adjoint scatters them (4 taps x C channels per pixel).
-// Shared parameters (one row) build their stages once per call (rotate materialises its tap map); per-image
-// parameters build them per image, reusing the buffers, and compute rotate's taps a row at a time.
+// combines whole rows (vector operations). Rotate works a pixel row at a time for all channels, its taps factored
+// by axis (2 rows x 2 columns): the forward gathers them, the adjoint scatters the 4 products of each pixel, all
+// channels of a pixel in one 4-lane update. Shared parameters (one row) build their stages once per call (rotate
+// materialises its taps); per-image parameters build them per image, reusing the buffers, and compute rotate's
+// taps a row at a time.
 //
 // Every tap reads a valid pixel (taps outside the image have weight 0 and a clamped index) and a zero-weight tap
-// contributes a selected 0 rather than 0 * value, so the hot loops have no branches and a non-finite value never
-// leaks into zero-filled pixels. The per-image work is compiled for AVX-512, AVX2 and baseline x86-64 and the loader
-// picks the copy for the running CPU.
+// contributes a selected 0 rather than 0 * value (the rotate adjoint sends it to a spare pixel instead), so the hot
+// loops have no branches and a non-finite value never leaks into zero-filled pixels. The per-image work is
+// compiled for AVX-512, AVX2 and baseline x86-64 and the loader picks the copy for the running CPU. On CPUs with
+// AVX-512 the float32 bilinear loops are hand-vectorised: a row of up to 32 pixels sits in two registers and a
+// two-register permute reads 16 taps of it (the scale column pass; rotate permutes each input row a 16-pixel chunk
+// touches), since x86 gathers are slower than scalar loads on some CPUs and GCC does not emit them when tuning for
+// generic x86-64.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -52,9 +57,7 @@
 #define FASTDD_ALWAYS_INLINE inline
 #endif
 
-// With W <= 32 a row of float32 pixels fits two AVX-512 registers, and one two-register permute reads 16 taps from
-// it; x86 gather instructions are slower than scalar loads on some CPUs (and GCC does not emit them for generic
-// tuning), so the bilinear float32 loops use permutes on CPUs with AVX-512.
+// The hand-vectorised float32 loops (see the top); they run only where cpu_has_avx512().
 #if defined(__GNUC__) && defined(__x86_64__)
 #define FASTDD_HAS_AVX512_PATH 1
 #define FASTDD_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
@@ -309,6 +312,12 @@ FASTDD_ALWAYS_INLINE void bilinear_row(const Affine2<T>& m, const SamplingGrid<T
 }
 
 #if FASTDD_HAS_AVX512_PATH
+// GCC 12's AVX-512 headers pass _mm512_undefined_*() as the unused merge source, which -Wmaybe-uninitialized
+// reports (GCC bug 105593).
+#if !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 bool cpu_has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
@@ -490,6 +499,9 @@ FASTDD_AVX512 void bilinear_row_avx512(const RowTapSource& source, const float* 
     }
   }
 }
+#if !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 #endif
 
 template <typename T>
