@@ -351,6 +351,50 @@ FASTDD_AVX512 void gather_columns_avx512(const TapMap<float>& map, const float* 
   }
 }
 
+// Lanes i of the 16 from `first` whose column first + i lies in [begin, end), bit-reversed when `reversed`.
+FASTDD_AVX512 inline __mmask16 column_lanes(int64_t first, int64_t begin, int64_t end, bool reversed) {
+  unsigned bits = 0;
+  for (int64_t i = 0; i < 16; ++i) {
+    if (first + i >= begin && first + i < end) {
+      bits |= 1u << (reversed ? 15 - i : i);
+    }
+  }
+  return __mmask16(bits);
+}
+
+// A one-tap separable stage on a float32 plane of width <= 32 whose columns are a Shift: each output row is two
+// masked loads of its source row (lanes outside the shift load nothing and read 0), reversed by a permute when the
+// shift is, then scaled by its row weight (0 or 1 from crop and flip; any one-tap weight from a transposed map).
+FASTDD_AVX512 void shift_plane_avx512(const TapMap<float>& rows, const Shift& shift, const float* in, float* out,
+                                      int64_t height, int64_t width) {
+  const __mmask16 low_lanes = first_lanes(width), high_lanes = first_lanes(width - 16);
+  const __mmask16 low_valid = column_lanes(0, shift.begin, shift.end, shift.reversed);
+  const __mmask16 high_valid = column_lanes(16, shift.begin, shift.end, shift.reversed);
+  const __m512i reverse = _mm512_set_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  // Output column i reads source + (i - begin), or source - (i - begin): the 16-wide block each half loads from.
+  const int64_t low_start = shift.reversed ? shift.source + shift.begin - 15 : shift.source - shift.begin;
+  const int64_t high_start = shift.reversed ? low_start - 16 : low_start + 16;
+  for (int64_t r = 0; r < height; ++r) {
+    const float w = rows.weight[r];
+    __m512 low = _mm512_setzero_ps(), high = _mm512_setzero_ps();
+    if (w != 0.0f) {
+      const float* source = in + rows.index[r] * width;
+      low = _mm512_maskz_loadu_ps(low_valid, source + low_start);
+      high = _mm512_maskz_loadu_ps(high_valid, source + high_start);
+      if (shift.reversed) {
+        low = _mm512_permutexvar_ps(reverse, low);
+        high = _mm512_permutexvar_ps(reverse, high);
+      }
+      if (w != 1.0f) {
+        low = _mm512_mul_ps(low, _mm512_set1_ps(w));
+        high = _mm512_mul_ps(high, _mm512_set1_ps(w));
+      }
+    }
+    _mm512_mask_storeu_ps(out + r * width, low_lanes, low);
+    _mm512_mask_storeu_ps(out + r * width + 16, high_lanes, high);
+  }
+}
+
 // The bilinear taps of 16 pixels (BilinearTaps fields as vectors).
 struct TapVectors {
   __m512i top, bottom, left, right;
@@ -849,6 +893,14 @@ template <typename T>
 FASTDD_ALWAYS_INLINE void separable_plane(const Stage<T>& stage, const T* in, T* out, int64_t height, int64_t width,
                                           T* rows_done) {
   const TapMap<T>& rows = stage.rows.map;
+#if FASTDD_HAS_AVX512_PATH
+  if constexpr (std::is_same<T, float>::value) {
+    if (rows.taps == 1 && stage.cols.is_shift && permute_path<T>(width)) {
+      shift_plane_avx512(rows, stage.cols.shift, in, out, height, width);
+      return;
+    }
+  }
+#endif
   if (rows.taps == 1) {
     for (int64_t r = 0; r < height; ++r) {
       T* line = out + r * width;
