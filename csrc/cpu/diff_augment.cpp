@@ -1160,7 +1160,8 @@ at::Tensor run_diff_augment(const at::Tensor& images, c10::string_view families,
   check_diff_augment_inputs(images, real_params, int_params, cutout_size);
   const std::vector<AugmentFamily> parsed = parse_augment_families(families);
   const Geometry geometry{images.size(2), images.size(3), cutout_size[0], cutout_size[1], align_corners};
-  TORCH_CHECK(geometry.height * geometry.width <= std::numeric_limits<int32_t>::max(),
+  // int32 pixel indices, with room for the rotate adjoint's 4 spare pixels.
+  TORCH_CHECK(geometry.height * geometry.width <= std::numeric_limits<int32_t>::max() - 4,
               "diff_augment: images of ", geometry.height, " x ", geometry.width, " pixels are too large");
   const at::Tensor images_c = images.contiguous();
   const at::Tensor real_c = real_params.contiguous();
