@@ -760,17 +760,24 @@ void build_plan(const std::vector<AugmentFamily>& families, const double* real, 
   }
 }
 
-// Sum of n values in double, in 8 independent lanes (a single running sum cannot be vectorised).
+// Sum of n values in double, in 32 independent lanes: a single running sum cannot be vectorised, and a few vector
+// accumulators would wait on the latency of their additions.
 template <typename T>
 FASTDD_ALWAYS_INLINE double sum_values(const T* values, int64_t n) {
-  double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  constexpr int64_t kLanes = 32;
+  double lanes[kLanes] = {};
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int64_t l = 0; l < 8; ++l) {
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
       lanes[l] += static_cast<double>(values[i + l]);
     }
   }
-  double total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (int64_t width = kLanes / 2; width > 0; width /= 2) {
+    for (int64_t l = 0; l < width; ++l) {
+      lanes[l] += lanes[l + width];
+    }
+  }
+  double total = lanes[0];
   for (; i < n; ++i) {
     total += static_cast<double>(values[i]);
   }
