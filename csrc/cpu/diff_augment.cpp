@@ -975,12 +975,14 @@ FASTDD_ALWAYS_INLINE void separable_plane(const Stage<T>& stage, const T* in, T*
 typedef float Float4 __attribute__((vector_size(4 * sizeof(float))));
 typedef double Double4 __attribute__((vector_size(4 * sizeof(double))));
 
+inline bool scatters_to_lanes(int64_t channels) { return channels >= 2 && channels <= 4; }
+
 template <typename T>
 FASTDD_ALWAYS_INLINE void scatter_row(const int32_t* index, const T* weight, int64_t width, const T* in,
                                       int64_t pixels, int64_t channels, T* lanes, T* planes, int64_t stride) {
   using Lanes = typename std::conditional<std::is_same<T, float>::value, Float4, Double4>::type;
   static_assert(sizeof(Lanes) == 4 * sizeof(T), "4 lanes of T");
-  const bool use_lanes = channels >= 2 && channels <= 4;
+  const bool use_lanes = scatters_to_lanes(channels);
   for (int64_t c = 0; c < width; ++c) {
     if (weight[c] == T(0) && weight[width + c] == T(0) && weight[2 * width + c] == T(0) &&
         weight[3 * width + c] == T(0)) {
@@ -1021,9 +1023,11 @@ FASTDD_ALWAYS_INLINE void pixel_map_image(const Stage<T>& stage, bool adjoint, c
   const bool permute = !adjoint && permute_path<T>(width);
   T* padded = work.padded.data();
   T* lanes = work.lanes.data();
-  if (adjoint) {
-    std::fill(padded, padded + channels * stride, T(0));
+  const bool use_lanes = scatters_to_lanes(channels);
+  if (adjoint && use_lanes) {
     std::fill(lanes, lanes + 4 * stride, T(0));
+  } else if (adjoint) {
+    std::fill(padded, padded + channels * stride, T(0));
   }
   const int32_t spare = static_cast<int32_t>(pixels);
   for (int64_t r = 0; r < height; ++r) {
@@ -1076,7 +1080,7 @@ FASTDD_ALWAYS_INLINE void pixel_map_image(const Stage<T>& stage, bool adjoint, c
   }
   if (adjoint) {
     for (int64_t ch = 0; ch < channels; ++ch) {
-      if (channels >= 2 && channels <= 4) {
+      if (use_lanes) {
         for (int64_t p = 0; p < pixels; ++p) {
           out[ch * pixels + p] = lanes[4 * p + ch];
         }
