@@ -330,17 +330,45 @@ FASTDD_AVX512 inline __mmask16 first_lanes(int64_t count) {
 }
 
 // out[y, c] = sum over taps t of weight[t * width + c] * in[y, index[t * width + c]] for the rows y < rows of a
-// float32 plane of width <= 32 (zero-weight taps selected out).
+// float32 plane of width <= 32 (zero-weight taps selected out). The taps are the same for every row: with up to
+// kHeldTaps of them they are loaded into registers once.
 FASTDD_AVX512 void gather_columns_avx512(const TapMap<float>& map, const float* in, float* out, int64_t rows,
                                          int64_t width) {
+  constexpr int64_t kHeldTaps = 4;
   const __mmask16 low_lanes = first_lanes(width), high_lanes = first_lanes(width - 16);
+  const int64_t taps = map.taps;
+  if (taps <= kHeldTaps) {
+    __m512i index[2][kHeldTaps];
+    __m512 weight[2][kHeldTaps];
+    __mmask16 use[2][kHeldTaps];
+    for (int64_t h = 0; h < 2; ++h) {
+      const __mmask16 lanes = first_lanes(width - 16 * h);
+      for (int64_t t = 0; t < taps; ++t) {
+        index[h][t] = _mm512_maskz_loadu_epi32(lanes, map.index_of(t) + 16 * h);
+        weight[h][t] = _mm512_maskz_loadu_ps(lanes, map.weight_of(t) + 16 * h);
+        use[h][t] = _mm512_cmpneq_ps_mask(weight[h][t], _mm512_setzero_ps());
+      }
+    }
+    for (int64_t y = 0; y < rows; ++y) {
+      const __m512 low = _mm512_maskz_loadu_ps(low_lanes, in + y * width);
+      const __m512 high = _mm512_maskz_loadu_ps(high_lanes, in + y * width + 16);
+      for (int64_t h = 0; h < 2; ++h) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t t = 0; t < taps; ++t) {
+          acc = _mm512_mask3_fmadd_ps(weight[h][t], _mm512_permutex2var_ps(low, index[h][t], high), acc, use[h][t]);
+        }
+        _mm512_mask_storeu_ps(out + y * width + 16 * h, h == 0 ? low_lanes : high_lanes, acc);
+      }
+    }
+    return;
+  }
   for (int64_t y = 0; y < rows; ++y) {
     const __m512 low = _mm512_maskz_loadu_ps(low_lanes, in + y * width);
     const __m512 high = _mm512_maskz_loadu_ps(high_lanes, in + y * width + 16);
     for (int64_t c = 0; c < width; c += 16) {
       const __mmask16 lanes = first_lanes(width - c);
       __m512 acc = _mm512_setzero_ps();
-      for (int64_t t = 0; t < map.taps; ++t) {
+      for (int64_t t = 0; t < taps; ++t) {
         const __m512i index = _mm512_maskz_loadu_epi32(lanes, map.index_of(t) + c);
         const __m512 weight = _mm512_maskz_loadu_ps(lanes, map.weight_of(t) + c);
         const __m512 value = _mm512_permutex2var_ps(low, index, high);
