@@ -69,8 +69,8 @@
 namespace fastdd {
 namespace {
 
-// out[i] = sum over t < taps of weight[t * size + i] * in[index[t * size + i]]: along one axis (a separable stage)
-// or over the pixels of an image (rotate). A tap outside the image has weight 0 and a valid, unused index.
+// out[i] = sum over t < taps of weight[t * size + i] * in[index[t * size + i]] along one axis of a separable stage.
+// A tap outside the image has weight 0 and a valid, unused index.
 template <typename T>
 struct TapMap {
   int64_t size = 0;
@@ -870,14 +870,14 @@ FASTDD_ALWAYS_INLINE T tap(T weight, T value) {
   return weight != T(0) ? weight * value : T(0);
 }
 
-// out[i] = sum over the taps of entries first .. first + n of `map` (out is overwritten).
+// out[i] = sum over the taps of entry i of `map`, i < n (out is overwritten).
 template <typename T>
-FASTDD_ALWAYS_INLINE void gather_line(const TapMap<T>& map, int64_t first, const T* in, T* out, int64_t n) {
-  const int32_t* i0 = map.index_of(0) + first;
-  const T* w0 = map.weight_of(0) + first;
+FASTDD_ALWAYS_INLINE void gather_line(const TapMap<T>& map, const T* in, T* out, int64_t n) {
+  const int32_t* i0 = map.index_of(0);
+  const T* w0 = map.weight_of(0);
   if (map.taps == 2) {
-    const int32_t* i1 = map.index_of(1) + first;
-    const T* w1 = map.weight_of(1) + first;
+    const int32_t* i1 = map.index_of(1);
+    const T* w1 = map.weight_of(1);
     for (int64_t i = 0; i < n; ++i) {
       out[i] = tap(w0[i], in[i0[i]]) + tap(w1[i], in[i1[i]]);
     }
@@ -887,8 +887,8 @@ FASTDD_ALWAYS_INLINE void gather_line(const TapMap<T>& map, int64_t first, const
     out[i] = tap(w0[i], in[i0[i]]);
   }
   for (int64_t t = 1; t < map.taps; ++t) {
-    const int32_t* index = map.index_of(t) + first;
-    const T* weight = map.weight_of(t) + first;
+    const int32_t* index = map.index_of(t);
+    const T* weight = map.weight_of(t);
     for (int64_t i = 0; i < n; ++i) {
       out[i] += tap(weight[i], in[index[i]]);
     }
@@ -917,7 +917,7 @@ FASTDD_ALWAYS_INLINE void resample_line(const Axis<T>& cols, const T* in, T* out
   if (cols.is_shift) {
     shift_line(cols.shift, in, out, width);
   } else {
-    gather_line(cols.map, 0, in, out, width);
+    gather_line(cols.map, in, out, width);
   }
 }
 
