@@ -19,7 +19,8 @@
 // by axis (2 rows x 2 columns): the forward gathers them, the adjoint scatters the 4 products of each pixel, all
 // channels of a pixel in one 4-lane update. Shared parameters (one row) build their stages once per call (rotate
 // materialises its taps); per-image parameters build them per image, reusing the buffers, and compute rotate's
-// taps a row at a time.
+// taps a row at a time. A shared rotate on its own runs on blocks of 16 planes of the batch at once instead (float32,
+// AVX-512): transposed so that one vector holds a pixel of all 16, each tap is one vector gather or scatter.
 //
 // Every tap reads a valid pixel (taps outside the image have weight 0 and a clamped index) and a zero-weight tap
 // contributes a selected 0 rather than 0 * value (the rotate adjoint sends it to a spare pixel instead), so the hot
@@ -571,6 +572,100 @@ FASTDD_AVX512 void bilinear_row_avx512(const RowTapSource& source, const float* 
     }
   }
 }
+// Transposes the 16 x 16 floats in r (row i becomes column i).
+FASTDD_AVX512 inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16], v[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int k = 0; k < 4; ++k) {
+      v[8 * i + k] = _mm512_shuffle_f32x4(u[8 * i + k], u[8 * i + 4 + k], 0x88);
+      v[8 * i + 4 + k] = _mm512_shuffle_f32x4(u[8 * i + k], u[8 * i + 4 + k], 0xDD);
+    }
+  }
+  for (int k = 0; k < 4; ++k) {
+    r[k] = _mm512_shuffle_f32x4(v[k], v[8 + k], 0x88);
+    r[4 + k] = _mm512_shuffle_f32x4(v[4 + k], v[12 + k], 0x88);
+    r[8 + k] = _mm512_shuffle_f32x4(v[k], v[8 + k], 0xDD);
+    r[12 + k] = _mm512_shuffle_f32x4(v[4 + k], v[12 + k], 0xDD);
+  }
+}
+
+// Shared rotate on up to 16 float32 planes [count, pixels] at once, the planes side by side (one vector per pixel,
+// rows of 16 in `side`, `sum`, each pixels + 4 rows): one gather of 4 vectors per output pixel, or in the adjoint
+// one scatter of 4, serves all of them, and register transposes of 16 x 16 tiles move the planes in and out. The taps
+// are stage.four_index / four_weight, whose zero-weight taps point at the 4 spare rows (kept 0 in `side`).
+FASTDD_AVX512 void rotate_planes_avx512(const int32_t* four_index, const float* four_weight, bool adjoint,
+                                        const float* in, float* out, int64_t count, int64_t height, int64_t width,
+                                        float* side, float* sum) {
+  const int64_t pixels = height * width;
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 tile[16];
+  for (int64_t q = 0; q < pixels; q += 16) {
+    const __mmask16 lanes = first_lanes(pixels - q);
+    for (int64_t j = 0; j < 16; ++j) {
+      tile[j] = j < count ? _mm512_maskz_loadu_ps(lanes, in + j * pixels + q) : zero;
+    }
+    transpose16(tile);
+    for (int64_t i = 0; i < 16 && q + i < pixels; ++i) {
+      _mm512_storeu_ps(side + (q + i) * 16, tile[i]);
+    }
+  }
+  for (int64_t i = pixels; i < pixels + 4; ++i) {
+    _mm512_storeu_ps(side + i * 16, zero);
+    _mm512_storeu_ps(sum + i * 16, zero);
+  }
+  if (adjoint) {
+    for (int64_t i = 0; i < pixels; ++i) {
+      _mm512_storeu_ps(sum + i * 16, zero);
+    }
+  }
+  for (int64_t r = 0; r < height; ++r) {
+    const int32_t* index = four_index + 4 * r * width;
+    const float* weight = four_weight + 4 * r * width;
+    for (int64_t c = 0; c < width; ++c) {
+      const int64_t p = r * width + c;
+      if (!adjoint) {
+        __m512 acc = zero;
+        for (int64_t t = 0; t < 4; ++t) {
+          acc = _mm512_fmadd_ps(_mm512_set1_ps(weight[t * width + c]),
+                                _mm512_loadu_ps(side + 16 * static_cast<int64_t>(index[t * width + c])), acc);
+        }
+        _mm512_storeu_ps(sum + p * 16, acc);
+        continue;
+      }
+      if (weight[c] == 0.0f && weight[width + c] == 0.0f && weight[2 * width + c] == 0.0f &&
+          weight[3 * width + c] == 0.0f) {
+        continue;
+      }
+      const __m512 value = _mm512_loadu_ps(side + p * 16);
+      for (int64_t t = 0; t < 4; ++t) {
+        float* target = sum + 16 * static_cast<int64_t>(index[t * width + c]);
+        _mm512_storeu_ps(target, _mm512_fmadd_ps(_mm512_set1_ps(weight[t * width + c]), value,
+                                                 _mm512_loadu_ps(target)));
+      }
+    }
+  }
+  for (int64_t q = 0; q < pixels; q += 16) {
+    const __mmask16 lanes = first_lanes(pixels - q);
+    for (int64_t i = 0; i < 16; ++i) {
+      tile[i] = q + i < pixels ? _mm512_loadu_ps(sum + (q + i) * 16) : zero;
+    }
+    transpose16(tile);
+    for (int64_t j = 0; j < count; ++j) {
+      _mm512_mask_storeu_ps(out + j * pixels + q, lanes, tile[j]);
+    }
+  }
+}
+
 #if !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
@@ -766,7 +861,7 @@ void build_plan(const std::vector<AugmentFamily>& families, const double* real, 
           for (int64_t r = 0; r < g.height; ++r) {
             row_taps(stage.affine, grid, r, stage.pixels, r * g.width);
           }
-          if (adjoint) {
+          {  // both directions: rotate_planes_avx512 reads them too
             stage.four_index.resize(4 * g.height * g.width);
             stage.four_weight.resize(4 * g.height * g.width);
             for (int64_t r = 0; r < g.height; ++r) {
@@ -1177,6 +1272,26 @@ void diff_augment_cpu_kernel(const at::Tensor& images, const std::vector<Augment
     PlanWorkspace<T> work;
     build_plan(families, real, ints, geometry, grid, true, adjoint, shared_plan, work);
   }
+#if FASTDD_HAS_AVX512_PATH
+  if constexpr (std::is_same<T, float>::value) {
+    // Shared rotate alone: every plane of the batch takes the same taps, so 16 planes share each tap.
+    if (shared && shared_plan.size == 1 && shared_plan.stages[0].kind == StageKind::kPixelMap && cpu_has_avx512()) {
+      const Stage<T>& stage = shared_plan.stages[0];
+      const int64_t planes = batch * channels, blocks = (planes + 15) / 16;
+      const int64_t block_grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (16 * pixels));
+      at::parallel_for(0, blocks, block_grain, [&](int64_t begin, int64_t end) {
+        std::vector<float> side((pixels + 4) * 16), sum((pixels + 4) * 16);
+        for (int64_t block = begin; block < end; ++block) {
+          const int64_t first = block * 16;
+          rotate_planes_avx512(stage.four_index.data(), stage.four_weight.data(), adjoint, in_data + first * pixels,
+                               out_data + first * pixels, std::min<int64_t>(16, planes - first), geometry.height,
+                               geometry.width, side.data(), sum.data());
+        }
+      });
+      return;
+    }
+  }
+#endif
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, numel));
   at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
     RunWorkspace<T> run_work(channels, pixels, geometry.width);
