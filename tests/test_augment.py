@@ -580,3 +580,104 @@ def test_registered_op_rejects_bad_parameter_tensors():
         torch.ops.fastdd.diff_augment(x, *args)
     with pytest.raises(RuntimeError, match="unknown family 'blur'"):
         torch.ops.fastdd.diff_augment(torch.zeros(3, 3, 8, 8), "color_blur", *args[1:])
+
+
+# ------------------------------------------------------------------- cpp fast paths (copies, permutes, lanes)
+
+# Widths around the kernels' cases: the float32 permute loops read a row from one (W <= 16) or two (W <= 32)
+# registers and fall back to scalar code above 32; the rotate adjoint keeps 2-4 channels side by side and others in
+# planes; shared rotate alone works on blocks of 16 planes (21 planes: a full block and a partial one).
+FAST_PATH_SHAPES = [(2, 3, 32, 32), (2, 2, 9, 23), (2, 5, 7, 37), (2, 1, 16, 5), (2, 4, 17, 16), (7, 3, 8, 9)]
+
+
+@needs_cpp
+@pytest.mark.parametrize("shape", FAST_PATH_SHAPES)
+@pytest.mark.parametrize("batch", ["shared", "per-image"])
+@pytest.mark.parametrize("strategy", [*FAMILIES, ALL, "crop_flip", "flip_crop", "flip_scale", "scale_rotate"])
+def test_cpp_float32_forward_and_gradient_match_reference(strategy, batch, shape):
+    seed = 60 + FAST_PATH_SHAPES.index(shape)
+    x = torch.randn(*shape, generator=seeded(seed))
+    upstream = torch.randn(*shape, generator=seeded(seed + 1))
+    params = sequence_params(strategy, 1 if batch == "shared" else shape[0], shape, seed + 2)
+    expected, expected_grad = reference_and_grad(x.double(), params, upstream.double())
+    leaf = x.clone().requires_grad_(True)
+    out = diff_augment(leaf, params, backend="cpp")
+    (grad,) = torch.autograd.grad(out, leaf, upstream)
+    torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, expected_grad.float(), rtol=1e-5, atol=1e-5)
+
+
+def crop_flip_by_hand(image: torch.Tensor, dr: int, dc: int, flip_first: bool) -> torch.Tensor:
+    return shifted_by_hand(image.flip(-1), dr, dc) if flip_first else shifted_by_hand(image, dr, dc).flip(-1)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("flip_first", [False, True])
+def test_cpp_crop_and_flip_composed_at_extreme_shifts(dtype, flip_first):
+    # One-tap stages run as (reversed) row copies: shifts past either border, by the full size and by one less.
+    height, width = 5, 7
+    shifts = [[0, 0], [4, -6], [-4, 6], [5, 7], [-5, -7], [9, -9], [1, 3], [-2, -1]]
+    n = len(shifts)
+    x = torch.randn(n, 2, height, width, dtype=dtype, generator=seeded(70))
+    upstream = torch.randn(n, 2, height, width, dtype=dtype, generator=seeded(71))
+    flip = torch.tensor([i % 2 == 0 for i in range(n)])
+    params = AugmentParams(
+        families=("flip", "crop") if flip_first else ("crop", "flip"),
+        batch=n,
+        image_size=(height, width),
+        crop_shift=torch.tensor(shifts),
+        flip=flip,
+    )
+    leaf = x.clone().requires_grad_(True)
+    out = diff_augment(leaf, params, backend="cpp")
+    (grad,) = torch.autograd.grad(out, leaf, upstream)
+    expected_grad = reference_and_grad(x, params, upstream)[1]
+    for i, (dr, dc) in enumerate(shifts):
+        image = x[i]
+        expected = crop_flip_by_hand(image, dr, dc, flip_first) if flip[i] else shifted_by_hand(image, dr, dc)
+        assert torch.equal(out[i], expected), (i, dr, dc)
+    assert torch.equal(grad, expected_grad)
+    for i in range(n):  # the same transforms shared by a batch of one
+        one = AugmentParams(
+            families=params.families,
+            batch=1,
+            image_size=(height, width),
+            crop_shift=params.crop_shift[i : i + 1],
+            flip=params.flip[i : i + 1],
+        )
+        assert torch.equal(diff_augment(x[i : i + 1], one, backend="cpp"), out[i : i + 1])
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", ["shared", "per-image"])
+@pytest.mark.parametrize("strategy", ["crop", "flip_crop", "scale", "rotate", "crop_flip_scale_rotate"])
+def test_cpp_non_finite_values_outside_the_sampled_region_stay_out(strategy, batch, dtype):
+    # Input pixels no output reads, and output pixels that read nothing, may hold inf or NaN without reaching the
+    # result: the kernels select zero-weight taps out instead of multiplying them by 0.
+    shape = (3, 3, 12, 11)
+    config = AugmentConfig(crop_ratio=0.3, scale_ratio=1.4, rotate_degrees=30.0, flip_probability=0.5)
+    params = sample_augment_params(
+        1 if batch == "shared" else shape[0], shape[2:], strategy=strategy, mode="M", generator=seeded(83),
+        config=config,
+    )
+    x = torch.randn(*shape, dtype=dtype, generator=seeded(81))
+    upstream = torch.randn(*shape, dtype=dtype, generator=seeded(82))
+    ones = torch.ones(*shape, dtype=torch.float64, requires_grad=True)
+    reads = diff_augment(ones, params, backend="reference")
+    (used,) = torch.autograd.grad(reads, ones, torch.ones_like(reads))
+    unread, empty = used == 0, reads.detach() == 0
+    assert unread.any() or empty.any()
+    poison = torch.tensor([math.inf, -math.inf, math.nan], dtype=dtype).repeat(x.numel() // 3 + 1)[: x.numel()]
+    poisoned_x = torch.where(unread, poison.view(shape), x)
+    poisoned_upstream = torch.where(empty, poison.view(shape), upstream)
+    clean_upstream = torch.where(empty, torch.zeros_like(upstream), upstream)
+    expected, expected_grad = reference_and_grad(torch.where(unread, 0.0, x), params, clean_upstream)
+    leaf = poisoned_x.clone().requires_grad_(True)
+    out = diff_augment(leaf, params, backend="cpp")
+    (grad,) = torch.autograd.grad(out, leaf, poisoned_upstream)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(out, expected, **tolerance)
+    torch.testing.assert_close(grad, expected_grad, **tolerance)

@@ -43,39 +43,32 @@ class KernelArguments(NamedTuple):
     align_corners: bool
 
 
+# The columns of KernelArguments.real_params and .int_params: (field of AugmentParams, column of it or None).
+_REAL_COLUMNS = (("brightness", None), ("saturation", None), ("contrast", None), ("scale", 0), ("scale", 1),
+                 ("rotation", None))
+_INT_COLUMNS = (("crop_shift", 0), ("crop_shift", 1), ("cutout_center", 0), ("cutout_center", 1), ("flip", None))
+
+
+def _pack(params: AugmentParams, columns: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[batch, len(columns)] of ``dtype``: the listed fields, zeros for families not applied.
+
+    Filled column by column into one zeroed tensor: a call is cheap next to the kernels only if this stays a few
+    small copies (stacking one tensor per column cost as much as a crop or flip kernel on a small batch).
+    """
+    packed = torch.zeros(params.batch, len(columns), dtype=dtype, device=params.device)
+    for j, (name, column) in enumerate(columns):
+        value = getattr(params, name)
+        if value is not None:
+            packed[:, j] = value if column is None else value[:, column]
+    return packed.to(device)
+
+
 def kernel_arguments(params: AugmentParams, device: torch.device) -> KernelArguments:
     """Pack ``params`` into the kernels' two parameter tensors on ``device`` (families not applied give zeros)."""
-    rows = params.batch
-    source = params.device
-
-    def column(value: Tensor | None, dtype: torch.dtype) -> Tensor:
-        return torch.zeros(rows, dtype=dtype, device=source) if value is None else value.to(dtype).reshape(rows)
-
-    def pair(value: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        return (column(None, dtype),) * 2 if value is None else tuple(value.to(dtype).unbind(1))
-
-    real = torch.stack(
-        [
-            column(params.brightness, torch.float64),
-            column(params.saturation, torch.float64),
-            column(params.contrast, torch.float64),
-            *pair(params.scale, torch.float64),
-            column(params.rotation, torch.float64),
-        ],
-        dim=1,
-    )
-    ints = torch.stack(
-        [
-            *pair(params.crop_shift, torch.int64),
-            *pair(params.cutout_center, torch.int64),
-            column(params.flip, torch.int64),
-        ],
-        dim=1,
-    )
     return KernelArguments(
         "_".join(params.families),
-        real.to(device),
-        ints.to(device),
+        _pack(params, _REAL_COLUMNS, torch.float64, device),
+        _pack(params, _INT_COLUMNS, torch.int64, device),
         list(params.cutout_size or (0, 0)),
         params.align_corners,
     )
