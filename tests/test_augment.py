@@ -2,6 +2,10 @@
 
 import dataclasses
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -681,3 +685,15 @@ def test_cpp_non_finite_values_outside_the_sampled_region_stay_out(strategy, bat
     assert torch.isfinite(out).all() and torch.isfinite(grad).all()
     torch.testing.assert_close(out, expected, **tolerance)
     torch.testing.assert_close(grad, expected_grad, **tolerance)
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_cpp_without_avx512_matches_reference(capability):
+    # The float32 permute/register kernels run only where the CPU has AVX-512, and ATEN_CPU_CAPABILITY caps that
+    # choice once per process: the fallback loops are checked here in fresh processes.
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+               "cpp_float32_forward_and_gradient or extreme_shifts or non_finite_values_outside"]
+    result = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -45,18 +45,7 @@
 #include <vector>
 
 #include "../diff_augment_checks.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FASTDD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTDD_CPU_CLONES
-#endif
-
-#if defined(__GNUC__)
-#define FASTDD_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define FASTDD_ALWAYS_INLINE inline
-#endif
+#include "simd.h"
 
 // The hand-vectorised float32 loops (see the top); they run only where cpu_has_avx512().
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -319,11 +308,7 @@ FASTDD_ALWAYS_INLINE void bilinear_row(const Affine2<T>& m, const SamplingGrid<T
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  return has;
-}
+bool cpu_has_avx512() { return simd_level_for_this_cpu() == SimdLevel::avx512; }
 
 // Lanes of the first `count` of 16 (all when count >= 16, none when count <= 0).
 FASTDD_AVX512 inline __mmask16 first_lanes(int64_t count) {

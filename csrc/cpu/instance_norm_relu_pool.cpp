@@ -17,19 +17,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <string>
 #include <tuple>
 #include <vector>
 
 #include "../instance_norm_relu_pool_checks.h"
-
-#if defined(__GNUC__)
-#define FASTDD_ALWAYS_INLINE inline __attribute__((always_inline))
-#define FASTDD_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
-#else
-#define FASTDD_ALWAYS_INLINE inline
-#define FASTDD_ALWAYS_INLINE_LAMBDA
-#endif
+#include "simd.h"
 
 namespace fastdd {
 namespace {
@@ -38,26 +30,6 @@ namespace {
 // of each kernel's loop over maps per x86-64 level (run_maps): the elementwise ones vectorise by themselves, the
 // ones that also sum are written on explicit vectors (map_sums), since GCC keeps omp simd reduction accumulators
 // in memory.
-
-// Explicit SIMD vectors (GCC/Clang vector extensions) of `Bytes` bytes: 64 for AVX-512, 32 for AVX2, 16 for SSE2 and
-// NEON. Other compilers get plain scalars. The vectors never cross a function boundary (everything is inlined into
-// one per-ISA function), so GCC's note that passing them would change the ABI does not apply.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-#if defined(__GNUC__)
-template <typename T, int Bytes>
-struct Simd {
-  typedef T type __attribute__((vector_size(Bytes)));
-  static constexpr int64_t lanes = Bytes / sizeof(T);
-};
-#else
-template <typename T, int Bytes>
-struct Simd {
-  using type = T;
-  static constexpr int64_t lanes = 1;
-};
-#endif
 
 // A vector or scalar P from / to unaligned memory.
 template <typename P, typename T>
@@ -235,25 +207,10 @@ void maps_baseline(const Kernel& kernel, int64_t begin, int64_t end) {
   kernel.template run<16>(begin, end);
 }
 
-enum class SimdLevel { baseline, avx2, avx512 };
-
-// ATEN_CPU_CAPABILITY=default or avx2 caps the choice, as it does for PyTorch's own kernels (tests use it to run
-// the narrower copies on a machine that has AVX-512).
-SimdLevel simd_level_for_this_cpu() {
-#if defined(__GNUC__) && defined(__x86_64__)
-  const char* requested = std::getenv("ATEN_CPU_CAPABILITY");
-  const std::string cap = requested == nullptr ? "" : requested;
-  __builtin_cpu_init();
-  if (cap != "default" && cap != "avx2" && __builtin_cpu_supports("x86-64-v4")) return SimdLevel::avx512;
-  if (cap != "default" && __builtin_cpu_supports("x86-64-v3")) return SimdLevel::avx2;
-#endif
-  return SimdLevel::baseline;
-}
-
 // kernel over all maps [0, maps), in parallel, with the copy for this CPU.
 template <typename Kernel>
 void run_maps(const Kernel& kernel, int64_t maps) {
-  static const SimdLevel level = simd_level_for_this_cpu();
+  const SimdLevel level = simd_level_for_this_cpu();
   at::parallel_for(0, maps, 1, [&](int64_t begin, int64_t end) {
 #if defined(__GNUC__) && defined(__x86_64__)
     if (level == SimdLevel::avx512) return maps_avx512(kernel, begin, end);
