@@ -98,6 +98,14 @@ def test_kept_graphs_give_the_same_set(digits, experts, tmp_path):
         make("mtt", digits, experts, keep_graphs=2)
 
 
+def test_kept_graphs_refuse_row_splitting(digits, experts, monkeypatch):
+    # One student on two processes splits every minibatch's rows, which the kept graphs do not support.
+    distiller = make("tesla", digits, experts, keep_graphs=2)
+    monkeypatch.setattr(mtt_module.distributed, "world_size", lambda: 2)
+    with pytest.raises(FastddError, match="--keep-graphs does not combine with splitting"):
+        distiller.step(0)
+
+
 def test_non_positive_lr_stops_and_keeps_checkpoint(digits, experts, tmp_path, monkeypatch):
     distiller = make("tesla", digits, experts, iterations=4)
     real = mtt_module.match_gradients
