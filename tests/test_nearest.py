@@ -338,6 +338,25 @@ def test_cpp_grouped_realistic_size_float32(generator):
     torch.testing.assert_close(sq_dist, expected_dist.float(), rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_grouped_equals_each_group_alone_bitwise(dtype, generator):
+    # A pair's distance must not depend on which rows share its tiles or which rows are fetched ahead (grouped calls
+    # with one center block per class prefetch two row tiles ahead): odd class sizes, D with a tail after the vectors.
+    classes, dim = 5, 1029
+    sizes = [1, 6, 13, 22, 3]
+    labels = torch.cat([torch.full((n,), k) for k, n in enumerate(sizes)])
+    labels = labels[torch.randperm(len(labels), generator=generator)]
+    center_groups = torch.arange(classes).repeat(7)
+    points = _random((len(labels), dim), generator, dtype)
+    centers = _random((len(center_groups), dim), generator, dtype)
+    index, sq_dist = nearest_synthetic(points, centers, point_groups=labels, center_groups=center_groups, backend="cpp")
+    for k in range(classes):
+        rows, own = (labels == k).nonzero().flatten(), (center_groups == k).nonzero().flatten()
+        alone_index, alone_dist = nearest_synthetic(points[rows], centers[own], backend="cpp")
+        assert torch.equal(index[rows], own[alone_index])
+        assert torch.equal(sq_dist[rows], alone_dist)
+
+
 @pytest.mark.parametrize("backend", ["reference", *COMPILED_BACKENDS])
 def test_grouped_ties_resolve_to_lowest_index_of_the_group(backend):
     # Small integers: every distance is exact. Center 0 (group 1) is as close to the group-2 points as centers 2 and

@@ -7,9 +7,13 @@
 // are compared only with its own centers. The inner loop is a register tile: four points against up to five
 // centers, one vector accumulator per pair, so every vector loaded feeds four or five subtract-square-accumulates.
 // Rows are visited in blocks that stay in L2 while the centers (of the group) go past them, so each point is read
-// from memory once, and while a tile's later center tiles compute, the next tile's rows are prefetched, so the
-// memory stream overlaps the arithmetic (measured: 1.3x on one core of the 10-class robust-loss workload). Without
-// groups, everything is one group.
+// from memory once, and while a tile computes, the rows of a tile to come are prefetched, so the memory stream
+// overlaps the arithmetic (measured: 1.3x on one core of the 10-class robust-loss workload, and 1.1x more when a
+// class's centers fetch the tile after the next; see scan_block). Without groups, everything is one group.
+//
+// Not used: the dot-product form |x|^2 - 2 x.c + |c|^2 as a screen before an exact recheck. It halves the vector
+// operations, but on Zen 5 the subtract runs on the add pipes beside the multiply-add, so both forms cost one
+// multiply-add per step: measured 1.2x slower with the norms and the recheck, bit-identical results.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -247,12 +251,16 @@ FASTDD_ALWAYS_INLINE void tile_sums_up_to_max(const T* const* p, const T* const*
 
 // Compares rows[0 .. num_rows) with centers[0 .. num_centers) (index lists, centers in increasing order) and
 // updates best_key / best_index, which are indexed like `rows`. rows[num_rows .. num_rows + rows_after) may be read:
-// they are the next rows to come, prefetched while the last center tiles of the current rows compute. The centers
-// are cut into tiles of nearly equal size (10 -> 5 + 5, 7 -> 4 + 3 with AVX-512).
+// they are the next rows to come, prefetched while the current rows compute. With several center blocks the next
+// row tile is fetched during the later center tiles; with one (the centers of a class), the row tile after the next
+// is fetched over all of them, which gives the memory system two tiles' time (measured: 1.1x on one core of the
+// 10-class robust-loss workload; with several center blocks it was 1.1x slower, as every block fetched the rows
+// again). The centers are cut into tiles of nearly equal size (10 -> 5 + 5, 7 -> 4 + 3 with AVX-512).
 template <typename T, int Bytes>
 FASTDD_ALWAYS_INLINE void scan_block(const T* points, const T* centers_data, int64_t dim, const int64_t* rows,
                                      int64_t num_rows, int64_t rows_after, const int64_t* centers,
-                                     int64_t num_centers, T* best_key, int64_t* best_index) {
+                                     int64_t num_centers, bool only_center_block, T* best_key,
+                                     int64_t* best_index) {
   constexpr int64_t kRows = 4;
   constexpr int64_t kCenters = max_tile_centers<Bytes>();
   const int64_t lines = (dim * static_cast<int64_t>(sizeof(T)) + kCacheLine - 1) / kCacheLine;
@@ -263,18 +271,18 @@ FASTDD_ALWAYS_INLINE void scan_block(const T* points, const T* centers_data, int
     const T* p[kRows];
     for (int64_t i = 0; i < tile_rows; ++i) p[i] = points + rows[r + i] * dim;
     const T* next[kRows];
-    const int64_t next_rows = std::min(kRows, num_rows + rows_after - r - tile_rows);
-    for (int64_t i = 0; i < next_rows; ++i) next[i] = points + rows[r + tile_rows + i] * dim;
+    const int64_t next_first = r + tile_rows + (only_center_block ? kRows : 0);
+    const int64_t next_rows = std::clamp<int64_t>(num_rows + rows_after - next_first, 0, kRows);
+    for (int64_t i = 0; i < next_rows; ++i) next[i] = points + rows[next_first + i] * dim;
     for (int64_t t = 0; t < center_tiles; ++t) {
       const int64_t j = t * num_centers / center_tiles;
       const int64_t tile_centers = (t + 1) * num_centers / center_tiles - j;
       const T* c[kCenters];
       for (int64_t q = 0; q < tile_centers; ++q) c[q] = centers_data + centers[j + q] * dim;
-      // The first center tile reads the rows from memory; the next rows are fetched during the later ones.
       Prefetch<T> prefetch;
-      if (next_rows > 0 && (t > 0 || center_tiles == 1)) {
-        const int64_t share = std::max<int64_t>(1, center_tiles - 1);
-        const int64_t part = center_tiles == 1 ? 0 : t - 1;
+      if (next_rows > 0 && (only_center_block || t > 0 || center_tiles == 1)) {
+        const int64_t share = only_center_block ? center_tiles : std::max<int64_t>(1, center_tiles - 1);
+        const int64_t part = only_center_block ? t : center_tiles == 1 ? 0 : t - 1;
         prefetch = {next, next_rows, part * lines / share, (part + 1) * lines / share};
       }
       switch (tile_rows) {
@@ -313,7 +321,7 @@ FASTDD_ALWAYS_INLINE void nearest_rows(const T* points, const T* centers_data, i
       const bool last_center_block = center_begin + block_centers == num_centers;
       const int64_t rows_after = last_center_block ? num_rows - block_begin - block_rows : 0;
       scan_block<T, Bytes>(points, centers_data, dim, rows + block_begin, block_rows, rows_after,
-                           centers + center_begin, block_centers, best_key, best_index);
+                           centers + center_begin, block_centers, block_centers == num_centers, best_key, best_index);
     }
     for (int64_t r = 0; r < block_rows; ++r) {
       const int64_t row = rows[block_begin + r];
