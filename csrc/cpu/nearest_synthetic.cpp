@@ -32,21 +32,13 @@
 #include <vector>
 
 #include "../nearest_synthetic_checks.h"
+#include "simd.h"
 
-// On x86-64 the compiler emits AVX-512 and AVX2 copies of the backward loops next to the baseline one and the loader
-// picks the best for the running CPU, so a single build is both portable and vectorised. (The forward picks its
-// copy itself, below: each copy has its own vector width.)
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FASTDD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTDD_CPU_CLONES
-#endif
-
+// The backward loops are FASTDD_CPU_CLONES functions; the forward picks its copy itself, below: each copy has its
+// own vector width.
 #if defined(__GNUC__)
-#define FASTDD_ALWAYS_INLINE inline __attribute__((always_inline))
 #define FASTDD_PREFETCH(address) __builtin_prefetch((address), 0, 3)
 #else
-#define FASTDD_ALWAYS_INLINE inline
 #define FASTDD_PREFETCH(address) ((void)(address))
 #endif
 
@@ -127,27 +119,7 @@ FASTDD_ALWAYS_INLINE void keep_if_closer(T sq_dist, int64_t center, T& best_key,
   }
 }
 
-// Explicit SIMD vectors (GCC/Clang vector extensions) of `Bytes` bytes: 64 for AVX-512, 32 for AVX2, 16 for SSE2 and
-// NEON. Other compilers get plain scalars. Loads go through memcpy, so rows need no alignment. The vectors never
-// cross a function boundary (everything is inlined into one per-ISA function), so GCC's note that passing them would
-// change the ABI does not apply.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-#if defined(__GNUC__)
-template <typename T, int Bytes>
-struct Simd {
-  typedef T type __attribute__((vector_size(Bytes)));
-  static constexpr int64_t lanes = Bytes / sizeof(T);
-};
-#else
-template <typename T, int Bytes>
-struct Simd {
-  using type = T;
-  static constexpr int64_t lanes = 1;
-};
-#endif
-
+// Vectors (Simd, simd.h) load through memcpy, so rows need no alignment.
 template <typename V, typename T>
 FASTDD_ALWAYS_INLINE V load_vector(const T* source) {
   V value;
@@ -363,16 +335,18 @@ template <typename T>
 using NearestRows = void (*)(const T*, const T*, int64_t, const int64_t*, int64_t, const int64_t*, int64_t, T*,
                              int64_t*);
 
-// ATEN_CPU_CAPABILITY=default or avx2 caps the choice, as it does for PyTorch's own kernels (tests use it to run
-// the narrower copies on a machine that has AVX-512).
+// The copy for simd_level_for_this_cpu() (which ATEN_CPU_CAPABILITY can cap).
 template <typename T>
 NearestRows<T> nearest_rows_for_this_cpu() {
 #if defined(__GNUC__) && defined(__x86_64__)
-  const char* requested = std::getenv("ATEN_CPU_CAPABILITY");
-  const std::string cap = requested == nullptr ? "" : requested;
-  __builtin_cpu_init();
-  if (cap != "default" && cap != "avx2" && __builtin_cpu_supports("x86-64-v4")) return &nearest_rows_avx512<T>;
-  if (cap != "default" && __builtin_cpu_supports("x86-64-v3")) return &nearest_rows_avx2<T>;
+  switch (simd_level_for_this_cpu()) {
+    case SimdLevel::avx512:
+      return &nearest_rows_avx512<T>;
+    case SimdLevel::avx2:
+      return &nearest_rows_avx2<T>;
+    case SimdLevel::baseline:
+      break;
+  }
 #endif
   return &nearest_rows_baseline<T>;
 }
