@@ -180,3 +180,13 @@ def _sequential_forward(net, flat, x):
 def test_bad_input(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+def test_third_derivative_raises_instead_of_dropping_a_term(generator):
+    # The double-backward op is not differentiable itself: a third derivative would silently miss its term.
+    x, weight, bias = _inputs(2, 3, 4, 4, generator)
+    y = instance_norm_relu_pool(x, weight, bias, backend="cpp")
+    (g,) = torch.autograd.grad((y**3).sum(), x, create_graph=True)
+    (h,) = torch.autograd.grad((g**3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable twice, not three times"):
+        torch.autograd.grad((h**2).sum(), x)

@@ -157,3 +157,13 @@ def test_triton_needs_cuda_or_interpreter(monkeypatch, generator):
     x, weight, bias = _inputs(1, 2, 4, 4, generator)
     with pytest.raises(RuntimeError, match="'triton' is unavailable: Triton kernels need CUDA tensors"):
         instance_norm_relu_pool(x, weight, bias, backend="triton")
+
+
+@needs_triton
+def test_third_derivative_raises_instead_of_dropping_a_term(generator):
+    x, weight, bias = _inputs(1, 2, 4, 4, generator)
+    y = _triton(True)(x, weight, bias)
+    (g,) = torch.autograd.grad((y**3).sum(), x, create_graph=True)
+    (h,) = torch.autograd.grad((g**3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable twice, not three times"):
+        torch.autograd.grad((h**2).sum(), x)

@@ -92,6 +92,36 @@ def _triton_kernels():
     return module
 
 
+THIRD_ORDER_MESSAGE = (
+    "instance_norm_relu_pool's compiled backends are differentiable twice, not three times; use "
+    "backend='reference' for third derivatives"
+)
+
+
+class _NoThirdDerivative(torch.autograd.Function):
+    """Copies of the double backward's results attached to its differentiable inputs: differentiating them (a third
+    derivative) raises instead of silently leaving out the double backward's own derivative."""
+
+    @staticmethod
+    def forward(ctx, num_results: int, *tensors: Tensor):
+        return tuple(t.clone() for t in tensors[:num_results])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(THIRD_ORDER_MESSAGE)
+
+
+def _guard_third_order(results: tuple, inputs: tuple) -> tuple:
+    """``results`` as they are, or, when autograd records this double backward (create_graph), through
+    ``_NoThirdDerivative``. None entries stay None."""
+    watched = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
+    present = [r for r in results if r is not None]
+    if not torch.is_grad_enabled() or not watched or not present:
+        return results
+    guarded = iter(_NoThirdDerivative.apply(len(present), *present, *watched))
+    return tuple(None if r is None else next(guarded) for r in results)
+
+
 class _TritonInstanceNormReluPool(torch.autograd.Function):
     """The forward kernel; saves x and the per-map mean and rstd, and its backward is ``_TritonBackward``."""
 
@@ -111,7 +141,7 @@ class _TritonInstanceNormReluPool(torch.autograd.Function):
 
 class _TritonBackward(torch.autograd.Function):
     """The backward kernel, (grad_y, x, weight, bias) -> (grad_x, grad_weight, grad_bias); its backward is the
-    double-backward kernel, not differentiable itself (as with the C++ ops, there is no third derivative)."""
+    double-backward kernel, which raises if differentiated again (as with the C++ ops, no third derivative)."""
 
     @staticmethod
     def forward(ctx, grad_y, x, weight, bias, mean, rstd, pool: bool):
@@ -120,12 +150,13 @@ class _TritonBackward(torch.autograd.Function):
         return _triton_kernels().instance_norm_relu_pool_backward(grad_y, x, weight, bias, mean, rstd, pool)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, gg_x, gg_weight, gg_bias):
         grad_y, x, weight, bias, mean, rstd = ctx.saved_tensors
-        grad_grad_y, grad_x, grad_weight = _triton_kernels().instance_norm_relu_pool_double_backward(
-            grad_y, x, weight, bias, mean, rstd, gg_x, gg_weight, gg_bias, ctx.pool
-        )
+        with torch.no_grad():
+            results = _triton_kernels().instance_norm_relu_pool_double_backward(
+                grad_y, x, weight, bias, mean, rstd, gg_x, gg_weight, gg_bias, ctx.pool
+            )
+        grad_grad_y, grad_x, grad_weight = _guard_third_order(results, (grad_y, x, weight, gg_x, gg_weight, gg_bias))
         # mean and rstd are functions of x; the double-backward formula already differentiates through them.
         return grad_grad_y, grad_x, grad_weight, None, None, None, None
 
@@ -134,7 +165,7 @@ def _register_compiled_op() -> None:
     """Fake implementations and the autograd formulas of the three ``torch.ops.fastdd.instance_norm_relu_pool*`` ops.
 
     The forward's backward is the backward op, and the backward op's backward is the double-backward op, so
-    autograd can differentiate the block twice; the double-backward op itself is used once-differentiably.
+    autograd can differentiate the block twice; differentiating the double backward again raises (_NoThirdDerivative).
     """
     ops = torch.ops.fastdd
 
@@ -176,9 +207,11 @@ def _register_compiled_op() -> None:
 
     def backward_backward(ctx, gg_x, gg_weight, gg_bias):
         grad_y, x, weight, bias, mean, rstd = ctx.saved_tensors
-        grad_grad_y, grad_x, grad_weight = ops.instance_norm_relu_pool_double_backward(
-            grad_y, x, weight, bias, mean, rstd, gg_x, gg_weight, gg_bias, ctx.pool
-        )
+        with torch.no_grad():
+            results = ops.instance_norm_relu_pool_double_backward(
+                grad_y, x, weight, bias, mean, rstd, gg_x, gg_weight, gg_bias, ctx.pool
+            )
+        grad_grad_y, grad_x, grad_weight = _guard_third_order(results, (grad_y, x, weight, gg_x, gg_weight, gg_bias))
         # mean and rstd are functions of x; the double-backward formula already differentiates through them.
         return grad_grad_y, grad_x, grad_weight, None, None, None, None
 
