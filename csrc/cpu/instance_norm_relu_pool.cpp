@@ -31,19 +31,6 @@ namespace {
 // ones that also sum are written on explicit vectors (map_sums), since GCC keeps omp simd reduction accumulators
 // in memory.
 
-// A vector or scalar P from / to unaligned memory.
-template <typename P, typename T>
-FASTDD_ALWAYS_INLINE P load(const T* source) {
-  P value;
-  std::memcpy(&value, source, sizeof(P));
-  return value;
-}
-
-template <typename P, typename T>
-FASTDD_ALWAYS_INLINE void store(T* target, const P& value) {
-  std::memcpy(target, &value, sizeof(P));
-}
-
 // The sum of a Simd<T, Bytes> vector's lanes, adding its halves until one lane is left.
 template <typename T, int Bytes>
 FASTDD_ALWAYS_INLINE T sum_lanes(const typename Simd<T, Bytes>::type& value) {

@@ -119,13 +119,6 @@ FASTDD_ALWAYS_INLINE void keep_if_closer(T sq_dist, int64_t center, T& best_key,
   }
 }
 
-// Vectors (Simd, simd.h) load through memcpy, so rows need no alignment.
-template <typename V, typename T>
-FASTDD_ALWAYS_INLINE V load_vector(const T* source) {
-  V value;
-  std::memcpy(&value, source, sizeof(V));
-  return value;
-}
 
 template <typename T, typename V>
 FASTDD_ALWAYS_INLINE T sum_lanes(const V& value) {
@@ -170,9 +163,9 @@ FASTDD_ALWAYS_INLINE void tile_sums(const T* const* p, const T* const* c, int64_
     }
     const int64_t k = step * lanes;
     V x[R];
-    for (int r = 0; r < R; ++r) x[r] = load_vector<V>(p[r] + k);
+    for (int r = 0; r < R; ++r) x[r] = load<V>(p[r] + k);
     for (int j = 0; j < C; ++j) {
-      const V y = load_vector<V>(c[j] + k);
+      const V y = load<V>(c[j] + k);
       for (int r = 0; r < R; ++r) {
         const V d = x[r] - y;
         acc[r][j] += d * d;

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 // The compiler emits AVX-512 and AVX2 copies of a FASTDD_CPU_CLONES function next to the baseline one, and the
@@ -43,6 +44,19 @@ struct Simd {
   static constexpr int64_t lanes = 1;
 };
 #endif
+
+// A vector or scalar P from / to unaligned memory (through memcpy, so rows need no alignment).
+template <typename P, typename T>
+FASTDD_ALWAYS_INLINE P load(const T* source) {
+  P value;
+  std::memcpy(&value, source, sizeof(P));
+  return value;
+}
+
+template <typename P, typename T>
+FASTDD_ALWAYS_INLINE void store(T* target, const P& value) {
+  std::memcpy(target, &value, sizeof(P));
+}
 
 enum class SimdLevel { baseline, avx2, avx512 };
 
