@@ -328,6 +328,26 @@ def _differentiable_step(net, theta, images, idx, params, mask, targets):
     return theta, batch, grad
 
 
+def _step_gradient(net, theta, batch, params, mask, targets) -> torch.Tensor:
+    """One student step's parameter gradient at the stored ``theta`` on the minibatch ``batch``, no graph kept."""
+    theta = theta.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(_step_loss(net, theta, batch, params, mask, targets), theta)
+    return grad
+
+
+def _adjoint_terms(theta, batch, grad, lam, exact: bool):
+    """One reverse step from :func:`_differentiable_step`'s ``(theta, batch, grad)``: ``(d_batch, hvp, directional)``
+    with ``directional = <grad, lam>``, ``d_batch`` its gradient w.r.t. the minibatch and ``hvp = H @ lam`` its
+    gradient w.r.t. theta (None unless ``exact``)."""
+    directional = (grad * lam).sum()
+    if exact:
+        d_batch, hvp = torch.autograd.grad(directional, (batch, theta))
+    else:
+        (d_batch,) = torch.autograd.grad(directional, batch)
+        hvp = None
+    return d_batch, hvp, directional.detach()
+
+
 def _reverse_accumulation(
     net, images, targets, theta0, target, alpha, denominator, plan, *, exact: bool, keep_graphs: int = 1
 ):
@@ -341,10 +361,7 @@ def _reverse_accumulation(
     thetas[0] = theta0
     first_kept = max(0, steps - keep_graphs)
     for i in range(first_kept):
-        theta = thetas[i].detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(
-            _step_loss(net, theta, images[plan.batches[i]], plan.augment[i], plan.masks[i], targets[i]), theta
-        )
+        grad = _step_gradient(net, thetas[i], images[plan.batches[i]], plan.augment[i], plan.masks[i], targets[i])
         torch.add(thetas[i], grad, alpha=neg_alpha, out=thetas[i + 1])
     kept = {}
     for i in range(first_kept, steps):
@@ -363,14 +380,11 @@ def _reverse_accumulation(
             theta, batch, grad = kept.pop(i)
         else:
             theta, batch, grad = _differentiable_step(net, thetas[i], images, idx, params, plan.masks[i], targets[i])
-        directional = (grad * lam).sum()
+        d_batch, hvp, directional = _adjoint_terms(theta, batch, grad, lam, exact)
         if exact:
-            d_batch, hvp = torch.autograd.grad(directional, (batch, theta))
             lam.add_(hvp, alpha=neg_alpha)
-        else:
-            (d_batch,) = torch.autograd.grad(directional, batch)
         grad_images.index_add_(0, idx, d_batch, alpha=neg_alpha)
-        grad_lr.sub_(directional.detach())
+        grad_lr.sub_(directional)
     return matching.detach(), grad_images, grad_lr
 
 
@@ -409,8 +423,7 @@ def _split_reverse_accumulation(net, images, shares, theta0, target, alpha, deno
         if idx.numel() == 0:
             grad = torch.zeros_like(theta0)
         else:
-            theta = thetas[i].detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(_step_loss(net, theta, images[idx], params, mask, targets), theta)
+            grad = _step_gradient(net, thetas[i], images[idx], params, mask, targets)
         distributed.all_reduce_sum_([grad])
         torch.add(thetas[i], grad, alpha=neg_alpha, out=thetas[i + 1])
     residual = thetas[-1] - target
@@ -423,13 +436,9 @@ def _split_reverse_accumulation(net, images, shares, theta0, target, alpha, deno
         hvp = torch.zeros_like(lam) if exact else None
         if idx.numel() > 0:
             theta, batch, grad = _differentiable_step(net, thetas[i], images, idx, params, mask, targets)
-            directional = (grad * lam).sum()
-            if exact:
-                d_batch, hvp = torch.autograd.grad(directional, (batch, theta))
-            else:
-                (d_batch,) = torch.autograd.grad(directional, batch)
+            d_batch, hvp, directional = _adjoint_terms(theta, batch, grad, lam, exact)
             grad_images.index_add_(0, idx, d_batch, alpha=neg_alpha)
-            grad_lr.sub_(directional.detach())
+            grad_lr.sub_(directional)
         if exact:
             distributed.all_reduce_sum_([hvp])
             lam.add_(hvp, alpha=neg_alpha)
