@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from fastdd.distill.base import DistillConfig, Distiller
-from fastdd.distill.dc import DC, GradientMatchingConfig, loops_for_ipc
-from fastdd.distill.dm import DM, DMConfig
-from fastdd.distill.dsa import DSA, DSAConfig
+from fastdd.config import DistillConfig, DMConfig, DSAConfig, GradientMatchingConfig, TrajectoryConfig
+from fastdd.distill.base import Distiller
+from fastdd.distill.dc import DC, loops_for_ipc
+from fastdd.distill.dm import DM
+from fastdd.distill.dsa import DSA
 from fastdd.distill.gradient_distance import gradient_distance
-from fastdd.distill.mtt import MTT, TESLA, TESLACompat, TrajectoryConfig
+from fastdd.distill.mtt import MTT, TESLA, TESLACompat
 from fastdd.distill.trajectory import match_gradients
 from fastdd.distill.runner import run_distillation
 from fastdd.errors import FastddError

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -12,88 +10,17 @@ import torch
 import torch.nn.functional as F
 
 import fastdd
+from fastdd.config import DistillConfig, check_config
 from fastdd.data import ImageDataset
 from fastdd.distill import distributed
 from fastdd.errors import FastddError
 from fastdd.io import SyntheticSet
 from fastdd.models import build_model_for
 from fastdd.ops import AugmentParams, diff_augment, sample_augment_params
-from fastdd.trust.masking import DEFAULT_MASK_PATCH, DEFAULT_MASK_RATIO, mask_like, random_mask
-from fastdd.trust.outlier_loss import DEFAULT_OUTLIER_WEIGHT, uniform_cross_entropy
+from fastdd.trust.masking import DEFAULT_MASK_PATCH, mask_like, random_mask
+from fastdd.trust.outlier_loss import uniform_cross_entropy
 from fastdd.trust.outliers import OutlierSource, outlier_source
-from fastdd.trust.robust import (
-    CLUSTER_SPACES,
-    DEFAULT_CVAR_ALPHA,
-    RobustObjective,
-    default_clusters,
-    logits_and_embedding,
-)
-
-INITS = ("real", "noise")
-
-
-@dataclass
-class DistillConfig:
-    """Settings shared by every method. Method configs subclass it and change defaults or add fields."""
-
-    dataset: str = "digits"
-    data_root: str | None = None
-    image_size: int | None = None
-    zca: bool = False
-    ipc: int = 10
-    iterations: int = 1000
-    seed: int = 0
-    model: str = "convnet"
-    width: int = 128
-    depth: int | None = None
-    norm: str = "instancenorm"
-    init: str = "real"
-    lr_img: float = 0.1
-    momentum_img: float = 0.5
-    batch_real: int = 256
-    dsa: bool = True
-    dsa_strategy: str | None = None
-    device: str = "cpu"
-    outliers: str = "none"
-    outlier_data: str | None = None
-    outlier_ratio: float = 1.0
-    outlier_weight: float = DEFAULT_OUTLIER_WEIGHT
-    robust: bool = False
-    cvar_alpha: float = DEFAULT_CVAR_ALPHA
-    clusters: int | None = None
-    cluster_space: str = "embed"
-    robust_batch: int = 256
-    mdt: bool = False
-    mask_ratio: float = DEFAULT_MASK_RATIO
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any], *, method: str) -> "DistillConfig":
-        """Build a config from ``options`` (None values mean "use the default"); unknown keys raise FastddError."""
-        known = set(cls.field_names())
-        unknown = sorted(k for k, v in options.items() if k not in known and v is not None)
-        if unknown:
-            raise FastddError(
-                f"option(s) {', '.join(unknown)} do not apply to method {method!r}; "
-                f"it accepts: {', '.join(sorted(known))}."
-            )
-        return cls(**{k: v for k, v in options.items() if v is not None and k in known})
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as plain values; the MDT fields only when ``mdt`` is on (absent means off)."""
-        values = dataclasses.asdict(self)
-        if not values["mdt"]:
-            # So a run without MDT keeps the settings record of versions before MDT (and resumes their checkpoints).
-            del values["mdt"], values["mask_ratio"]
-        return values
-
-    def resolved(self) -> "DistillConfig":
-        """The config with defaults that depend on other fields filled in (methods with presets override this)."""
-        return self
-
+from fastdd.trust.robust import RobustObjective, default_clusters, logits_and_embedding
 
 class Distiller(ABC):
     """Learns ``ipc`` synthetic images per class for ``dataset``.
@@ -160,9 +87,8 @@ class Distiller(ABC):
 
     # -- set-up -------------------------------------------------------------------------------------------------
     def _validate(self) -> None:
-        cfg, ds = self.config, self.dataset
-        if cfg.ipc < 1:
-            raise FastddError(f"--ipc must be at least 1, got {cfg.ipc}.")
+        """The config's own checks (:func:`fastdd.config.check_config`), then those that need the dataset."""
+        cfg, ds = check_config(self.config), self.dataset
         counts = ds.class_index().counts
         smallest = int(counts.min())
         if cfg.ipc > smallest:
@@ -171,27 +97,6 @@ class Distiller(ABC):
                 f"--ipc {cfg.ipc} is larger than the smallest class of {ds.name} "
                 f"(class {ds.class_names[c]!r} has {smallest} training images); use --ipc {smallest} or less."
             )
-        if cfg.init not in INITS:
-            raise FastddError(f"--init must be one of {', '.join(INITS)}, got {cfg.init!r}.")
-        if cfg.iterations < 0:
-            raise FastddError(f"--iterations must be 0 or more, got {cfg.iterations}.")
-        if cfg.outlier_ratio <= 0:
-            raise FastddError(f"--outlier-ratio must be positive, got {cfg.outlier_ratio}.")
-        if cfg.outlier_weight < 0:
-            raise FastddError(f"--outlier-weight must be 0 or more, got {cfg.outlier_weight}.")
-        if not 0 < cfg.cvar_alpha <= 1:
-            raise FastddError(f"--cvar-alpha must be in (0, 1] (the share of worst losses kept), got {cfg.cvar_alpha}.")
-        if cfg.clusters is not None and not 1 <= cfg.clusters <= cfg.ipc:
-            raise FastddError(
-                f"--clusters must be between 1 and --ipc {cfg.ipc} (the centres are synthetic images of the class), "
-                f"got {cfg.clusters}."
-            )
-        if cfg.cluster_space not in CLUSTER_SPACES:
-            raise FastddError(f"--cluster-space must be one of {', '.join(CLUSTER_SPACES)}, got {cfg.cluster_space!r}.")
-        if cfg.robust_batch < 1:
-            raise FastddError(f"--robust-batch must be at least 1, got {cfg.robust_batch}.")
-        if not 0 <= cfg.mask_ratio < 1:
-            raise FastddError(f"--mask-ratio must be in [0, 1) (the share of pixels MDT zeroes), got {cfg.mask_ratio}.")
         if cfg.mdt and not self.supports_mdt:
             raise FastddError(
                 f"--mdt does not apply to {self.name}: MDT masks the inputs of networks that the matching objective "

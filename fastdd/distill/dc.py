@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from fastdd.distill import distributed
-from fastdd.distill.base import DistillConfig, Distiller
-from fastdd.distill.gradient_distance import METRICS, gradient_distance
+from fastdd.config import GradientMatchingConfig
+from fastdd.distill.base import Distiller
+from fastdd.distill.gradient_distance import gradient_distance
 from fastdd.errors import FastddError
 from fastdd.training import train_epoch
 from fastdd.trust.outlier_loss import uniform_cross_entropy
 
-NET_DATA = ("synthetic", "real")
 # (outer_loop, inner_loop) of the reference implementation.
 LOOPS_BY_IPC = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
 _BN_SAMPLES_PER_CLASS = 32
@@ -42,20 +41,6 @@ def real_steps_for(inner_loop: int, ipc: int, robust_batch: int) -> int:
     the default batch of 256); 0 when ``inner_loop`` is 0.
     """
     return max(1, round(inner_loop * ipc / robust_batch)) if inner_loop > 0 else 0
-
-
-@dataclass
-class GradientMatchingConfig(DistillConfig):
-    iterations: int = 1000
-    lr_img: float = 0.1
-    dsa: bool = False
-    outer_loop: int | None = None
-    inner_loop: int | None = None
-    lr_net: float = 0.01
-    batch_train: int = 256
-    dis_metric: str = "ours"
-    net_data: str | None = None
-    net_steps: int | None = None
 
 
 class DC(Distiller):
@@ -89,20 +74,7 @@ class DC(Distiller):
     supports_mdt = True
 
     def __init__(self, config: GradientMatchingConfig, dataset) -> None:
-        if config.dis_metric not in METRICS:
-            raise FastddError(f"--dis-metric must be one of {', '.join(METRICS)}, got {config.dis_metric!r}.")
         self.net_data = config.net_data or ("real" if config.robust else "synthetic")
-        if self.net_data not in NET_DATA:
-            raise FastddError(
-                f"--net-data must be one of {', '.join(NET_DATA)} for {self.name}, got {config.net_data!r}."
-            )
-        if config.robust and self.net_data != "real":
-            raise FastddError(
-                "--robust trains the network on real images clustered around the synthetic ones, so it needs "
-                "--net-data real (the default with --robust); drop --net-data synthetic."
-            )
-        if config.net_steps is not None and config.net_steps < 1:
-            raise FastddError(f"--net-steps must be at least 1, got {config.net_steps}.")
         super().__init__(config, dataset)
         default_outer, default_inner = loops_for_ipc(config.ipc)
         self.outer_loop = config.outer_loop or default_outer

@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from fastdd.config import DMConfig
 from fastdd.distill import distributed
-from fastdd.distill.base import DistillConfig, Distiller
+from fastdd.distill.base import Distiller
 from fastdd.errors import FastddError
 
-NET_DATA = ("random", "real")
 # The kept network's optimiser: the evaluation protocol's SGD settings.
 _NET_MOMENTUM = 0.9
 _NET_WEIGHT_DECAY = 5e-4
-
-
-@dataclass
-class DMConfig(DistillConfig):
-    iterations: int = 20000
-    lr_img: float = 1.0
-    dsa: bool = True
-    net_data: str | None = None
-    net_steps: int = 1
-    net_refresh: int = 100
-    lr_net: float = 0.01
 
 
 class DM(Distiller):
@@ -54,17 +42,6 @@ class DM(Distiller):
 
     def __init__(self, config: DMConfig, dataset) -> None:
         self.net_data = config.net_data or ("real" if config.robust else "random")
-        if self.net_data not in NET_DATA:
-            raise FastddError(f"--net-data must be one of {', '.join(NET_DATA)} for dm, got {config.net_data!r}.")
-        if config.robust and self.net_data != "real":
-            raise FastddError(
-                "--robust changes how dm's network is trained on real data, so it needs --net-data real (the default "
-                "with --robust); drop --net-data random."
-            )
-        if config.net_steps < 1 or config.net_refresh < 1:
-            raise FastddError(
-                f"--net-steps and --net-refresh must be at least 1, got {config.net_steps} and {config.net_refresh}."
-            )
         super().__init__(config, dataset)
         self.net: torch.nn.Module | None = None
         self.net_optimizer: torch.optim.Optimizer | None = None

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from fastdd.distill.dc import DC, GradientMatchingConfig
-
-
-@dataclass
-class DSAConfig(GradientMatchingConfig):
-    dsa: bool = True
+from fastdd.config import DSAConfig
+from fastdd.distill.dc import DC
 
 
 class DSA(DC):

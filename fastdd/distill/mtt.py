@@ -14,7 +14,6 @@ augmentation and replayed by every mode, so the three modes train the same maske
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,7 +21,8 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fastdd.distill import distributed
-from fastdd.distill.base import DistillConfig, Distiller
+from fastdd.config import TeslaCompatConfig, TeslaConfig, TrajectoryConfig, check_config
+from fastdd.distill.base import Distiller
 from fastdd.distill.experts import (
     ExpertConfig,
     default_expert_folder,
@@ -38,40 +38,6 @@ from fastdd.models import flat_parameters, functional_forward
 from fastdd.trust.masking import DEFAULT_MASK_PATCH
 
 
-@dataclass
-class TrajectoryConfig(DistillConfig):
-    """Trajectory-matching settings. Fields left at None take the preset for (dataset, ipc)
-    (see :func:`trajectory_preset`); an explicit value always wins."""
-
-    iterations: int | None = None  # type: ignore[assignment]
-    lr_img: float | None = None  # type: ignore[assignment]
-    zca: bool | None = None  # type: ignore[assignment]
-    syn_steps: int | None = None
-    expert_epochs: int | None = None
-    max_start_epoch: int | None = None
-    lr_lr: float | None = None
-    lr_teacher: float | None = None
-    momentum_lr: float = 0.5
-    batch_syn: int | None = None
-    soft_labels: bool = False
-    students: int = 1
-    keep_graphs: int = 1
-    experts: str | None = None
-    num_experts: int = 5
-    expert_train_epochs: int | None = None
-    expert_batch: int = 256
-    expert_seed: int = 0
-
-    def resolved(self) -> "TrajectoryConfig":
-        """A copy with every None field that the preset knows filled in."""
-        preset = trajectory_preset(self.dataset, self.ipc)
-        values = self.to_dict()
-        for key, value in preset.items():
-            if key in values and values[key] is None:
-                values[key] = value
-        return type(self)(**values)
-
-
 class TrajectoryMatching(Distiller):
     """Learns the images and the student learning rate so that ``syn_steps`` student steps on them from an expert's
     epoch-``s`` snapshot land near its epoch-``s + expert_epochs`` snapshot."""
@@ -82,13 +48,7 @@ class TrajectoryMatching(Distiller):
     supports_mdt = True
 
     def __init__(self, config: TrajectoryConfig, dataset) -> None:
-        if config.robust:
-            raise FastddError(
-                f"--robust does not apply to {self.name}: its networks trained on real data are the experts, trained "
-                "before any synthetic image exists, so there are no synthetic images to cluster the real ones "
-                "around; use --robust with dc, dsa or dm."
-            )
-        config = config.resolved()
+        config = check_config(config).resolved()
         self._check(config, dataset)
         if config.keep_graphs > 1 and self.mode == "unrolled":
             raise FastddError(f"--keep-graphs applies to tesla and tesla-compat; {self.name} keeps every step's graph.")
@@ -105,13 +65,6 @@ class TrajectoryMatching(Distiller):
                 f"the preset for {config.dataset} at IPC {config.ipc} uses zca={bool(config.zca)} but the dataset was "
                 f"loaded with zca={dataset.zca is not None}; load it with zca={bool(config.zca)} or pass --zca/--no-zca."
             )
-        for name in ("syn_steps", "expert_epochs", "students", "num_experts", "keep_graphs"):
-            if getattr(config, name) < 1:
-                raise FastddError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}.")
-        if config.max_start_epoch < 1:
-            raise FastddError(f"--max-start-epoch must be at least 1, got {config.max_start_epoch}.")
-        if config.lr_teacher <= 0:
-            raise FastddError(f"--lr-teacher (the initial student learning rate) must be positive, got {config.lr_teacher}.")
         total = dataset.num_classes * config.ipc
         if config.outliers != "none":
             total += max(1, round(config.outlier_ratio * total))
@@ -343,6 +296,7 @@ class TESLA(TrajectoryMatching):
     """fastdd's TESLA: the exact MTT gradient by reverse accumulation, memory flat in ``syn_steps``."""
 
     name = "tesla"
+    config_class = TeslaConfig
     mode = "exact"
 
 
@@ -350,4 +304,5 @@ class TESLACompat(TrajectoryMatching):
     """The published TESLA gradient (a stop-gradient unroll, without the shipped factor-2 defect)."""
 
     name = "tesla-compat"
+    config_class = TeslaCompatConfig
     mode = "compat"

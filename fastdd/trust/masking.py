@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-# Placeholder until measured: the README states how the default ratio was chosen.
-DEFAULT_MASK_RATIO: float = 0.3
+from fastdd.config.trust import DEFAULT_MASK_RATIO
+
 DEFAULT_MASK_PATCH: int = 1
 
 

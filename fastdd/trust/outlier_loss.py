@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DEFAULT_OUTLIER_WEIGHT = 0.5
+from fastdd.config.trust import DEFAULT_OUTLIER_WEIGHT
 
 
 def uniform_cross_entropy(logits: torch.Tensor) -> torch.Tensor:

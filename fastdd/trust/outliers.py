@@ -15,12 +15,12 @@ from collections.abc import Sequence
 
 import torch
 
+from fastdd.config.trust import OUTLIER_MODES
 from fastdd.data.corruptions import POE_CORRUPTIONS
 from fastdd.data.dataset import ImageDataset
 from fastdd.data.foreign import load_foreign_images
 from fastdd.errors import FastddError
 
-OUTLIER_MODES = ("none", "oe", "poe")
 POE_KINDS = tuple(POE_CORRUPTIONS)
 ASSIGNMENTS = ("cycle", "sample")
 

@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastdd.config.trust import CLUSTER_SPACES, DEFAULT_CVAR_ALPHA
 from fastdd.ops import group_cvar_loss, nearest_synthetic
 
-CLUSTER_SPACES = ("pixel", "embed")
-DEFAULT_CVAR_ALPHA = 0.8
 MAX_DEFAULT_CLUSTERS = 10
 
 

@@ -1,0 +1,215 @@
+"""The distillation configs: :class:`DistillConfig` composed from the concern sections, and one subclass per method.
+
+A method config changes defaults with :func:`~fastdd.config.options.redefault` and adds its own fields; its
+``check_fields`` holds the rules that need no dataset (the distiller checks the rest against the loaded data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from fastdd.config.options import ConfigError, check_config, field_error, field_of, from_options, option, redefault
+from fastdd.config.sections import AugmentationConfig, DataConfig, DeviceConfig, ModelConfig
+from fastdd.config.trust import MDTConfig, OutliersConfig, RobustConfig
+
+METHOD = "Method"
+INITS = ("real", "noise")
+
+
+@dataclass
+class SyntheticSetConfig:
+    """What is learned and how the images are optimised."""
+
+    ipc: int = option(10, "Synthetic images per class.", panel=METHOD, at_least=1)
+    iterations: int = option(1000, "Outer iterations.", panel=METHOD, at_least=0)
+    seed: int = option(0, "Seed of the run's generator.", panel=METHOD)
+    init: str = option("real", "Initialise from 'real' images or 'noise'.", panel=METHOD, choices=INITS)
+    lr_img: float = option(0.1, "Learning rate of the images.", panel=METHOD, above=0)
+    momentum_img: float = option(0.5, "Momentum of the image optimiser.", panel=METHOD, at_least=0, below=1)
+    batch_real: int = option(256, "Real images per class per step.", panel=METHOD, at_least=1)
+
+
+@dataclass
+class DistillConfig(
+    DeviceConfig, MDTConfig, RobustConfig, OutliersConfig, AugmentationConfig, ModelConfig, DataConfig,
+    SyntheticSetConfig,
+):
+    """Settings shared by every method, composed from the sections (fields read flat: ``config.ipc``).
+
+    Method configs subclass it and change defaults or add fields. Build one with :meth:`from_options` (checked);
+    the constructor alone does not check.
+    """
+
+    method: ClassVar[str] = ""
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any], *, method: str) -> "DistillConfig":
+        """A checked config from ``options`` (None values mean "use the default").
+
+        Raises:
+            ConfigError: an option that does not apply to ``method``, or a value it cannot take.
+        """
+        if options.get("mask_ratio") is not None and not options.get("mdt"):
+            raise field_error(field_of(cls, "mask_ratio"), "sets the masking of --mdt; add --mdt or drop it")
+        return from_options(cls, options, context=f"method {method!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain values; the MDT fields only when ``mdt`` is on (absent means off)."""
+        values = dataclasses.asdict(self)
+        if not values["mdt"]:
+            # So a run without MDT keeps the settings record of versions before MDT (and resumes their checkpoints).
+            del values["mdt"], values["mask_ratio"]
+        return values
+
+    def resolved(self) -> "DistillConfig":
+        """The config with defaults that depend on other fields filled in (methods with presets override this)."""
+        return self
+
+    def check_fields(self) -> None:
+        if self.clusters is not None and self.clusters > self.ipc:
+            raise field_error(field_of(self, "clusters"),
+                              f"must be between 1 and --ipc {self.ipc} (the centres are synthetic images of the class), "
+                              f"got {self.clusters}")
+
+
+DC_NET_DATA = ("synthetic", "real")
+DM_NET_DATA = ("random", "real")
+GRADIENT_DISTANCES = ("ours", "mse", "cos")
+
+
+@dataclass
+class GradientMatchingConfig(DistillConfig):
+    """dc (and dsa): per-class gradient matching with an outer/inner loop schedule."""
+
+    method: ClassVar[str] = "dc"
+    dsa: bool = redefault(DistillConfig, "dsa", False)
+    outer_loop: int | None = option(None, "dc/dsa: image updates per iteration.", panel=METHOD, at_least=1,
+                                    default_text="by IPC")
+    inner_loop: int | None = option(None, "dc/dsa: network epochs between image updates.", panel=METHOD,
+                                    at_least=0, default_text="by IPC")
+    lr_net: float = option(0.01, "dc/dsa/dm: learning rate of the network trained between image updates.",
+                           panel=METHOD, at_least=0)
+    batch_train: int = option(256, "dc/dsa: inner-loop batch size.", panel=METHOD, at_least=1)
+    dis_metric: str = option("ours", "dc/dsa: gradient distance.", panel=METHOD, choices=GRADIENT_DISTANCES)
+    net_data: str | None = option(
+        None, "What the matching network trains on: dc/dsa 'synthetic' or 'real'; dm 'random' (a fresh untrained "
+        "network per iteration) or 'real' (a kept network trained on real data, as in IDM).", panel=METHOD,
+        choices=("synthetic", "real", "random"), default_text="dc/dsa synthetic, dm random; real with --robust",
+    )
+    net_steps: int | None = option(
+        None, "Network steps on real data: dc/dsa per image update (default: the image budget of --inner-loop "
+        "epochs on the synthetic set), dm per iteration.", panel=METHOD, at_least=1, default_text="dc/dsa by budget",
+    )
+
+    def check_fields(self) -> None:
+        _check_net_data(self, DC_NET_DATA, "the synthetic images")
+
+
+@dataclass
+class DSAConfig(GradientMatchingConfig):
+    """dsa: gradient matching with differentiable siamese augmentation."""
+
+    method: ClassVar[str] = "dsa"
+    dsa: bool = redefault(DistillConfig, "dsa", True)
+
+
+@dataclass
+class DMConfig(DistillConfig):
+    """dm: distribution matching of embeddings."""
+
+    method: ClassVar[str] = "dm"
+    iterations: int = redefault(DistillConfig, "iterations", 20000)
+    lr_img: float = redefault(DistillConfig, "lr_img", 1.0)
+    net_data: str | None = redefault(GradientMatchingConfig, "net_data", None)
+    net_steps: int = redefault(GradientMatchingConfig, "net_steps", 1)
+    net_refresh: int = option(100, "dm with --net-data real: re-initialise the kept network every K iterations.",
+                              panel=METHOD, at_least=1)
+    lr_net: float = redefault(GradientMatchingConfig, "lr_net", 0.01)
+
+    def check_fields(self) -> None:
+        _check_net_data(self, DM_NET_DATA, "a fresh random network")
+
+
+def _check_net_data(config: DistillConfig, allowed: tuple[str, ...], other: str) -> None:
+    f = field_of(config, "net_data")
+    if config.net_data is not None and config.net_data not in allowed:
+        raise field_error(f, f"must be one of {', '.join(allowed)} for {config.method}, got {config.net_data!r}")
+    if config.robust and config.net_data not in (None, "real"):
+        raise ConfigError(f"--robust needs --net-data real (its clusters are real images grouped around the synthetic "
+                          f"ones), not {config.net_data!r} ({other}); drop --net-data (config field net_data).")
+
+
+@dataclass
+class TrajectoryConfig(DistillConfig):
+    """mtt / tesla / tesla-compat. Fields left at None take the preset for (dataset, ipc)
+    (see :func:`~fastdd.distill.trajectory_presets.trajectory_preset`); an explicit value always wins."""
+
+    method: ClassVar[str] = "mtt"
+    iterations: int | None = redefault(DistillConfig, "iterations", None, default_text="the preset")  # type: ignore[assignment]
+    lr_img: float | None = redefault(DistillConfig, "lr_img", None, default_text="the preset")  # type: ignore[assignment]
+    zca: bool | None = redefault(DistillConfig, "zca", None, default_text="the preset")  # type: ignore[assignment]
+    syn_steps: int | None = option(None, "mtt/tesla: student steps per iteration.", panel=METHOD, at_least=1,
+                                   default_text="the preset")
+    expert_epochs: int | None = option(None, "mtt/tesla: expert epochs to match.", panel=METHOD, at_least=1,
+                                       default_text="the preset")
+    max_start_epoch: int | None = option(None, "mtt/tesla: start epochs are drawn below it.", panel=METHOD,
+                                         at_least=1, default_text="the preset")
+    lr_lr: float | None = option(None, "mtt/tesla: learning rate of the student lr.", panel=METHOD, above=0,
+                                 default_text="the preset")
+    lr_teacher: float | None = option(None, "mtt/tesla: initial student lr.", panel=METHOD, above=0,
+                                      default_text="the preset")
+    momentum_lr: float = option(0.5, "mtt/tesla: momentum of the student-lr optimiser.", panel=METHOD, at_least=0,
+                                below=1)
+    batch_syn: int | None = option(None, "mtt/tesla: student minibatch.", panel=METHOD, at_least=1,
+                                   default_text="all images")
+    soft_labels: bool = option(False, "mtt/tesla: targets from the target expert's softmax.", panel=METHOD,
+                               flag="--soft-labels/--hard-labels")
+    students: int = option(1, "mtt/tesla: independent students per iteration; split over the processes of --nproc.",
+                           panel=METHOD, at_least=1)
+    keep_graphs: int = option(
+        1, "tesla/tesla-compat: final student steps whose graphs the forward sweep keeps: each saves a forward and a "
+        "backward per iteration at the memory of one step's graph.", panel=METHOD, at_least=1,
+    )
+    experts: str | None = option(None, "mtt/tesla: folder of expert trajectories.", panel=METHOD,
+                                 default_text="train and cache them beside --out")
+    num_experts: int = option(5, "mtt/tesla: experts to train when --experts is not given.", panel=METHOD, at_least=1)
+    expert_train_epochs: int | None = option(None, "mtt/tesla: epochs per auto-trained expert.", panel=METHOD,
+                                             at_least=1, default_text="max_start_epoch + expert_epochs")
+    expert_batch: int = option(256, "mtt/tesla: minibatch of auto-trained experts.", panel=METHOD, at_least=1)
+    expert_seed: int = option(0, "mtt/tesla: seed of auto-trained experts.", panel=METHOD)
+
+    def check_fields(self) -> None:
+        if self.robust:
+            raise field_error(
+                field_of(self, "robust"),
+                f"does not apply to {self.method}: its networks trained on real data are the experts, trained before "
+                "any synthetic image exists, so there are no synthetic images to cluster the real ones around; use "
+                "--robust with dc, dsa or dm",
+            )
+
+    def resolved(self) -> "TrajectoryConfig":
+        """A checked copy with every None field that the preset knows filled in."""
+        from fastdd.distill.trajectory_presets import trajectory_preset
+
+        preset = trajectory_preset(self.dataset, self.ipc)
+        values = self.to_dict()
+        for key, value in preset.items():
+            if key in values and values[key] is None:
+                values[key] = value
+        return check_config(type(self)(**values))
+
+
+@dataclass
+class TeslaConfig(TrajectoryConfig):
+    method: ClassVar[str] = "tesla"
+
+
+@dataclass
+class TeslaCompatConfig(TrajectoryConfig):
+    method: ClassVar[str] = "tesla-compat"

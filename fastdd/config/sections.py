@@ -1,0 +1,68 @@
+"""Config sections shared by several commands: the data, the network, augmentation and the device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastdd.config.options import field_error, field_of, option
+
+DATA, MODEL, AUGMENTATION, PERFORMANCE = "Data", "Model", "Augmentation", "Performance"
+
+
+def _datasets() -> tuple[str, ...]:
+    from fastdd.data import DATASETS
+
+    return DATASETS
+
+
+def _models() -> tuple[str, ...]:
+    from fastdd.models import MODELS
+
+    return MODELS
+
+
+NORMS = ("instancenorm", "batchnorm", "none")
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, read from where, at what size, whitened or not."""
+
+    dataset: str = option("digits", "Dataset name (digits is embedded; the others are read from --data-root or "
+                          "their system copies).", panel=DATA, choices=_datasets)
+    data_root: str | None = option(None, "Folder holding the dataset files.", panel=DATA,
+                                   default_text="the dataset's usual places")
+    image_size: int | None = option(None, "Image side for imagefolder datasets.", panel=DATA, at_least=1,
+                                    default_text="64")
+    zca: bool = option(False, "ZCA-whiten the data (kornia, eps 0.1).", panel=DATA, flag="--zca/--no-zca")
+
+
+@dataclass
+class ModelConfig:
+    """The network architecture."""
+
+    model: str = option("convnet", "Network architecture.", panel=MODEL, choices=_models)
+    width: int = option(128, "ConvNet width.", panel=MODEL, at_least=1)
+    depth: int | None = option(None, "ConvNet depth.", panel=MODEL, at_least=1, default_text="by image size")
+    norm: str = option("instancenorm", "Normalisation layer.", panel=MODEL, choices=NORMS)
+
+
+@dataclass
+class AugmentationConfig:
+    """Differentiable siamese augmentation (DSA)."""
+
+    dsa: bool = option(True, "Differentiable siamese augmentation.", panel=AUGMENTATION, flag="--dsa/--no-dsa")
+    dsa_strategy: str | None = option(None, "DSA families joined by '_'.", panel=AUGMENTATION,
+                                      default_text="the dataset's")
+
+
+@dataclass
+class DeviceConfig:
+    """Where the tensors live."""
+
+    device: str = option("cpu", "Torch device: cpu, cuda or cuda:N.", panel=PERFORMANCE)
+
+    def check_fields(self) -> None:
+        kind = self.device.split(":")[0]
+        if kind not in ("cpu", "cuda", "mps", "xpu", "meta"):
+            raise field_error(field_of(self, "device"), f"must be cpu, cuda or cuda:N, got {self.device!r}")
