@@ -28,12 +28,12 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from fastdd.config.run import DEFAULT_IMAGES_EVERY
 from fastdd.errors import FastddError
 from fastdd.io import MetricsLog, image_grid_array
 
 # Fields of a metrics record that locate it (its step, or which expert it belongs to) rather than measure something.
 STEP_FIELDS = ("iteration", "epoch", "expert")
-DEFAULT_IMAGES_EVERY = 50
 TENSORBOARD_DIR = "tensorboard"
 
 _TENSORBOARD_MISSING = (

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from fastdd.config.options import ConfigError, check_config, field_error, field_of, from_options, option, redefault
+from fastdd.config.options import Section, ConfigError, check_config, field_error, field_of, from_options, option, redefault
 from fastdd.config.sections import AugmentationConfig, DataConfig, DeviceConfig, ModelConfig
 from fastdd.config.trust import MDTConfig, OutliersConfig, RobustConfig
 
@@ -19,7 +19,7 @@ INITS = ("real", "noise")
 
 
 @dataclass
-class SyntheticSetConfig:
+class SyntheticSetConfig(Section):
     """What is learned and how the images are optimised."""
 
     ipc: int = option(10, "Synthetic images per class.", panel=METHOD, at_least=1)

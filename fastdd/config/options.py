@@ -55,6 +55,14 @@ class OptionInfo:
 _INFO = "fastdd"
 
 
+class Section:
+    """Base of every config dataclass: a config is checked (:func:`check_config`) as it is made, so one that exists
+    is valid."""
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
+
 def option(
     default: Any = dataclasses.MISSING,
     help: str = "",

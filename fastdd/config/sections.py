@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastdd.config.options import field_error, field_of, option
+from fastdd.config.options import Section, field_error, field_of, option
 
 DATA, MODEL, AUGMENTATION, PERFORMANCE = "Data", "Model", "Augmentation", "Performance"
 
@@ -25,7 +25,7 @@ NORMS = ("instancenorm", "batchnorm", "none")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     """Which dataset, read from where, at what size, whitened or not."""
 
     dataset: str = option("digits", "Dataset name (digits is embedded; the others are read from --data-root or "
@@ -38,7 +38,7 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """The network architecture."""
 
     model: str = option("convnet", "Network architecture.", panel=MODEL, choices=_models)
@@ -48,7 +48,7 @@ class ModelConfig:
 
 
 @dataclass
-class AugmentationConfig:
+class AugmentationConfig(Section):
     """Differentiable siamese augmentation (DSA)."""
 
     dsa: bool = option(True, "Differentiable siamese augmentation.", panel=AUGMENTATION, flag="--dsa/--no-dsa")
@@ -57,12 +57,23 @@ class AugmentationConfig:
 
 
 @dataclass
-class DeviceConfig:
+class DeviceConfig(Section):
     """Where the tensors live."""
 
     device: str = option("cpu", "Torch device: cpu, cuda or cuda:N.", panel=PERFORMANCE)
 
     def check_fields(self) -> None:
-        kind = self.device.split(":")[0]
-        if kind not in ("cpu", "cuda", "mps", "xpu", "meta"):
-            raise field_error(field_of(self, "device"), f"must be cpu, cuda or cuda:N, got {self.device!r}")
+        import torch
+
+        f = field_of(self, "device")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise field_error(f, f"must be a torch device such as cpu, cuda or cuda:N, got {self.device!r}") from None
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                raise field_error(f, f"is {self.device!r} but torch sees no CUDA GPU on this machine; use --device cpu")
+            if device.index is not None and device.index >= count:
+                raise field_error(f, f"is {self.device!r} but this machine has {count} CUDA GPU(s) (cuda:0 to "
+                                     f"cuda:{count - 1})")

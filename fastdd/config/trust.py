@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastdd.config.options import field_error, field_of, option
+from fastdd.config.options import Section, field_error, field_of, option
 
 TRUST = "Trust"
 
@@ -19,7 +19,7 @@ DEFAULT_MASK_RATIO = 0.3
 
 
 @dataclass
-class OutliersConfig:
+class OutliersConfig(Section):
     """TrustDD: outlier exposure (real outliers) or pseudo-outlier exposure (corrupted training images)."""
 
     outliers: str = option(
@@ -45,7 +45,7 @@ class OutliersConfig:
 
 
 @dataclass
-class RobustConfig:
+class RobustConfig(Section):
     """Group-robust distillation: CVaR over clusters of real images around the synthetic ones."""
 
     robust: bool = option(
@@ -70,7 +70,7 @@ class RobustConfig:
 
 
 @dataclass
-class MDTConfig:
+class MDTConfig(Section):
     """Masked distillation training (paper 004)."""
 
     mdt: bool = option(

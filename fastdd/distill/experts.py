@@ -20,20 +20,19 @@ number of CPU threads give bit-identical files.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import re
 import struct
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 import fastdd
+from fastdd.config.experts import ExpertConfig
 from fastdd.data import ImageDataset
 from fastdd.data.registry import get_spec
 from fastdd.distill import distributed
@@ -43,7 +42,6 @@ from fastdd.models import build_model_for, flat_parameters, parameter_layout
 from fastdd.models.registry import default_convnet_depth
 from fastdd.observability import TENSORBOARD_DIR, Sinks, check_sinks_available, optional_sinks
 from fastdd.training import accuracy, train_epoch
-from fastdd.trust.outlier_loss import DEFAULT_OUTLIER_WEIGHT
 from fastdd.trust.outliers import outlier_source
 
 FORMAT = "fastdd-experts/1"
@@ -59,86 +57,6 @@ EXPECT_FIELDS = (
 )
 # Fields that folders written before they existed lack, with the value those folders implicitly have.
 _IMPLICIT_FIELDS = {"outliers": "none"}
-
-
-@dataclass
-class ExpertConfig:
-    """How experts are trained (the reference defaults of MTT's buffer script).
-
-    Attributes:
-        dataset, data_root, image_size, zca: the data, as for ``fastdd.data.load_dataset``.
-        model, width, depth, norm: the network, as for ``fastdd.models.build_model``.
-        num_experts: how many experts the folder should hold.
-        epochs: epochs per expert (the trajectory has ``epochs + 1`` snapshots).
-        lr_teacher, momentum, weight_decay, batch_size: the SGD settings.
-        dsa: augment every training minibatch with DSA (one transform per image).
-        dsa_strategy: DSA strategy; None uses the dataset's default.
-        seed: base seed; expert ``k`` uses ``expert_seed(seed, k)``.
-        keep_snapshots: keep only the first ``keep_snapshots`` snapshots (the ones distillation can use:
-            ``max_start_epoch + expert_epochs + 1``); training stops after ``keep_snapshots - 1`` epochs when that is
-            fewer than ``epochs``. None keeps all.
-        device: where the experts are trained (snapshots are stored from the CPU).
-        outliers, outlier_data, outlier_ratio, outlier_weight: TrustDD: with "oe" or "poe", every epoch also draws
-            ``round(outlier_ratio * N)`` fresh real outliers and trains with the integrated loss
-            ``CE + outlier_weight * H(U; f(out))`` (see ``fastdd.training.train_epoch``).
-    """
-
-    dataset: str = "digits"
-    data_root: str | None = None
-    image_size: int | None = None
-    zca: bool = False
-    model: str = "convnet"
-    width: int = 128
-    depth: int | None = None
-    norm: str = "instancenorm"
-    num_experts: int = 10
-    epochs: int = 50
-    lr_teacher: float = 0.01
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    batch_size: int = 256
-    dsa: bool = True
-    dsa_strategy: str | None = None
-    seed: int = 0
-    keep_snapshots: int | None = None
-    device: str = "cpu"
-    outliers: str = "none"
-    outlier_data: str | None = None
-    outlier_ratio: float = 1.0
-    outlier_weight: float = DEFAULT_OUTLIER_WEIGHT
-
-    def __post_init__(self) -> None:
-        checks = (
-            (self.num_experts >= 1, f"--num-experts must be at least 1, got {self.num_experts}"),
-            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
-            (self.lr_teacher > 0, f"--lr-teacher must be positive, got {self.lr_teacher}"),
-            (self.momentum >= 0 and self.weight_decay >= 0,
-             f"--momentum and --weight-decay must be 0 or more, got {self.momentum} and {self.weight_decay}"),
-            (self.outlier_ratio > 0 and self.outlier_weight >= 0,
-             f"--outlier-ratio must be positive and --outlier-weight 0 or more, got {self.outlier_ratio} and "
-             f"{self.outlier_weight}"),
-            (self.keep_snapshots is None or self.keep_snapshots >= 2,
-             f"--keep-snapshots must be at least 2 (a start and a target), got {self.keep_snapshots}"),
-        )
-        for ok, message in checks:
-            if not ok:
-                raise FastddError(message + ".")
-
-    @property
-    def epochs_trained(self) -> int:
-        """Epochs actually run per expert: ``epochs``, or fewer when ``keep_snapshots`` discards the rest."""
-        if self.keep_snapshots is None:
-            return self.epochs
-        return min(self.epochs, self.keep_snapshots - 1)
-
-    @property
-    def num_snapshots(self) -> int:
-        """Snapshots stored per expert: ``epochs_trained + 1``."""
-        return self.epochs_trained + 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def expert_seed(seed: int, index: int) -> int:
