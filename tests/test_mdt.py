@@ -227,4 +227,4 @@ def test_cli_refusals_are_one_sentence(tmp_path, args, fragment):
 
 def test_cli_help_states_the_default_ratio():
     result = runner.invoke(app, ["distill", "--help"], env={"COLUMNS": "400"})
-    assert f"default {DEFAULT_MASK_RATIO}" in " ".join(result.output.split())
+    assert f"(default: {DEFAULT_MASK_RATIO})" in " ".join(result.output.split())

@@ -28,7 +28,7 @@ def _show(value: Any) -> str:
 
 
 def default_text(f: dataclasses.Field, owners: dict[str, dataclasses.Field] | None = None) -> str:
-    """``[default: X]`` for ``--help``: the field's default, or per owner when owners disagree
+    """``(default: X)`` for ``--help``: the field's default, or per owner when owners disagree
     (``dc, dsa 0.1; dm 1.0; mtt, tesla the preset``)."""
 
     def one(g: dataclasses.Field) -> str | None:
@@ -42,23 +42,21 @@ def default_text(f: dataclasses.Field, owners: dict[str, dataclasses.Field] | No
             by_value.setdefault(one(g), []).append(owner)
         if len(by_value) > 1:
             parts = [f"{', '.join(names)} {value}" for value, names in by_value.items() if value is not None]
-            return f"[default: {'; '.join(parts)}]" if parts else ""
+            return f"(default: {'; '.join(parts)})" if parts else ""
     text = one(f)
-    return f"[default: {text}]" if text is not None else ""
+    return f"(default: {text})" if text is not None else ""
 
 
-def typer_parameter(f: dataclasses.Field, annotation: Any, owners: dict[str, dataclasses.Field] | None = None,
-                    only: Iterable[str] = ()) -> inspect.Parameter:
-    """The keyword parameter (a ``typer.Option`` defaulting to None) that sets field ``f``; ``only`` names the
-    configs that have the field when not all do (shown before the help)."""
+def typer_parameter(f: dataclasses.Field, annotation: Any, owners: dict[str, dataclasses.Field] | None = None
+                    ) -> inspect.Parameter:
+    """The keyword parameter (a ``typer.Option`` defaulting to None) that sets field ``f``; ``owners`` as in
+    :func:`default_text`."""
     info = info_of(f)
     expected, _ = base_type(annotation)
     dashed = f.name.replace("_", "-")
     flag = info.flag or (f"--{dashed}/--no-{dashed}" if expected is bool else f"--{dashed}")
     choices = choices_of(f)
-    only = list(only)
-    text = f"{'/'.join(only)}: {info.help}" if only and not info.help.startswith(only[0]) else info.help
-    help_text = " ".join(part for part in (text, default_text(f, owners)) if part)
+    help_text = " ".join(part for part in (info.help, default_text(f, owners)) if part)
     metavar = None
     if choices and not info.split:
         metavar = "[" + "|".join(choices) + "]"
@@ -69,10 +67,9 @@ def typer_parameter(f: dataclasses.Field, annotation: Any, owners: dict[str, dat
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Optional[kind])
 
 
-def union_fields(configs: dict[str, type], exclude: Iterable[str] = ()) -> list[tuple[dataclasses.Field, Any, dict, list]]:
-    """The option fields of several configs (e.g. one per method) once each: ``(field, annotation, owners, only)``:
-    ``owners`` maps each config's name to its version of the field when their defaults differ (else empty), ``only``
-    lists the configs that have the field when not all do (else empty)."""
+def union_fields(configs: dict[str, type], exclude: Iterable[str] = ()) -> list[tuple[dataclasses.Field, Any, dict]]:
+    """The option fields of several configs (e.g. one per method) once each: ``(field, annotation, owners)`` where
+    ``owners`` maps each config's name to its version of the field when their defaults differ (else empty)."""
     skip = set(exclude)
     seen: dict[str, tuple[dataclasses.Field, Any, dict]] = {}
     for owner, cls in configs.items():
@@ -82,9 +79,8 @@ def union_fields(configs: dict[str, type], exclude: Iterable[str] = ()) -> list[
                 seen.setdefault(f.name, (f, types_[f.name], {}))[2][owner] = f
     result = []
     for f, annotation, owners in seen.values():
-        only = [] if len(owners) == len(configs) else list(owners)
         same = len({repr(g.default) for g in owners.values()}) == 1
-        result.append((f, annotation, {} if same else owners, only))
+        result.append((f, annotation, {} if same else owners))
     return result
 
 
@@ -94,7 +90,7 @@ def with_config_options(*configs: type | dict[str, type], exclude: Iterable[str]
     ``configs``: dataclasses, or a ``{name: dataclass}`` mapping whose fields are merged (the help shows which
     names a field belongs to when not all have it, and their defaults when they differ).
     """
-    fields: list[tuple[dataclasses.Field, Any, dict, list]] = []
+    fields: list[tuple[dataclasses.Field, Any, dict]] = []
     for config in configs:
         fields += union_fields(config if isinstance(config, dict) else {"": config}, exclude)
 
@@ -102,8 +98,7 @@ def with_config_options(*configs: type | dict[str, type], exclude: Iterable[str]
         signature = inspect.signature(command)
         own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
         names = {p.name for p in own}
-        derived = [typer_parameter(f, annotation, owners, only) for f, annotation, owners, only in fields
-                   if f.name not in names]
+        derived = [typer_parameter(f, annotation, owners) for f, annotation, owners in fields if f.name not in names]
 
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> Any:
@@ -155,10 +150,12 @@ def given_options(config_file: Path | None, options: dict[str, Any]) -> dict[str
 
 
 def split_for(merged: dict[str, Any], *configs: type) -> list[dict[str, Any]]:
-    """``merged`` dealt out to ``configs`` by field name (a name several configs have goes to each); the names no
-    config has are left in ``merged``."""
+    """``merged`` dealt out to ``configs`` by field name (a name several configs have goes to each); a name that no
+    config has goes to the first, whose check then names it as an option that does not apply."""
     parts = []
     for cls in configs:
         names = {f.name for f in dataclasses.fields(cls)}
         parts.append({k: v for k, v in merged.items() if k in names})
+    claimed = set().union(*parts)
+    parts[0].update({k: v for k, v in merged.items() if k not in claimed})
     return parts

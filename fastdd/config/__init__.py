@@ -8,11 +8,13 @@ from fastdd.config.distill import (
     DistillConfig,
     DMConfig,
     DSAConfig,
+    METHOD_CONFIGS,
     GradientMatchingConfig,
     SyntheticSetConfig,
     TeslaCompatConfig,
     TeslaConfig,
     TrajectoryConfig,
+    method_config,
 )
 from fastdd.config.options import ConfigError, OptionInfo, check_config, from_options, option, pick, redefault
 from fastdd.config.sections import AugmentationConfig, DataConfig, DeviceConfig, ModelConfig
@@ -27,6 +29,7 @@ __all__ = [
     "DeviceConfig",
     "DistillConfig",
     "GradientMatchingConfig",
+    "METHOD_CONFIGS",
     "MDTConfig",
     "ModelConfig",
     "OptionInfo",
@@ -37,6 +40,7 @@ __all__ = [
     "TeslaConfig",
     "TrajectoryConfig",
     "check_config",
+    "method_config",
     "from_options",
     "option",
     "pick",

@@ -103,8 +103,8 @@ class GradientMatchingConfig(DistillConfig):
         choices=("synthetic", "real", "random"), default_text="dc/dsa synthetic, dm random; real with --robust",
     )
     net_steps: int | None = option(
-        None, "Network steps on real data: dc/dsa per image update (default: the image budget of --inner-loop "
-        "epochs on the synthetic set), dm per iteration.", panel=METHOD, at_least=1, default_text="dc/dsa by budget",
+        None, "Network steps on real data: dc/dsa per image update (by budget: the images of --inner-loop epochs on "
+        "the synthetic set), dm per iteration.", panel=METHOD, at_least=1, default_text="by budget",
     )
 
     def check_fields(self) -> None:
@@ -213,3 +213,23 @@ class TeslaConfig(TrajectoryConfig):
 @dataclass
 class TeslaCompatConfig(TrajectoryConfig):
     method: ClassVar[str] = "tesla-compat"
+
+
+METHOD_CONFIGS: dict[str, type[DistillConfig]] = {
+    cls.method: cls
+    for cls in (GradientMatchingConfig, DSAConfig, DMConfig, TrajectoryConfig, TeslaConfig, TeslaCompatConfig)
+}
+
+
+def method_config(method: str) -> type[DistillConfig]:
+    """The config class of ``method`` (any case, ``_`` for ``-``).
+
+    Raises:
+        ConfigError: an unknown method, with the known ones.
+    """
+    from fastdd.config.options import normalize_choice
+
+    try:
+        return METHOD_CONFIGS[normalize_choice(method)]
+    except KeyError:
+        raise ConfigError(f"--method must be one of {', '.join(METHOD_CONFIGS)}, got {method!r}.") from None

@@ -221,7 +221,7 @@ def from_options(cls: type, options: dict[str, Any], *, context: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(k for k, v in options.items() if k not in known and v is not None)
     if unknown:
-        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        flags = ", ".join(f"--{k.replace('_', '-')} (config field {k})" for k in unknown)
         raise ConfigError(f"option(s) {flags} do not apply to {context}; it accepts: "
                           f"{', '.join(sorted('--' + k.replace('_', '-') for k in known))}.")
     return check_config(cls(**{k: v for k, v in options.items() if v is not None}))

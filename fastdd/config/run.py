@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastdd.config.options import Section, ConfigError, option
+from fastdd.config.options import Section, option
 
 OUTPUT, LOGGING, PERFORMANCE = "Output", "Logging", "Performance"
 DEFAULT_IMAGES_EVERY = 50
@@ -63,6 +63,9 @@ class DistillRunConfig(ProcessesConfig, LoggingConfig, ProgressConfig):
         "every K iterations and at the end.", panel=LOGGING, at_least=1,
     )
 
-    def check_fields(self) -> None:
-        if self.resume and self.overwrite:
-            raise ConfigError("--resume continues the run in --out and --overwrite replaces it; give one of them.")
+
+@dataclass
+class ExpertsRunConfig(ProcessesConfig, LoggingConfig, ProgressConfig):
+    """Where ``fastdd experts`` writes, beside the training settings."""
+
+    out: str | None = option(None, "Output folder.", panel=OUTPUT, default_text="runs/experts-DATASET-MODEL-HASH")

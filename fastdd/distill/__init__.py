@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastdd.config import DistillConfig, DMConfig, DSAConfig, GradientMatchingConfig, TrajectoryConfig
+from fastdd.config.options import normalize_choice
 from fastdd.distill.base import Distiller
 from fastdd.distill.dc import DC, loops_for_ipc
 from fastdd.distill.dm import DM
@@ -19,7 +20,7 @@ DISTILLERS: dict[str, type[Distiller]] = {cls.name: cls for cls in (DC, DSA, DM,
 def get_distiller(method: str) -> type[Distiller]:
     """The Distiller class registered as ``method``; an unknown name raises FastddError listing the known ones."""
     try:
-        return DISTILLERS[method]
+        return DISTILLERS[normalize_choice(method)]
     except KeyError:
         raise FastddError(
             f"unknown method {method!r}; choose one of {', '.join(sorted(DISTILLERS))}."

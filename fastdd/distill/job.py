@@ -1,0 +1,44 @@
+"""A whole distillation from its configs: load the data, build the method's distiller, run it into its folder.
+
+This is what ``fastdd distill`` calls, in one process or in each process of ``--nproc N`` / torchrun.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastdd.config import DistillConfig
+from fastdd.config.run import DistillRunConfig
+from fastdd.distill import distributed
+from fastdd.distill.runner import check_output_folder, run_distillation
+from fastdd.io import SyntheticSet
+
+
+def output_folder(config: DistillConfig, run: DistillRunConfig) -> Path:
+    """``run.out``, or ``runs/METHOD-DATASET-ipcIPC``."""
+    return Path(run.out) if run.out is not None else Path("runs") / f"{config.method}-{config.dataset}-ipc{config.ipc}"
+
+
+def check_before_start(config: DistillConfig, run: DistillRunConfig) -> None:
+    """The checks that need no data: the output folder can take this run (one process probes it; the probe may
+    create and remove the folder)."""
+    if distributed.launched_rank() == 0:
+        check_output_folder(output_folder(config, run), resume=run.resume, overwrite=run.overwrite)
+
+
+def distill(config: DistillConfig, run: DistillRunConfig) -> SyntheticSet:
+    """Distill with ``config`` (a method config, e.g. :class:`~fastdd.config.DSAConfig`) into ``run.out``; in a
+    process group (torchrun's environment) every rank calls this and rank 0 writes. Returns the final set."""
+    from fastdd.data import load_dataset
+    from fastdd.distill import get_distiller
+
+    distiller_class = get_distiller(config.method)
+    config = config.resolved()
+    with distributed.session(config.device):
+        data = load_dataset(config.dataset, data_root=config.data_root, image_size=config.image_size,
+                            zca=bool(config.zca))
+        return run_distillation(
+            distiller_class(config, data), output_folder(config, run), checkpoint_every=run.checkpoint_every,
+            resume=run.resume, overwrite=run.overwrite, progress=not run.quiet,
+            tensorboard=run.tensorboard_target(), wandb=run.wandb, log_images_every=run.log_images_every,
+        )
