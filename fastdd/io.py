@@ -296,11 +296,17 @@ class SyntheticSet:
                 f"{folder} is not a synthetic set: expected {SYNSET_TENSORS} and {SYNSET_META} in it "
                 "(written by `fastdd distill --out`)."
             )
+        # Corrupt or foreign files: one sentence that names the file.
         try:
             tensors = load_file(str(tensors_path))
+        except Exception as exc:
+            raise FastddError(f"could not read the synthetic set in {folder}: {tensors_path} is damaged or not a "
+                              f"safetensors file ({exc}).") from exc
+        try:
             meta = json.loads(meta_path.read_text())
-        except Exception as exc:  # corrupt or foreign files: one sentence for the user
-            raise FastddError(f"could not read the synthetic set in {folder}: {exc}.") from exc
+        except Exception as exc:
+            raise FastddError(f"could not read the synthetic set in {folder}: {meta_path} is damaged or not JSON "
+                              f"({exc}).") from exc
         if not isinstance(meta, dict):
             raise FastddError(f"{meta_path} is not a synthetic-set description (a JSON object was expected).")
         if "format" in meta:  # sets written before formats were recorded have none

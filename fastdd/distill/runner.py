@@ -14,6 +14,8 @@ import math
 import time
 from pathlib import Path
 
+import torch
+
 from fastdd.distill import distributed
 from fastdd.distill.base import Distiller
 from fastdd.errors import FastddError
@@ -130,10 +132,11 @@ def run_distillation(
     if resume:
         state = load_checkpoint(out)
         saved = json.loads(state["config"])
-        if _differs_beyond_iterations(saved, config.to_dict()):
+        differences = settings_differences(saved, config.to_dict())
+        if differences:
             raise FastddError(
-                f"the checkpoint in {out} was made with other settings; rerun with the same options "
-                "(only --iterations may change) or choose another --out."
+                f"the checkpoint in {out} was made with other settings ({'; '.join(differences)}); rerun with the "
+                "same options (only --iterations may change) or choose another --out."
             )
         distiller.load_state_dict(state["distiller"])
         start = int(state["iteration"])
@@ -155,6 +158,11 @@ def run_distillation(
             distributed.check_same(distributed.tensor_digest(distiller.synthetic_tensors()), "synthetic images")
         if not main:
             return None
+        if not all(bool(torch.isfinite(t).all()) for t in distiller.synthetic_tensors()):
+            raise FastddError(
+                f"the synthetic images became non-finite by iteration {iteration}; nothing of it was written and the "
+                f"last checkpoint in {out} was kept (try a smaller --lr-img)."
+            )
         sinks.flush()  # what the checkpoint covers is on disk before it
         try:
             save_checkpoint(
@@ -235,10 +243,18 @@ def _tensor_bytes(obj) -> int:
     return 0
 
 
-def _differs_beyond_iterations(saved: dict, current: dict) -> bool:
-    a = {k: v for k, v in saved.items() if k != "iterations"}
-    b = {k: v for k, v in json.loads(json.dumps(current)).items() if k != "iterations"}
-    return a != b
+def settings_differences(saved: dict, current: dict) -> list[str]:
+    """What differs between a checkpoint's settings and this run's, beside ``iterations``, one phrase per setting:
+    ``--lr-img was 0.1, now 0.2`` (a setting only one side has is shown as absent there)."""
+    current = json.loads(json.dumps(current))  # the JSON form the checkpoint stores
+    absent = object()
+    phrases = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key, absent), current.get(key, absent)
+        if key != "iterations" and old != new:
+            show = lambda v: "absent" if v is absent else json.dumps(v)  # noqa: E731
+            phrases.append(f"--{key.replace('_', '-')} was {show(old)}, now {show(new)}")
+    return phrases
 
 
 class _ProgressBar:

@@ -1,0 +1,170 @@
+"""The config layer: fields checked from their declarations, the command line derived from them, bad input refused
+with one sentence that names the option, and nothing written or overwritten by a refused run."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fastdd.cli import app
+from fastdd.config import METHOD_CONFIGS, ConfigError, DMConfig, DSAConfig, TrajectoryConfig, method_config
+from fastdd.config.experts import ExpertConfig
+from fastdd.config.options import info_of, option_fields
+from fastdd.data import load_dataset
+from fastdd.distill import get_distiller, run_distillation
+from fastdd.distill.runner import settings_differences
+from fastdd.errors import FastddError
+from fastdd.io import SYNSET_META, SYNSET_TENSORS
+
+runner = CliRunner()
+TINY = ["--width", "8", "--batch-real", "16", "--iterations", "2", "--quiet"]
+
+
+def invoke(*args, env=None):
+    return runner.invoke(app, [str(a) for a in args], env=env)
+
+
+def one_sentence(result, *fragments):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("options,fragments", [
+    (dict(lr_img=math.nan), ("--lr-img", "finite", "lr_img")),
+    (dict(lr_img=math.inf), ("--lr-img", "finite")),
+    (dict(ipc=0), ("--ipc must be at least 1", "ipc")),
+    (dict(ipc=2.5), ("--ipc must be a whole number",)),
+    (dict(momentum_img=1.0), ("--momentum-img must be less than 1",)),
+    (dict(dis_metric="l1"), ("--dis-metric must be one of ours, mse, cos",)),
+    (dict(cvar_alpha=0.0), ("--cvar-alpha must be greater than 0",)),
+    (dict(mask_ratio=1.0, mdt=True), ("--mask-ratio must be less than 1",)),
+    (dict(zca="yes"), ("--zca must be true or false",)),
+    (dict(device="cuda:x"), ("--device",)),
+])
+def test_a_bad_value_is_a_value_error_naming_the_field(options, fragments):
+    with pytest.raises(ValueError) as info:
+        DSAConfig.from_options(options, method="dsa")
+    assert isinstance(info.value, ConfigError)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_every_config_checks_itself_when_made():
+    with pytest.raises(ConfigError, match="--width must be at least 1"):
+        DMConfig(width=0)
+    with pytest.raises(ConfigError, match="--keep-snapshots must be at least 2"):
+        ExpertConfig(keep_snapshots=1)
+
+
+def test_choices_accept_any_case_and_underscores():
+    assert DSAConfig(dataset="Fashion_MNIST", norm="BatchNorm").dataset == "fashion-mnist"
+    assert method_config("DSA") is DSAConfig and method_config("tesla_compat").method == "tesla-compat"
+    assert get_distiller("TESLA").name == "tesla"
+    with pytest.raises(ConfigError, match="--method must be one of dc, dsa, dm, mtt, tesla, tesla-compat"):
+        method_config("idc")
+
+
+def test_cuda_without_a_gpu_is_refused_when_the_config_is_made():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        DSAConfig(device="cuda")
+
+
+def test_every_method_option_is_a_flag_of_distill_with_its_panel_and_default():
+    result = invoke("distill", "--help", env={"COLUMNS": "2000"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    for config in METHOD_CONFIGS.values():
+        for f in option_fields(config):
+            flag = (info_of(f).flag or "--" + f.name.replace("_", "-")).split("/")[0]
+            assert flag in text, flag
+            assert info_of(f).help and info_of(f).panel in text
+    assert "(default: dc, dsa 0.1; dm 1.0; mtt, tesla, tesla-compat the preset)" in text
+    assert "[dc|dsa|dm|mtt|tesla|tesla-compat]" in text and "[none|oe|poe]" in text
+
+
+def test_distill_defaults_are_the_config_defaults():
+    """A run given no options records exactly the fields' defaults (the help has no copies to drift)."""
+    fields = {f.name: f.default for f in dataclasses.fields(DSAConfig)}
+    assert DSAConfig.from_options({}, method="dsa").to_dict() == {
+        k: v for k, v in fields.items() if k not in ("mdt", "mask_ratio")
+    }
+    assert TrajectoryConfig.from_options({}, method="mtt").resolved().iterations == 200  # digits preset
+
+
+def test_nan_learning_rate_on_the_command_line_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    line = one_sentence(invoke("distill", "--method", "dm", "--ipc", "1", "--lr-img", "nan", "--out", out, *TINY),
+                        "--lr-img", "finite")
+    assert "nan" in line and not out.exists()
+
+
+def test_cuda_on_the_command_line_is_one_sentence(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    one_sentence(invoke("distill", "--method", "dm", "--device", "cuda", "--out", tmp_path / "o", *TINY),
+                 "--device", "no CUDA GPU")
+    one_sentence(invoke("experts", "--device", "cuda:1", "--out", tmp_path / "e", "--quiet"), "--device")
+
+
+def test_unknown_key_in_a_config_file_is_named(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("method: dm\nipc: 1\nlr_imgs: 0.5\n")
+    one_sentence(invoke("distill", "--config", preset, "--out", tmp_path / "o", *TINY), "--lr-imgs", "lr_imgs")
+
+
+def test_experts_take_a_config_file_too(tmp_path):
+    preset = tmp_path / "experts.yaml"
+    preset.write_text("num-experts: 0\n")
+    one_sentence(invoke("experts", "--config", preset, "--out", tmp_path / "e", "--quiet"), "--num-experts")
+
+
+def test_resume_with_other_settings_names_each_difference(tmp_path):
+    out = tmp_path / "run"
+    assert invoke("distill", "--method", "dm", "--ipc", "1", "--out", out, *TINY).exit_code == 0
+    before = (out / SYNSET_TENSORS).read_bytes()
+    line = one_sentence(invoke("distill", "--method", "dm", "--ipc", "1", "--lr-img", "0.5", "--seed", "3",
+                               "--iterations", "3", "--out", out, "--resume", *TINY[:-3], "--quiet"),
+                        "--lr-img was 1.0, now 0.5", "--seed was 0, now 3")
+    assert "--iterations was" not in line and (out / SYNSET_TENSORS).read_bytes() == before
+
+
+def test_settings_differences_show_a_setting_only_one_side_has():
+    assert settings_differences({"a": 1, "iterations": 2}, {"a": 1, "iterations": 5}) == []
+    assert settings_differences({"mdt": True}, {}) == ["--mdt was true, now absent"]
+
+
+@pytest.mark.parametrize("damaged", [SYNSET_META, SYNSET_TENSORS])
+def test_a_damaged_set_file_is_named(tmp_path, damaged):
+    out = tmp_path / "run"
+    assert invoke("distill", "--method", "dm", "--ipc", "1", "--out", out, *TINY).exit_code == 0
+    (out / damaged).write_bytes(b"\x00garbage")
+    one_sentence(invoke("show", out), str(out / damaged), "damaged")
+
+
+def test_non_finite_images_are_never_written(tmp_path):
+    digits = load_dataset("digits")
+    cls = get_distiller("dm")
+    distiller = cls(cls.config_class.from_options(dict(ipc=1, iterations=2, width=8, batch_real=16), method="dm"),
+                    digits)
+    step = distiller.step
+
+    def poisoned(iteration):
+        metrics = step(iteration)
+        with torch.no_grad():
+            distiller.images[0, 0, 0, 0] = float("nan")
+        return metrics
+
+    distiller.step = poisoned
+    with pytest.raises(FastddError, match="non-finite .* nothing of it was written"):
+        run_distillation(distiller, tmp_path / "run", checkpoint_every=1, progress=False)
+    assert not (tmp_path / "run" / SYNSET_TENSORS).exists()
+    assert not (tmp_path / "run" / SYNSET_META).exists()
