@@ -229,6 +229,13 @@ def test_expect_mismatch_names_the_field(digits, reference, field, value):
     assert "\n" not in message
 
 
+def test_retrain_command_leaves_out_the_expert_config_defaults():
+    # fastdd.expert_files may not import fastdd.distill, so it keeps its own copy of the defaults it leaves out.
+    from fastdd.expert_files import _RETRAIN_DEFAULTS
+
+    assert _RETRAIN_DEFAULTS == {"width": ExpertConfig.width, "norm": ExpertConfig.norm}
+
+
 def test_missing_empty_and_short_folders(reference, tmp_path):
     folder, _ = reference
     with pytest.raises(FastddError, match="no expert trajectories"):
