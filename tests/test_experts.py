@@ -15,13 +15,11 @@ from fastdd.distill.experts import (
     default_expert_folder,
     ensure_experts,
     expected_metadata,
-    expert_file_name,
     expert_seed,
-    load_experts,
     train_experts,
-    write_snapshots,
 )
 from fastdd.errors import FastddError
+from fastdd.expert_files import FORMAT, expert_file_name, load_experts, write_snapshots
 from fastdd.models import build_model, flat_parameters
 from fastdd.training import train_epoch
 
@@ -186,7 +184,7 @@ def test_a_pair_reads_only_its_rows(tmp_path):
     data = torch.arange(rows, dtype=torch.float32).repeat_interleave(params).view(rows, params)
     write_snapshots(tmp_path / expert_file_name(0), data, {"settings_digest": "d"})
     del data
-    meta = {"format": experts_module.FORMAT, "settings_digest": "d", "num_params": params}
+    meta = {"format": FORMAT, "settings_digest": "d", "num_params": params}
     (tmp_path / "experts.json").write_text(json.dumps(meta))
     experts = load_experts(tmp_path)
     before = _rss_file_kb()

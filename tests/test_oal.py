@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from fastdd.data import load_dataset
-from fastdd.distill.experts import ExpertConfig, load_experts, train_experts
+from fastdd.distill.experts import ExpertConfig, train_experts
 from fastdd.errors import FastddError
+from fastdd.expert_files import load_experts
 from fastdd.models import build_model
 from fastdd.trust.boundary_outliers import (
     boundary_anchor_indices,

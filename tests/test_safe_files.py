@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from fastdd.cli import app
-from fastdd.distill.experts import EXPERTS_META, FORMAT as EXPERTS_FORMAT, load_experts, write_snapshots
+from fastdd.expert_files import EXPERTS_META, FORMAT as EXPERTS_FORMAT, load_experts, write_snapshots
 from fastdd.errors import FastddError, UnsafeFileError
 from fastdd.io import SyntheticSet, load_checkpoint
 from fastdd.trust.teacher import load_teacher

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from fastdd.data import load_dataset
 from fastdd.distill import get_distiller, match_gradients, run_distillation
-from fastdd.distill.experts import ExpertConfig, expected_metadata, load_experts, settings_digest, train_experts
+from fastdd.distill.experts import ExpertConfig, expected_metadata, settings_digest, train_experts
 from fastdd.errors import FastddError
+from fastdd.expert_files import load_experts
 from fastdd.io import SyntheticSet
 from fastdd.models import build_model, flat_parameters, functional_forward
 from fastdd.trust.outlier_loss import uniform_cross_entropy

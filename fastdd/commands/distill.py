@@ -32,7 +32,8 @@ def distill(
     method_options, run_options = split_for(merged, config_class, DistillRunConfig)
     settings = config_class.from_options(method_options, method=config_class.method)
     run = from_options(DistillRunConfig, run_options, context="fastdd distill")
-    from fastdd.distill.job import check_before_start, distill as distill_job, output_folder
+    from fastdd.distill.job import check_before_start, output_folder
+    from fastdd.distill.job import distill as distill_job
 
     check_before_start(settings, run)  # before the (possibly slow) data loading
     if run_job(distill_job, (settings, run), nproc=run.nproc):

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import typer
 
 from fastdd.commands.errors import user_errors
-from fastdd.errors import FastddError
-
 from fastdd.commands.models_option import split_models
 
 

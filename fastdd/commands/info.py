@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable, Optional
+import platform
 
 import typer
-
-from fastdd.commands.errors import user_errors
-from fastdd.errors import FastddError
-import platform
 
 
 def info() -> None:

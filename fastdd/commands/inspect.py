@@ -8,9 +8,8 @@ from typing import Any, Callable, Optional
 import typer
 
 from fastdd.commands.errors import user_errors
-from fastdd.errors import FastddError
-
 from fastdd.commands.models_option import split_models
+from fastdd.errors import FastddError
 
 
 @user_errors

@@ -5,10 +5,10 @@ config from those declarations, and the command line is derived from the same fi
 """
 
 from fastdd.config.distill import (
+    METHOD_CONFIGS,
     DistillConfig,
     DMConfig,
     DSAConfig,
-    METHOD_CONFIGS,
     GradientMatchingConfig,
     SyntheticSetConfig,
     TeslaCompatConfig,

@@ -10,7 +10,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from fastdd.config.options import Section, ConfigError, check_config, field_error, field_of, from_options, option, redefault
+from fastdd.config.options import (
+    ConfigError,
+    Section,
+    check_config,
+    field_error,
+    field_of,
+    from_options,
+    option,
+    redefault,
+)
 from fastdd.config.sections import AugmentationConfig, DataConfig, DeviceConfig, ModelConfig
 from fastdd.config.trust import MDTConfig, OutliersConfig, RobustConfig
 
@@ -73,9 +82,8 @@ class DistillConfig(
 
     def check_fields(self) -> None:
         if self.clusters is not None and self.clusters > self.ipc:
-            raise field_error(field_of(self, "clusters"),
-                              f"must be between 1 and --ipc {self.ipc} (the centres are synthetic images of the class), "
-                              f"got {self.clusters}")
+            raise field_error(field_of(self, "clusters"), f"must be between 1 and --ipc {self.ipc} (the centres are "
+                              f"synthetic images of the class), got {self.clusters}")
 
 
 DC_NET_DATA = ("synthetic", "real")

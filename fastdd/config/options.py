@@ -164,7 +164,8 @@ def _check_value(f: dataclasses.Field, expected: type, value: Any) -> Any:
             raise field_error(f, f"must be text, got {value!r}")
         choices = choices_of(f)
         if choices is not None:
-            names = [normalize_choice(v) for v in value.split(",") if v.strip()] if info.split else [normalize_choice(value)]
+            parts = [v for v in value.split(",") if v.strip()] if info.split else [value]
+            names = [normalize_choice(v) for v in parts]
             for name in names:
                 if name not in choices:
                     raise field_error(f, f"must be one of {', '.join(choices)}, got {value!r}")

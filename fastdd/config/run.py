@@ -36,8 +36,8 @@ class LoggingConfig(Section):
     tensorboard_dir: str | None = option(None, "Folder of the TensorBoard event files; implies --tensorboard.",
                                          panel=LOGGING, default_text="OUT/tensorboard")
     wandb: bool = option(
-        False, "Also log the same scalars and image grids to Weights & Biases (needs the wandb package; WANDB_MODE sets "
-        "the mode, default offline: files in OUT/wandb, upload later with `wandb sync`).", panel=LOGGING,
+        False, "Also log the same scalars and image grids to Weights & Biases (needs the wandb package; WANDB_MODE "
+        "sets the mode, default offline: files in OUT/wandb, upload later with `wandb sync`).", panel=LOGGING,
         flag="--wandb/--no-wandb",
     )
 

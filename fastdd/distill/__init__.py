@@ -10,8 +10,8 @@ from fastdd.distill.dm import DM
 from fastdd.distill.dsa import DSA
 from fastdd.distill.gradient_distance import gradient_distance
 from fastdd.distill.mtt import MTT, TESLA, TESLACompat
-from fastdd.distill.trajectory import match_gradients
 from fastdd.distill.runner import run_distillation
+from fastdd.distill.trajectory import match_gradients
 from fastdd.errors import FastddError
 
 DISTILLERS: dict[str, type[Distiller]] = {cls.name: cls for cls in (DC, DSA, DM, MTT, TESLA, TESLACompat)}

@@ -20,21 +20,16 @@ from typing import Any, ClassVar
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fastdd.distill import distributed
 from fastdd.config import TeslaCompatConfig, TeslaConfig, TrajectoryConfig, check_config
+from fastdd.config.experts import ExpertConfig
+from fastdd.distill import distributed
 from fastdd.distill.base import Distiller
-from fastdd.distill.experts import (
-    ExpertConfig,
-    default_expert_folder,
-    ensure_experts,
-    expected_metadata,
-    load_experts,
-)
+from fastdd.distill.experts import default_expert_folder, ensure_experts, expected_metadata
 from fastdd.distill.trajectory import match_gradients, plan_student
-from fastdd.distill.trajectory_presets import trajectory_preset
 from fastdd.errors import FastddError
+from fastdd.expert_files import load_experts
 from fastdd.io import SyntheticSet
-from fastdd.models import flat_parameters, functional_forward
+from fastdd.models import functional_forward
 from fastdd.trust.masking import DEFAULT_MASK_PATCH
 
 

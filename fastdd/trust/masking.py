@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fastdd.config.trust import DEFAULT_MASK_RATIO
+from fastdd.config.trust import DEFAULT_MASK_RATIO  # noqa: F401  (MTS and MDT read it here)
 
 DEFAULT_MASK_PATCH: int = 1
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastdd.config.trust import CLUSTER_SPACES, DEFAULT_CVAR_ALPHA
+from fastdd.config.trust import DEFAULT_CVAR_ALPHA
 from fastdd.ops import group_cvar_loss, nearest_synthetic
 
 MAX_DEFAULT_CLUSTERS = 10

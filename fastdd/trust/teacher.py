@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fastdd.errors import FastddError
+from fastdd.expert_files import EXPERTS_META, FORMAT, SNAPSHOTS, load_experts, same_setting_value
 
 EXPERT_SPEC = "expert"
 
@@ -81,8 +82,6 @@ def load_teacher(
 
 
 def _load(path: Path, synset_meta: Mapping[str, Any], shape: Any) -> nn.Module:
-    from fastdd.distill.experts import EXPERTS_META
-
     if path.is_dir():
         if not (path / EXPERTS_META).is_file():
             raise FastddError(f"{path} is a folder without {EXPERTS_META}; pass --teacher an experts folder from "
@@ -90,7 +89,6 @@ def _load(path: Path, synset_meta: Mapping[str, Any], shape: Any) -> nn.Module:
         return _from_expert_folder(path, synset_meta, shape)
     if path.suffix == ".safetensors":
         tensors, metadata = _read_safetensors(path, synset_meta)
-        from fastdd.distill.experts import FORMAT, SNAPSHOTS
         from fastdd.io import check_format
 
         found = metadata.get("format")
@@ -119,8 +117,6 @@ def _load(path: Path, synset_meta: Mapping[str, Any], shape: Any) -> nn.Module:
 
 
 def _from_expert_folder(folder: Path, synset_meta: Mapping[str, Any], shape: Any) -> nn.Module:
-    from fastdd.distill.experts import load_experts
-
     experts = load_experts(folder, max_experts=1)
     try:
         _check_same_data(folder, experts.meta, synset_meta)
@@ -132,8 +128,6 @@ def _from_expert_folder(folder: Path, synset_meta: Mapping[str, Any], shape: Any
 
 
 def _from_expert_file(path: Path, snapshots: torch.Tensor, synset_meta: Mapping[str, Any], shape: Any) -> nn.Module:
-    from fastdd.distill.experts import EXPERTS_META
-
     meta_path = path.parent / EXPERTS_META
     if meta_path.is_file():
         try:
@@ -221,8 +215,6 @@ def _build_from_synset(synset_meta: Mapping[str, Any], shape: Any) -> nn.Module:
 
 def _check_same_data(where: Path, expert_meta: Mapping[str, Any], synset_meta: Mapping[str, Any]) -> None:
     """The expert must have seen the synthetic set's data: same dataset, classes, image shape, normalisation."""
-    from fastdd.distill.experts import same_setting_value
-
     for field in ("dataset", "num_classes", "image_shape", "mean", "std", "zca"):
         if field not in expert_meta or field not in synset_meta:
             continue
