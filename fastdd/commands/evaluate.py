@@ -9,6 +9,7 @@ import typer
 
 from fastdd.commands.errors import user_errors
 from fastdd.commands.models_option import split_models
+from fastdd.progress import SHARED_CORES_HINT, Progress
 
 
 @user_errors
@@ -100,23 +101,12 @@ def evaluate(
         train_loss=train_loss.strip().lower(), train_plugin=train_plugin.strip().lower() if train_plugin else None,
         teacher=teacher,
     )
-    if quiet:
-        result = evaluate_synthetic_set(synset, data, models=names, config=config, **ood_options)
-    else:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    with Progress("evaluate", total, unit="epoch", enabled=not quiet, hint=SHARED_CORES_HINT) as progress:
 
-        with Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
-            TimeRemainingColumn(),
-        ) as progress:
-            task = progress.add_task("evaluate", total=total)
+        def on_epoch(model: str, run: int, epoch: int) -> None:
+            progress.advance(description=f"evaluate {model} run {run + 1}/{runs}")
 
-            def on_epoch(model: str, run: int, epoch: int) -> None:
-                progress.update(task, advance=1, description=f"evaluate {model} run {run + 1}/{runs}")
-
-            result = evaluate_synthetic_set(
-                synset, data, models=names, config=config, on_epoch=on_epoch, **ood_options
-            )
+        result = evaluate_synthetic_set(synset, data, models=names, config=config, on_epoch=on_epoch, **ood_options)
     trained_on = []
     if result["holdout"] is not None:
         trained_on.append(f"classes < {result['holdout']}")

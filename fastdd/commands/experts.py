@@ -8,7 +8,12 @@ from typing import Any, Optional
 import typer
 
 from fastdd.commands.errors import user_errors
-from fastdd.commands.options import config_file_option, given_options, split_for, with_config_options
+from fastdd.commands.options import (
+    config_file_option,
+    given_options,
+    split_for,
+    with_config_options,
+)
 from fastdd.commands.processes import run_job
 from fastdd.config.experts import ExpertConfig
 from fastdd.config.options import from_options

@@ -10,6 +10,7 @@ import typer
 from fastdd.commands.errors import user_errors
 from fastdd.commands.models_option import split_models
 from fastdd.errors import FastddError
+from fastdd.progress import SHARED_CORES_HINT, Progress
 
 
 @user_errors
@@ -78,19 +79,9 @@ def inspect_command(
                 )
 
     if not no_train:
-        if quiet:
-            train_all(lambda name, run: None)
-        else:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            with Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
-                TimeRemainingColumn(),
-            ) as progress:
-                task = progress.add_task("inspect", total=len(synsets) * runs * config.epochs_or_default())
-                train_all(lambda name, run: progress.update(
-                    task, advance=1, description=f"inspect {name} run {run + 1}/{runs}"
-                ))
+        total = len(synsets) * runs * config.epochs_or_default()
+        with Progress("inspect", total, unit="epoch", enabled=not quiet, hint=SHARED_CORES_HINT) as progress:
+            train_all(lambda name, run: progress.advance(description=f"inspect {name} run {run + 1}/{runs}"))
 
     curves: dict[str, torch.Tensor] = {}
     report: dict[str, Any] = {"sets": []}

@@ -15,7 +15,13 @@ from typing import Any, Callable, Iterable, Optional
 
 import typer
 
-from fastdd.config.options import base_type, choices_of, field_types, info_of, option_fields
+from fastdd.config.options import (
+    base_type,
+    choices_of,
+    field_types,
+    info_of,
+    option_fields,
+)
 from fastdd.errors import FastddError
 
 CONFIG_PANEL = "Output"

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from fastdd.commands.errors import user_errors
+from fastdd.progress import SHARED_CORES_HINT, Progress
 
 
 @user_errors
@@ -52,7 +53,12 @@ def report(
     OOD detection (AUROC / FPR95 per OOD set and mean), robustness (cluster_min, noise, blur, invert), calibration
     (ECE raw / TS / MTS), size and distillation time, mean ± std over runs."""
     from fastdd.evaluate import EvalConfig
-    from fastdd.evaluate.report import DEFAULT_REPORT_OOD, DEFAULT_REPORT_SCORES, REPORT_MD, prepare_report
+    from fastdd.evaluate.report import (
+        DEFAULT_REPORT_OOD,
+        DEFAULT_REPORT_SCORES,
+        REPORT_MD,
+        prepare_report,
+    )
     from fastdd.evaluate.robustness import ROBUSTNESS_SETS
 
     config = EvalConfig(runs=runs, epochs=epochs, lr=lr, dsa=dsa, seed=seed, device=device)
@@ -66,21 +72,12 @@ def report(
     for report_set in plan.sets:
         for note in report_set.info["notes"]:
             typer.echo(f"note: {report_set.name}: {note}")
-    if quiet:
-        result = plan.run()
-    else:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    with Progress("report", plan.total_epochs, unit="epoch", enabled=not quiet, hint=SHARED_CORES_HINT) as progress:
 
-        with Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
-            TimeRemainingColumn(),
-        ) as progress:
-            task = progress.add_task("report", total=plan.total_epochs)
+        def on_epoch(name: str, model: str, run: int, epoch: int) -> None:
+            progress.advance(description=f"report {name} {model} run {run + 1}/{runs}")
 
-            def on_epoch(name: str, model: str, run: int, epoch: int) -> None:
-                progress.update(task, advance=1, description=f"report {name} {model} run {run + 1}/{runs}")
-
-            result = plan.run(on_epoch)
+        result = plan.run(on_epoch)
     for entry in result["sets"]:
         for model, res in entry["results"]["models"].items():
             typer.echo(f"{entry['name']} ({model}): acc {res['acc']['mean']:.2f} ± {res['acc']['std']:.2f} %")

@@ -37,14 +37,20 @@ from fastdd.expert_files import (
     expert_file_name,
     list_expert_files,
     load_experts,
+    missing_experts,  # noqa: F401 (fastdd.cli imports it from here)
     read_header,
     write_folder_meta,
     write_snapshots,
 )
-from fastdd.expert_files import missing_experts  # noqa: F401 (fastdd.cli imports it from here)
 from fastdd.io import atomic_write, check_writable_folder
 from fastdd.models import build_model_for, flat_parameters, parameter_layout
-from fastdd.observability import TENSORBOARD_DIR, Sinks, check_sinks_available, optional_sinks
+from fastdd.observability import (
+    TENSORBOARD_DIR,
+    Sinks,
+    check_sinks_available,
+    optional_sinks,
+)
+from fastdd.progress import SHARED_CORES_HINT, Progress
 from fastdd.training import accuracy, train_epoch
 from fastdd.trust.outliers import outlier_source
 
@@ -179,7 +185,8 @@ def train_experts(
         train_labels = dataset.train_labels.to(device)
         test_images = dataset.test_images.to(device)
         test_labels = dataset.test_labels.to(device)
-        with _EpochProgress(len(mine) * config.epochs_trained, enabled=progress and rank == 0) as bar:
+        with Progress("experts", len(mine) * config.epochs_trained, unit="epoch", enabled=progress and rank == 0,
+                      hint=SHARED_CORES_HINT) as bar:
             for n, k in enumerate(mine):
                 bar.describe(f"expert {k} ({n + 1}/{len(mine)})")
                 name = f"expert_{k:04d}"
@@ -269,7 +276,7 @@ def _train_one(config, dataset, index, strategy, images, labels, out, bar, sinks
         record = {"expert": index, "epoch": epoch + 1, "loss": loss, "seconds": round(time.perf_counter() - t0, 3)}
         _append_metrics(out, record)
         sinks.log_scalars(record, epoch + 1)
-        bar.advance(loss)
+        bar.advance(loss=loss)
     return snapshots, loss
 
 
@@ -370,45 +377,6 @@ def _settings_difference(out: Path, config: ExpertConfig) -> str:
 def _append_metrics(out: Path, record: dict[str, Any]) -> None:
     with open(out / EXPERTS_METRICS, "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-class _EpochProgress:
-    """A rich progress bar over epochs with the last loss and ETA; does nothing when disabled."""
-
-    def __init__(self, total: int, *, enabled: bool) -> None:
-        self.enabled = enabled and total > 0
-        if self.enabled:
-            from rich.progress import (
-                BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
-            )
-
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("epochs  loss {task.fields[loss]}"),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-            )
-            self.task = self.progress.add_task("experts", total=total, loss="-")
-
-    def __enter__(self) -> "_EpochProgress":
-        if self.enabled:
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
-            self.progress.__exit__(*exc)
-
-    def describe(self, text: str) -> None:
-        if self.enabled:
-            self.progress.update(self.task, description=text)
-
-    def advance(self, loss: float) -> None:
-        if self.enabled:
-            self.progress.update(self.task, advance=1, loss=f"{loss:.4g}")
 
 
 def ensure_experts(

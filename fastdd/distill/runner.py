@@ -42,7 +42,7 @@ from fastdd.observability import (
     check_sinks_available,
     optional_sinks,
 )
-
+from fastdd.progress import SHARED_CORES_HINT, Progress
 
 RUN_FILES = (*CHECKPOINT_FILES, SYNSET_TENSORS, SYNSET_META, SYNSET_GRID, SYNSET_OUTLIER_GRID, METRICS)
 
@@ -186,7 +186,8 @@ def run_distillation(
         if distiller.outlier_images is not None:
             sinks.log_images("synset_outliers", to_unit(distiller.outlier_images.detach()), step, nrow=config.ipc)
 
-    bar = _ProgressBar(total, start, distiller.name, enabled=progress and main)
+    bar = Progress(f"distill {distiller.name}", total, completed=start, unit="iteration", enabled=progress and main,
+                   hint=SHARED_CORES_HINT)
     t0 = time.perf_counter()
     with sinks:
         if main:
@@ -209,7 +210,7 @@ def run_distillation(
                     sinks.log_scalars(record, step)
                 except OSError as exc:
                     raise _write_failed(out, f"{METRICS}", exc, last_saved) from None
-                bar.advance(loss)
+                bar.advance(loss=loss)
                 if sinks.takes_images and (step % log_images_every == 0 or step == total):
                     log_images(step)
                 if step % checkpoint_every == 0 and step < total:
@@ -255,44 +256,3 @@ def settings_differences(saved: dict, current: dict) -> list[str]:
             show = lambda v: "absent" if v is absent else json.dumps(v)  # noqa: E731
             phrases.append(f"--{key.replace('_', '-')} was {show(old)}, now {show(new)}")
     return phrases
-
-
-class _ProgressBar:
-    """A rich progress bar with loss and ETA; does nothing when disabled."""
-
-    def __init__(self, total: int, completed: int, label: str, *, enabled: bool) -> None:
-        self.enabled = enabled
-        if enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                transient=False,
-            )
-            self.task = self.progress.add_task(f"distill {label}", total=total, completed=completed, loss="-")
-
-    def __enter__(self):
-        if self.enabled:
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.progress.__exit__(*exc)
-
-    def advance(self, loss: float) -> None:
-        if self.enabled:
-            self.progress.update(self.task, advance=1, loss=f"{loss:.4g}")
