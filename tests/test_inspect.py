@@ -130,7 +130,7 @@ def test_cli_inspect_bad_input(synset_dirs, tmp_path):
     for args, fragment in (
         ((synset_dirs[0], tmp_path / "missing"), "is not a synthetic set"),
         ((synset_dirs[0], "--runs", 0), "--runs"),
-        ((synset_dirs[0], "--model", "transformer"), "unknown model"),
+        ((synset_dirs[0], "--model", "transformer"), "--model must be one of convnet"),
     ):
         result = invoke("inspect", *args, "--epochs", 1, "--quiet")
         assert result.exit_code == 2, result.output

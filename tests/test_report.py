@@ -126,9 +126,9 @@ def test_cli_report_errors_are_one_sentence_before_any_training(digits, two_sets
         sets.append(str(tmp_path / "nowhere"))
         expected = "the synthetic set folder"
     elif case == "bad score":
-        extra, expected = ["--score", "msp,odin"], "unknown OOD score 'odin'"
+        extra, expected = ["--score", "msp,odin"], "--score must be one of msp, mls, energy, gen, got 'odin'"
     elif case == "bad model":
-        extra, expected = ["--models", "convnet,lenet9"], "unknown model 'lenet9'"
+        extra, expected = ["--models", "convnet,lenet9"], "--models must be one of convnet"
     else:
         extra, expected = ["--ood", "gaussian,holdout:10"], "holdout:10 is out of range"
     out = tmp_path / "report"

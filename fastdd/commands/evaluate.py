@@ -3,110 +3,62 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from fastdd.commands.errors import user_errors
-from fastdd.commands.models_option import split_models
+from fastdd.commands.options import config_file_option, given_options, with_config_options
+from fastdd.config.evaluate import EvalConfig, EvaluateConfig
+from fastdd.config.options import from_options, pick
 from fastdd.progress import SHARED_CORES_HINT, Progress
 
 
 @user_errors
+@with_config_options(EvaluateConfig)
 def evaluate(
     synset_dir: Path = typer.Argument(..., help="Folder written by `fastdd distill`."),
-    models: list[str] = typer.Option(["convnet"], "--models", help="Models to train, comma separated or repeated."),
-    runs: int = typer.Option(5, help="Fresh networks per model."),
-    epochs: Optional[int] = typer.Option(None, help="Training epochs (default 1000 with DSA, 300 without)."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default: the set's learned lr, else 0.01)."),
-    dsa: bool = typer.Option(True, "--dsa/--no-dsa", help="Augment while training on the synthetic set."),
-    seed: int = typer.Option(0, help="Seed of the evaluation generator."),
-    data_root: Optional[str] = typer.Option(None, help="Dataset folder (default: the one used to distill)."),
-    device: str = typer.Option("cpu", help="Torch device."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
-    ood: Optional[list[str]] = typer.Option(
-        None,
-        "--ood",
-        help="OOD test sets, comma separated or repeated: gaussian, uniform, a dataset name (its test split), a folder "
-        "of images, or holdout:K (train on classes < K, the other classes are OOD).",
-    ),
-    score: Optional[list[str]] = typer.Option(
-        None, "--score", help="OOD scores, comma separated or repeated: msp, mls, energy, gen (default msp, TrustDD's)."
-    ),
-    plots: Optional[Path] = typer.Option(
-        None, "--plots", help="Folder for PNGs: histograms of the ID vs OOD scores (ood_MODEL_SCORE.png) with --ood; "
-        "reliability diagrams (calibration_MODEL_METHOD.png) and max-logit histograms (max_logits_MODEL.png) with "
-        "--calibration.",
-    ),
-    ood_size: Optional[int] = typer.Option(
-        None, "--ood-size", help="At most N images per side and OOD set (default: ID:OOD 1:1, all of the smaller side)."
-    ),
-    use_outliers: bool = typer.Option(
-        True, "--use-outliers/--ignore-outliers", help="Train on the set's outlier images too, when it has them."
-    ),
-    robustness: bool = typer.Option(
-        False, "--robustness", help="Also report cluster_min, cluster_mean (10 KMeans test clusters), and the accuracy "
-        "under noise (Gaussian, std 0.0707), blur (Gaussian, radius 2) and invert (1 - x).",
-    ),
-    robustness_sets: Optional[list[str]] = typer.Option(
-        None, "--robustness-sets", help="Only these robustness measures, comma separated or repeated (implies "
-        "--robustness): cluster_min, cluster_mean, noise, blur, invert.",
-    ),
-    calibration: Optional[list[str]] = typer.Option(
-        None, "--calibration", help="Calibration methods, comma separated or repeated: none (raw networks), ts (one "
-        "more network per run trained on 90 % of S per class, temperature fitted on the other 10 %), mts (masked "
-        "temperature scaling: temperature fitted on all of S, each image under 10 random pixel masks). Reports ECE "
-        "(15 bins), NLL, "
-        "temperature and accuracy.",
-    ),
-    mask_ratio: Optional[float] = typer.Option(
-        None, "--mask-ratio", help="Fraction of pixels MTS masks (0 = temperature scaling on S; default 0.3).",
-        show_default=False,
-    ),
-    train_loss: str = typer.Option(
-        "ce", "--train-loss", help="Loss of the evaluation networks: ce, ls (label smoothing 0.1), mixup, focal."
-    ),
-    train_plugin: Optional[str] = typer.Option(
-        None, "--train-plugin", help="oal: train with OAL (CE + distillation from --teacher + MICL on boundary "
-        "outliers); its default OOD score is energy.",
-    ),
-    teacher: Optional[str] = typer.Option(
-        None, "--teacher", help="OAL's teacher: 'expert' (the experts folder the set was distilled from), an experts "
-        "folder, an expert file or a model checkpoint (.safetensors, .pt).",
-    ),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    config: Optional[Path] = config_file_option(),
+    **options: Any,
 ) -> None:
     """Train fresh networks on a synthetic set and report their test accuracy (mean ± std over runs), with --ood
     their OOD detection (AUROC, AUPR-IN/OUT, FPR95 in TrustDD's and OpenOOD's conventions), with --robustness
     their worst-cluster and shifted-input accuracies, and with --calibration their ECE / NLL raw, after TS and after
     MTS."""
-    from fastdd.evaluate import EvalConfig, dataset_for_synset, evaluate_synthetic_set
-    from fastdd.evaluate.calibration_runs import parse_calibrations
-    from fastdd.evaluate.robustness import ROBUSTNESS_SETS, parse_robustness_sets
+    from fastdd.evaluate import dataset_for_synset, evaluate_synthetic_set
     from fastdd.io import SyntheticSet, write_json
 
-    names = split_models(models)
-    chosen_robustness = (
-        parse_robustness_sets(robustness_sets) if robustness_sets else (ROBUSTNESS_SETS if robustness else None)
-    )
+    settings = from_options(EvaluateConfig, given_options(config, options), context="fastdd evaluate")
+    protocol = pick(EvalConfig, settings)
+    names = settings.models.split(",")
     synset = SyntheticSet.load(synset_dir)
-    data = dataset_for_synset(synset, data_root=data_root)
-    config = EvalConfig(runs=runs, epochs=epochs, lr=lr, dsa=dsa, seed=seed, device=device)
-    calibrations = parse_calibrations(calibration) if calibration else None
+    data = dataset_for_synset(synset, data_root=settings.data_root)
+    calibrations = settings.calibration.split(",") if settings.calibration else None
     networks_per_run = 2 if calibrations and "ts" in calibrations else 1
-    total = len(names) * runs * networks_per_run * config.epochs_or_default()
-    ood_options = dict(
-        ood=ood or None, scores=score or None, plots=plots, ood_size=ood_size, use_outliers=use_outliers,
-        data_root=data_root, robustness=chosen_robustness, calibration=calibrations, mask_ratio=mask_ratio,
-        train_loss=train_loss.strip().lower(), train_plugin=train_plugin.strip().lower() if train_plugin else None,
-        teacher=teacher,
-    )
-    with Progress("evaluate", total, unit="epoch", enabled=not quiet, hint=SHARED_CORES_HINT) as progress:
+    total = len(names) * protocol.runs * networks_per_run * protocol.epochs_or_default()
+    with Progress("evaluate", total, unit="epoch", enabled=not settings.quiet, hint=SHARED_CORES_HINT) as progress:
 
         def on_epoch(model: str, run: int, epoch: int) -> None:
-            progress.advance(description=f"evaluate {model} run {run + 1}/{runs}")
+            progress.advance(description=f"evaluate {model} run {run + 1}/{protocol.runs}")
 
-        result = evaluate_synthetic_set(synset, data, models=names, config=config, on_epoch=on_epoch, **ood_options)
+        result = evaluate_synthetic_set(
+            synset, data, models=names, config=protocol, on_epoch=on_epoch,
+            ood=settings.ood.split(",") if settings.ood else None,
+            scores=settings.scores.split(",") if settings.scores else None, plots=settings.plots,
+            ood_size=settings.ood_size, use_outliers=settings.use_outliers, data_root=settings.data_root,
+            robustness=settings.chosen_robustness(), calibration=calibrations, mask_ratio=settings.mask_ratio,
+            train_loss=settings.train_loss, train_plugin=settings.train_plugin, teacher=settings.teacher,
+        )
+    print_evaluation(result, protocol.runs)
+    for path in result.get("plots", []):
+        typer.echo(f"plot written to {path}")
+    if settings.json_out is not None:
+        write_json(settings.json_out, result)
+        typer.echo(f"results written to {settings.json_out}")
+
+
+def print_evaluation(result: dict[str, Any], runs: int) -> None:
+    """The result of :func:`fastdd.evaluate.evaluate_synthetic_set` as the tables ``fastdd evaluate`` prints."""
     trained_on = []
     if result["holdout"] is not None:
         trained_on.append(f"classes < {result['holdout']}")
@@ -151,8 +103,3 @@ def evaluate(
                 extra = (f"  (before scaling: ece {metrics['ece_before']['mean']:.2f} %, nll "
                          f"{metrics['nll_before']['mean']:.3f})" if "ece_before" in metrics else "")
                 typer.echo(f"  {method:<8}" + "".join(f"  {cell:>17}" for cell in cells) + extra)
-    for path in result.get("plots", []):
-        typer.echo(f"plot written to {path}")
-    if json_out is not None:
-        write_json(json_out, result)
-        typer.echo(f"results written to {json_out}")

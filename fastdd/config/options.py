@@ -164,12 +164,12 @@ def _check_value(f: dataclasses.Field, expected: type, value: Any) -> Any:
             raise field_error(f, f"must be text, got {value!r}")
         choices = choices_of(f)
         if choices is not None:
+            canonical = {normalize_choice(c): c for c in choices}
             parts = [v for v in value.split(",") if v.strip()] if info.split else [value]
-            names = [normalize_choice(v) for v in parts]
-            for name in names:
-                if name not in choices:
-                    raise field_error(f, f"must be one of {', '.join(choices)}, got {value!r}")
-            value = ",".join(names)
+            for part in parts:
+                if normalize_choice(part) not in canonical:
+                    raise field_error(f, f"must be one of {', '.join(choices)}, got {part.strip()!r}")
+            value = ",".join(canonical[normalize_choice(part)] for part in parts)
     bounds = (
         (info.at_least, lambda v, b: v >= b, "at least"),
         (info.above, lambda v, b: v > b, "greater than"),
