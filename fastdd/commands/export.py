@@ -3,27 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from fastdd.commands.errors import user_errors
+from fastdd.commands.options import config_file_option, given_options, with_config_options
+from fastdd.config.artifacts import ExportConfig
+from fastdd.config.options import from_options
 
 
 @user_errors
+@with_config_options(ExportConfig)
 def export(
     synset_dir: Path = typer.Argument(..., help="Folder written by `fastdd distill`."),
-    out: Optional[Path] = typer.Option(None, help="Folder to write into (default SYNSET_DIR)."),
+    config: Optional[Path] = config_file_option(),
+    **options: Any,
 ) -> None:
     """Write images_best.pt, labels_best.pt and lr_best.pt so other dataset-distillation tools can read the set."""
-    import torch
+    from fastdd.exports import export_best_files
+    from fastdd.io import SyntheticSet
 
-    from fastdd.io import SyntheticSet, atomic_write
-
-    synset = SyntheticSet.load(synset_dir)
-    target = out if out is not None else Path(synset_dir)
-    lr = synset.syn_lr if synset.syn_lr is not None else torch.tensor(0.01)
-    labels = synset.soft_labels if synset.soft_labels is not None else synset.labels
-    for name, tensor in (("images_best.pt", synset.images), ("labels_best.pt", labels), ("lr_best.pt", lr)):
-        atomic_write(target / name, lambda tmp, t=tensor: torch.save(t.clone(), tmp))
-    typer.echo(f"images_best.pt, labels_best.pt and lr_best.pt written to {target}")
+    settings = from_options(ExportConfig, given_options(config, options), context="fastdd export")
+    target = Path(settings.out) if settings.out is not None else Path(synset_dir)
+    names = export_best_files(SyntheticSet.load(synset_dir), target)
+    typer.echo(f"{', '.join(names[:-1])} and {names[-1]} written to {target}")
