@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdd.ops import diff_augment, sample_augment_params
-from fastdd.trust.outlier_loss import DEFAULT_OUTLIER_WEIGHT, uniform_cross_entropy
+from fastdd.trust.outlier_loss import DEFAULT_OUTLIER_WEIGHT, integrated_loss
 
 TrainObjective = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
 """``objective(net, inputs, targets, generator) -> 0-d loss``: the training loss of one minibatch.
@@ -17,6 +17,10 @@ TrainObjective = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Ge
 probabilities; the objective makes its own forward pass(es) through ``net`` and draws any randomness from
 ``generator``. It may be an ``nn.Module`` with trainable parameters of its own (the caller optimises them).
 """
+
+InputTransform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+"""``transform(x, generator) -> x'``: applied to every augmented minibatch ``[B, C, H, W]`` just before the forward
+pass (e.g. MDT's masks, :class:`fastdd.trust.mdt.MaskedDistillation`), drawing from the epoch's generator."""
 
 
 def train_epoch(
@@ -31,6 +35,7 @@ def train_epoch(
     objective: TrainObjective | None = None,
     outliers: torch.Tensor | None = None,
     outlier_weight: float = DEFAULT_OUTLIER_WEIGHT,
+    input_transform: InputTransform | None = None,
 ) -> float:
     """One pass over ``images`` in a random order drawn from ``generator``.
 
@@ -48,6 +53,8 @@ def train_epoch(
             becomes ``CE(in) + outlier_weight * H(U; f(out))`` (TrustDD's integrated loss). Outliers are
             augmented like the images.
         outlier_weight: lambda of the integrated loss.
+        input_transform: applied to every augmented minibatch (images and outliers together) before the forward
+            pass, with ``generator``; None leaves them as they are.
     Returns:
         The mean training loss over the epoch.
     """
@@ -65,18 +72,19 @@ def train_epoch(
     for number, start in enumerate(range(0, images.shape[0], batch_size)):
         idx = order[start : start + batch_size]
         if objective is not None:
-            loss = objective(net, _augment(images[idx], dsa_strategy, generator), targets[idx], generator)
+            x = _inputs(images[idx], dsa_strategy, generator, input_transform)
+            loss = objective(net, x, targets[idx], generator)
         elif outliers is None:
-            loss = F.cross_entropy(net(_augment(images[idx], dsa_strategy, generator)), targets[idx])
+            loss = F.cross_entropy(net(_inputs(images[idx], dsa_strategy, generator, input_transform)), targets[idx])
         else:
             if outlier_batches is not None:
                 out_idx = outlier_batches[number]
             else:  # fewer outliers than minibatches: one outlier each, cycling through the order
                 out_idx = outlier_order[number % outliers.shape[0]].view(1)
             # One forward over in + out (as outlier exposure does), so batchnorm sees both.
-            x = _augment(torch.cat([images[idx], outliers[out_idx]]), dsa_strategy, generator)
+            x = _inputs(torch.cat([images[idx], outliers[out_idx]]), dsa_strategy, generator, input_transform)
             logits_in, logits_out = net(x).split([idx.numel(), out_idx.numel()])
-            loss = F.cross_entropy(logits_in, targets[idx]) + outlier_weight * uniform_cross_entropy(logits_out).mean()
+            loss = integrated_loss(logits_in, targets[idx], logits_out, weight=outlier_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -85,14 +93,16 @@ def train_epoch(
     return total / max(count, 1)
 
 
-def _augment(x: torch.Tensor, dsa_strategy: str | None, generator: torch.Generator) -> torch.Tensor:
-    """``x`` with one independent DSA transform per image, or ``x`` itself without a strategy."""
-    if not dsa_strategy:
-        return x
-    params = sample_augment_params(
-        x.shape[0], tuple(x.shape[-2:]), strategy=dsa_strategy, generator=generator, device=x.device
-    )
-    return diff_augment(x, params)
+def _inputs(
+    x: torch.Tensor, dsa_strategy: str | None, generator: torch.Generator, transform: InputTransform | None
+) -> torch.Tensor:
+    """``x`` with one independent DSA transform per image (none without a strategy), then ``transform``."""
+    if dsa_strategy:
+        params = sample_augment_params(
+            x.shape[0], tuple(x.shape[-2:]), strategy=dsa_strategy, generator=generator, device=x.device
+        )
+        x = diff_augment(x, params)
+    return x if transform is None else transform(x, generator)
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from fastdd.errors import FastddError
 from fastdd.models import build_model, flat_parameters, functional_forward
 from fastdd.ops import diff_augment
 from fastdd.trust.masking import DEFAULT_MASK_RATIO, mask_like
+from fastdd.trust.mdt import mask_sampler
 
 WIDTH = 8
 STRATEGY = "color_crop_cutout_flip_scale_rotate"
@@ -72,7 +73,7 @@ def relative_error(a, b):
 
 
 def test_plan_masks_have_the_exact_count_and_change_every_step():
-    plan = plan_student(10, (8, 8), syn_steps=5, batch_syn=4, augment="crop", mask_ratio=0.25,
+    plan = plan_student(10, (8, 8), syn_steps=5, batch_syn=4, augment="crop", input_mask=mask_sampler(0.25),
                         generator=torch.Generator().manual_seed(2), device=torch.device("cpu"))
     assert len(plan.masks) == 5
     for idx, mask in zip(plan.batches, plan.masks):
@@ -80,7 +81,7 @@ def test_plan_masks_have_the_exact_count_and_change_every_step():
         assert set(mask.unique().tolist()) == {0.0, 1.0}
         assert ((mask == 0).sum(dim=(1, 2, 3)) == 16).all()  # round(0.25 * 64) per image
     assert not torch.equal(plan.masks[0], plan.masks[1][: plan.masks[0].shape[0]])
-    again = plan_student(10, (8, 8), syn_steps=5, batch_syn=4, augment="crop", mask_ratio=0.25,
+    again = plan_student(10, (8, 8), syn_steps=5, batch_syn=4, augment="crop", input_mask=mask_sampler(0.25),
                          generator=torch.Generator().manual_seed(2), device=torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip(plan.masks, again.masks))
     plain = plan_student(10, (8, 8), syn_steps=5, batch_syn=4, augment="crop",
@@ -90,7 +91,7 @@ def test_plan_masks_have_the_exact_count_and_change_every_step():
 
 @pytest.mark.parametrize("syn_steps,batch_syn", [(3, None), (4, 3)])
 def test_exact_equals_unrolled_with_masks(problem, syn_steps, batch_syn):
-    options = dict(syn_steps=syn_steps, batch_syn=batch_syn, augment=STRATEGY, mask_ratio=0.3)
+    options = dict(syn_steps=syn_steps, batch_syn=batch_syn, augment=STRATEGY, input_mask=mask_sampler(0.3))
     loss_u, img_u, lr_u = run(problem, "unrolled", **options)
     loss_e, img_e, lr_e = run(problem, "exact", **options)
     assert relative_error(loss_e, loss_u) <= 1e-12
@@ -102,8 +103,8 @@ def test_exact_equals_unrolled_with_masks(problem, syn_steps, batch_syn):
 
 def test_compat_with_masks_equals_a_masked_stop_gradient_unroll(problem):
     net, images, labels, start, target = problem
-    _, img_c, lr_c = run(problem, "compat", syn_steps=3, batch_syn=4, augment=STRATEGY, mask_ratio=0.3)
-    plan = plan_student(6, (8, 8), syn_steps=3, batch_syn=4, augment=STRATEGY, mask_ratio=0.3,
+    _, img_c, lr_c = run(problem, "compat", syn_steps=3, batch_syn=4, augment=STRATEGY, input_mask=mask_sampler(0.3))
+    plan = plan_student(6, (8, 8), syn_steps=3, batch_syn=4, augment=STRATEGY, input_mask=mask_sampler(0.3),
                         generator=torch.Generator().manual_seed(1), device=images.device)
     leaf = images.clone().requires_grad_(True)
     alpha = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)

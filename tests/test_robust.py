@@ -17,6 +17,7 @@ from fastdd.distill.dc import real_steps_for
 from fastdd.errors import FastddError
 from fastdd.models import build_model
 from fastdd.ops import cluster_cvar, group_cvar_loss
+from fastdd.trust.group_robust import GroupRobust
 from fastdd.trust.robust import (
     RobustObjective,
     assign_clusters,
@@ -226,7 +227,7 @@ def test_network_step_on_real_data_uses_the_robust_loss(digits):
     index = digits.class_index()
     real = torch.cat([digits.train_images[index.sample(c, 16, generator)] for c in range(10)])
     labels = torch.arange(10).repeat_interleave(16)
-    objective = distiller.robust_objective
+    objective = distiller.plugins.get(GroupRobust).objective
     assert (objective.clusters_per_class, objective.alpha, objective.space) == (2, 0.8, "embed")
     assign = objective.assign(net, real, labels, distiller.images, distiller.labels)
     expected = robust_loss(net(real), labels, assign, 20, 0.8).item()

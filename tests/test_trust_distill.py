@@ -2,6 +2,7 @@
 the exact adjoint still equals the unroll, experts record their outlier setting, and a run resumes exactly."""
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from fastdd.errors import FastddError
 from fastdd.expert_files import load_experts
 from fastdd.io import SyntheticSet
 from fastdd.models import build_model, flat_parameters, functional_forward
-from fastdd.trust.outlier_loss import uniform_cross_entropy
+from fastdd.trust.outlier_exposure import OutlierExposure
+from fastdd.trust.outlier_loss import integrated_loss, uniform_cross_entropy
 
 WIDTH = 8
 GRADIENT_METHODS = {
@@ -37,10 +39,16 @@ def make(method, digits, **overrides):
     return cls(cls.config_class.from_options(options, method=method), digits)
 
 
+def synthetic_outliers(distiller):
+    """S_out of the distiller's TrustDD plug-in, or None when it has none."""
+    plugin = distiller.plugins.get(OutlierExposure)
+    return None if plugin is None else plugin.images
+
+
 @pytest.mark.parametrize("method", ["dc", "dsa", "dm", "mtt", "tesla"])
 def test_poe_run_learns_and_saves_outliers(method, digits, tmp_path):
     distiller = make(method, digits)
-    start = distiller.outlier_images.detach().clone()
+    start = synthetic_outliers(distiller).detach().clone()
     assert start.shape == (distiller.images.shape[0], 1, 8, 8)  # outlier ratio 1
     out = tmp_path / "run"
     synset = run_distillation(distiller, out, progress=False)
@@ -55,8 +63,8 @@ def test_poe_run_learns_and_saves_outliers(method, digits, tmp_path):
 
 
 def test_outlier_ratio_sets_the_count(digits):
-    assert make("dm", digits, outlier_ratio=0.5).outlier_images.shape[0] == 10
-    assert make("dm", digits, outliers="none").outlier_images is None
+    assert synthetic_outliers(make("dm", digits, outlier_ratio=0.5)).shape[0] == 10
+    assert synthetic_outliers(make("dm", digits, outliers="none")) is None
 
 
 @pytest.mark.parametrize("options,message", [
@@ -102,7 +110,9 @@ def problem():
 
 def run(problem, mode, **kwargs):
     net, images, labels, mask, start, target = problem
-    kwargs.setdefault("outlier_mask", mask)
+    kwargs.setdefault("unlabelled", mask)
+    if "outlier_weight" in kwargs:
+        kwargs["step_loss"] = partial(integrated_loss, weight=kwargs.pop("outlier_weight"))
     g = torch.Generator().manual_seed(3)
     return match_gradients(net, kwargs.pop("images", images), kwargs.pop("labels", labels), start, target,
                            torch.tensor(0.1, dtype=torch.float64), mode=mode, generator=g, **kwargs)
@@ -135,14 +145,14 @@ def test_exact_equals_unrolled_with_outliers(problem, batch_syn):
 def test_zero_weight_outliers_do_not_change_the_labelled_gradient(problem):
     net, images, labels, mask, start, target = problem
     with_outliers = run(problem, "exact", syn_steps=3, outlier_weight=0.0)
-    without = run(problem, "exact", syn_steps=3, images=images[:6], labels=labels[:6], outlier_mask=None)
+    without = run(problem, "exact", syn_steps=3, images=images[:6], labels=labels[:6], unlabelled=None)
     assert torch.allclose(with_outliers[1][:6], without[1], rtol=1e-12, atol=1e-15)
     assert with_outliers[1][6:].abs().max() == 0
 
 
-def test_bad_outlier_mask_is_refused(problem):
-    with pytest.raises(ValueError, match="outlier_mask"):
-        run(problem, "exact", syn_steps=1, outlier_mask=torch.zeros(8, dtype=torch.long))
+def test_bad_unlabelled_rows_are_refused(problem):
+    with pytest.raises(ValueError, match="unlabelled"):
+        run(problem, "exact", syn_steps=1, unlabelled=torch.zeros(8, dtype=torch.long))
 
 
 # -- experts ---------------------------------------------------------------------------------------------------------

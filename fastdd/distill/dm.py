@@ -24,25 +24,23 @@ class DM(Distiller):
     The real and synthetic images of a class share one augmentation. All classes go through the network in one
     batch (the per-sample normalisations keep this identical to per-class forward passes; batchnorm does not).
 
-    With outliers (TrustDD), S_out is one more group: its mean embedding is matched to that of ``batch_real`` real
-    outliers under one shared augmentation.
+    Plug-ins may add groups (:meth:`~fastdd.trust.plugins.TrustPlugin.matching_groups`): each is matched by its
+    mean embedding, against that of ``batch_real`` of its real images under one shared augmentation.
 
-    With ``net_data`` "real" (the default with ``robust``), the matching network is not a fresh random one but a
+    With ``net_data`` "real" (the default when a plug-in needs it), the matching network is not a fresh random one but a
     network kept across iterations and trained on real data, as IDM does: after each image update it takes
     ``net_steps`` SGD steps (lr ``lr_net``, momentum 0.9, weight decay 5e-4) of
-    :meth:`Distiller.train_network_on_real` (un-augmented real minibatches; the group-robust loss under ``robust``,
-    else cross-entropy), and it is
-    re-initialised at every iteration that is a multiple of ``net_refresh`` (so iteration 0 matches with the same
-    random network as plain DM). The kept network and its optimiser are part of the checkpoint. ``robust`` needs
-    it: a random network is never trained, so there is no loss to make robust.
+    :meth:`Distiller.train_network_on_real` (un-augmented real minibatches), and it is re-initialised at every
+    iteration that is a multiple of ``net_refresh`` (so iteration 0 matches with the same random network as plain
+    DM). The kept network and its optimiser are part of the checkpoint.
     """
 
     name = "dm"
     config_class = DMConfig
 
     def __init__(self, config: DMConfig, dataset) -> None:
-        self.net_data = config.net_data or ("real" if config.robust else "random")
         super().__init__(config, dataset)
+        self.net_data = config.net_data or ("real" if self.plugins.needs_real_network else "random")
         self.net: torch.nn.Module | None = None
         self.net_optimizer: torch.optim.Optimizer | None = None
 
@@ -68,30 +66,20 @@ class DM(Distiller):
                 "dm with a batchnorm network normalises all classes of a batch together, so its classes cannot be "
                 "split over processes; use --norm instancenorm (the default) or run with one process."
             )
-        reals, syns, real_sizes, owned_classes = [], [], [], 0
-        for c in range(num_classes):
-            if not distributed.owns(c):
-                # Another rank matches this class: make its draws only.
-                self.real_indices(c, cfg.batch_real)
-                self.augment_params(1)
-                continue
-            real = self.real_batch(c, cfg.batch_real)
-            syn = self.images[c * cfg.ipc : (c + 1) * cfg.ipc]
+        groups = self.matching_groups()
+        reals, syns, real_sizes, extra_sizes, owned_classes = [], [], [], [], 0
+        for index, group in enumerate(groups):
+            real = group.draw_real(cfg.batch_real, self.generator)
             aug = self.augment_params(1)
+            if not distributed.owns(index):
+                continue  # another rank matches this group: its draws only
             reals.append(self.augment(real, aug))
-            syns.append(self.augment(syn, aug))
+            syns.append(self.augment(group.synthetic, aug))
             real_sizes.append(real.shape[0])
-            owned_classes += 1
-        owned_outliers = False
-        if self.outlier_images is not None:
-            real = self.real_outliers(cfg.batch_real)
-            aug = self.augment_params(1)
-            if distributed.owns(num_classes):
-                reals.append(self.augment(real, aug))
-                syns.append(self.augment(self.outlier_images, aug))
-                real_sizes.append(real.shape[0])
-                owned_outliers = True
-        groups = num_classes + (self.outlier_images is not None)
+            if index < num_classes:
+                owned_classes += 1
+            else:
+                extra_sizes.append(group.synthetic.shape[0])
         self.optimizer.zero_grad(set_to_none=True)
         loss_value = 0.0
         if reals:
@@ -101,14 +89,15 @@ class DM(Distiller):
             real_means = torch.stack([f.mean(dim=0) for f in torch.split(real_features, real_sizes)])
             num_in = owned_classes * cfg.ipc
             syn_means = syn_features[:num_in].reshape(owned_classes, cfg.ipc, -1).mean(dim=1)
-            if owned_outliers:
-                syn_means = torch.cat([syn_means, syn_features[num_in:].mean(dim=0, keepdim=True)])
+            extra_means = [f.mean(dim=0, keepdim=True) for f in syn_features[num_in:].split(extra_sizes)]
+            if extra_means:
+                syn_means = torch.cat([syn_means, *extra_means])
             loss = ((real_means - syn_means) ** 2).sum()
             loss.backward()
             loss_value = loss.item()
         loss_value = self.reduce_synthetic_gradients(loss_value)
         self.optimizer.step()
-        metrics = {"loss": loss_value / groups}
+        metrics = {"loss": loss_value / len(groups)}
         if self.net_data == "real":
             net.requires_grad_(True)
             metrics["net_loss"] = self.train_network_on_real(net, self.net_optimizer, cfg.net_steps)

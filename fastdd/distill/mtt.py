@@ -4,11 +4,8 @@ The three differ only in how :func:`fastdd.distill.trajectory.match_gradients` c
 optimisers, soft labels and students are shared, so the same seed gives the same experts, start epochs, minibatches
 and augmentations in every mode (and ``mtt`` and ``tesla`` the same synthetic set, up to floating-point rounding).
 
-With ``mdt`` (masked distillation training) the mask acts on the student's input: at every student step the
-augmented synthetic minibatch (S_out rows included, under TrustDD) is multiplied by a fresh binary mask zeroing
-``mask_ratio`` of its pixels in all channels, drawn from the run's generator into the student plan after that step's
-augmentation and replayed by every mode, so the three modes train the same masked student. The soft labels
-(``soft_labels``) are the expert's outputs on the unmasked images.
+The plug-ins (:mod:`fastdd.trust.plugins`) may add unlabelled synthetic images that the students train on, change
+the student's step loss and inputs (``student_options``) and how the experts train (``expert_options``).
 """
 
 from __future__ import annotations
@@ -30,7 +27,6 @@ from fastdd.errors import FastddError
 from fastdd.expert_files import load_experts
 from fastdd.io import SyntheticSet
 from fastdd.models import functional_forward
-from fastdd.trust.masking import DEFAULT_MASK_PATCH
 
 
 class TrajectoryMatching(Distiller):
@@ -40,7 +36,7 @@ class TrajectoryMatching(Distiller):
     name: ClassVar[str] = "mtt"
     mode: ClassVar[str] = "unrolled"
     config_class = TrajectoryConfig
-    supports_mdt = True
+    trains_on_synthetic = True
 
     def __init__(self, config: TrajectoryConfig, dataset) -> None:
         config = check_config(config).resolved()
@@ -48,6 +44,9 @@ class TrajectoryMatching(Distiller):
         if config.keep_graphs > 1 and self.mode == "unrolled":
             raise FastddError(f"--keep-graphs applies to tesla and tesla-compat; {self.name} keeps every step's graph.")
         super().__init__(config, dataset)
+        total = self.num_student_images
+        if config.batch_syn is not None and not 1 <= config.batch_syn <= total:
+            raise FastddError(f"--batch-syn must be between 1 and the {total} synthetic images, got {config.batch_syn}.")
         self.syn_lr = torch.tensor(float(config.lr_teacher), device=self.device).requires_grad_(True)
         self.lr_optimizer = torch.optim.SGD([self.syn_lr], lr=config.lr_lr, momentum=config.momentum_lr)
         self.net = self.new_network()
@@ -60,11 +59,6 @@ class TrajectoryMatching(Distiller):
                 f"the preset for {config.dataset} at IPC {config.ipc} uses zca={bool(config.zca)} but the dataset was "
                 f"loaded with zca={dataset.zca is not None}; load it with zca={bool(config.zca)} or pass --zca/--no-zca."
             )
-        total = dataset.num_classes * config.ipc
-        if config.outliers != "none":
-            total += max(1, round(config.outlier_ratio * total))
-        if config.batch_syn is not None and not 1 <= config.batch_syn <= total:
-            raise FastddError(f"--batch-syn must be between 1 and the {total} synthetic images, got {config.batch_syn}.")
 
     # -- experts ------------------------------------------------------------------------------------------------
     @property
@@ -90,10 +84,7 @@ class TrajectoryMatching(Distiller):
             dsa_strategy=cfg.dsa_strategy,
             seed=cfg.expert_seed,
             device=cfg.device,
-            outliers=cfg.outliers,
-            outlier_data=cfg.outlier_data,
-            outlier_ratio=cfg.outlier_ratio,
-            outlier_weight=cfg.outlier_weight,
+            **self.plugins.expert_options(),
         )
 
     def prepare(self, out: Path, *, progress: bool) -> None:
@@ -112,17 +103,18 @@ class TrajectoryMatching(Distiller):
     # -- one iteration ------------------------------------------------------------------------------------------
     @property
     def num_student_images(self) -> int:
-        """Images a student trains on: the synthetic images plus, with TrustDD outliers, the synthetic outliers."""
-        return self.images.shape[0] + (0 if self.outlier_images is None else self.outlier_images.shape[0])
+        """Images a student trains on: the synthetic images plus the plug-ins' unlabelled ones (TrustDD's S_out)."""
+        return sum(t.shape[0] for t in self.synthetic_tensors())
 
     def student_images(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``([S_in; S_out] detached, outlier mask)``, or ``(S_in detached, None)`` without outliers."""
-        if self.outlier_images is None:
+        """``([S; unlabelled] detached, unlabelled-row mask)``, or ``(S detached, None)`` without unlabelled rows."""
+        tensors = self.synthetic_tensors()
+        if len(tensors) == 1:
             return self.images.detach(), None
-        images = torch.cat([self.images.detach(), self.outlier_images.detach()])
-        mask = torch.zeros(images.shape[0], dtype=torch.bool, device=self.device)
-        mask[self.images.shape[0] :] = True
-        return images, mask
+        images = torch.cat([t.detach() for t in tensors])
+        unlabelled = torch.zeros(images.shape[0], dtype=torch.bool, device=self.device)
+        unlabelled[self.images.shape[0] :] = True
+        return images, unlabelled
 
     def soft_targets(self, params: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """Softmax of the network with flat ``params`` on ``images`` ``[n, C, H, W]``: ``[n, classes]``."""
@@ -166,7 +158,8 @@ class TrajectoryMatching(Distiller):
         grad_lr = torch.zeros_like(self.syn_lr)
         losses = []
         augment = self.dsa_strategy if cfg.dsa else None
-        images, outlier_mask = self.student_images()
+        images, unlabelled = self.student_images()
+        options = self.plugins.student_options()
         for student in range(cfg.students):
             expert = int(torch.randint(self.experts.num_experts, (), generator=self.generator))
             start = int(torch.randint(cfg.max_start_epoch, (), generator=self.generator))
@@ -180,8 +173,7 @@ class TrajectoryMatching(Distiller):
                     augment=augment,
                     generator=self.generator,
                     device=images.device,
-                    mask_ratio=self.mdt_ratio,
-                    mask_patch=DEFAULT_MASK_PATCH,
+                    input_mask=options.get("input_mask"),
                 )
                 continue
             theta0, target = self.experts.pair(expert, start, cfg.expert_epochs)
@@ -189,8 +181,8 @@ class TrajectoryMatching(Distiller):
             targets = self.labels
             if cfg.soft_labels:
                 targets = SoftTargets(self, target, self.images.detach())
-            elif outlier_mask is not None:
-                targets = torch.cat([self.labels, self.labels.new_zeros(self.outlier_images.shape[0])])
+            elif unlabelled is not None:
+                targets = torch.cat([self.labels, self.labels.new_zeros(images.shape[0] - self.labels.shape[0])])
             loss, g_img, g_lr = match_gradients(
                 self.net,
                 images,
@@ -203,10 +195,8 @@ class TrajectoryMatching(Distiller):
                 mode=self.mode,
                 augment=augment,
                 generator=self.generator,
-                outlier_mask=outlier_mask,
-                outlier_weight=cfg.outlier_weight,
-                mask_ratio=self.mdt_ratio,
-                mask_patch=DEFAULT_MASK_PATCH,
+                unlabelled=unlabelled,
+                **options,
                 row_shard=(distributed.rank(), distributed.world_size()) if split_rows else None,
                 keep_graphs=cfg.keep_graphs if self.mode != "unrolled" else 1,
             )
@@ -225,9 +215,9 @@ class TrajectoryMatching(Distiller):
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_optimizer.zero_grad(set_to_none=True)
         grad_images /= cfg.students
-        self.images.grad = grad_images[: self.images.shape[0]]
-        if self.outlier_images is not None:
-            self.outlier_images.grad = grad_images[self.images.shape[0] :]
+        tensors = self.synthetic_tensors()
+        for t, grad in zip(tensors, grad_images.split([t.shape[0] for t in tensors])):
+            t.grad = grad
         self.syn_lr.grad = grad_lr / cfg.students
         self.optimizer.step()
         self.lr_optimizer.step()

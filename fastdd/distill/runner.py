@@ -183,8 +183,8 @@ def run_distillation(
     def log_images(step: int) -> None:
         to_unit = distiller.dataset.to_unit_range
         sinks.log_images("synset", to_unit(distiller.images.detach()), step, nrow=config.ipc)
-        if distiller.outlier_images is not None:
-            sinks.log_images("synset_outliers", to_unit(distiller.outlier_images.detach()), step, nrow=config.ipc)
+        for name, images in distiller.plugins.image_logs().items():
+            sinks.log_images(name, to_unit(images), step, nrow=config.ipc)
 
     bar = Progress(f"distill {distiller.name}", total, completed=start, unit="iteration", enabled=progress and main,
                    hint=SHARED_CORES_HINT)

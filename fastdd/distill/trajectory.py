@@ -17,19 +17,19 @@ synthetic images with learning rate ``alpha``::
 All three draw the minibatches and augmentation parameters in the same order from ``generator``, so the same
 generator state gives the same student in every mode.
 
-With MDT (masked distillation training, ``mask_ratio`` > 0) every student step's input is
-``M_i * A_i(S[b_i])``: its augmented minibatch times a fresh binary mask ``M_i`` (``[b, 1, H, W]``, zero on
-``round(mask_ratio * H * W)`` pixels of each image, shared over channels; :func:`fastdd.trust.masking.mask_like`).
-The masks are drawn with the rest of the plan and replayed, so every mode trains the same masked student. Outlier
-rows (S_out) are masked like the labelled ones.
+With an ``input_mask`` sampler (a plug-in's, e.g. MDT's :class:`fastdd.trust.mdt.MaskedDistillation`) every
+student step's input is ``M_i * A_i(S[b_i])``: its augmented minibatch times a fresh mask ``M_i`` (``[b, 1, H, W]``).
+The masks are drawn with the rest of the plan and replayed, so every mode trains the same masked student; unlabelled
+rows are masked like the labelled ones.
 
-With TrustDD outliers, ``images`` holds S_in and S_out together and ``outlier_mask`` marks the S_out rows; a student
-step's loss is then the integrated loss ``CE(in rows) + outlier_weight * H(U; f(out rows))`` of its minibatch.
+``images`` may hold unlabelled rows (marked by ``unlabelled``, e.g. TrustDD's S_out): a student step's loss is then
+``step_loss(logits of labelled rows, their targets, logits of unlabelled rows)``, by default
+:func:`fastdd.trust.outlier_loss.integrated_loss` (cross-entropy alone when a minibatch has no unlabelled row).
 
 Row splitting (``row_shard=(rank, world)``, ``exact`` and ``compat`` only, inside a process group): every process
 draws the same plan, and computes only its share of every minibatch's rows (contiguous, by
 ``torch.tensor_split(range(b), world)``). Its loss terms are per-row sums divided by the global counts of the
-minibatch (labelled rows for the cross-entropy, outlier rows for the outlier term), so the processes' parameter
+minibatch (labelled rows for the cross-entropy, unlabelled rows for their term), so the processes' parameter
 gradients sum to the full minibatch's. Each forward step's gradient is all-reduced (every process then holds the
 same ``theta_i``), and in ``exact`` each reverse step's ``H_i @ lam`` too; the image and step-size gradients
 returned are this process's part, to be summed over the processes by the caller. The rows must be independent (no
@@ -42,13 +42,11 @@ from dataclasses import dataclass
 from typing import Callable, Union
 
 import torch
-import torch.nn.functional as F
 
 from fastdd.distill import distributed
 from fastdd.models.functional import functional_forward, parameter_layout
 from fastdd.ops import AugmentParams, diff_augment, sample_augment_params
-from fastdd.trust.masking import mask_like
-from fastdd.trust.outlier_loss import DEFAULT_OUTLIER_WEIGHT, uniform_cross_entropy
+from fastdd.trust.outlier_loss import integrated_loss
 
 MODES = ("exact", "compat", "unrolled")
 
@@ -56,15 +54,22 @@ MODES = ("exact", "compat", "unrolled")
 AugmentSampler = Callable[[int, torch.Generator], AugmentParams]
 Augment = Union[str, AugmentSampler, None]
 
+# A per-step input mask: ``sampler(shape [b, C, H, W], generator, device) -> [b, 1, H, W]`` (see fastdd.trust.mdt).
+InputMask = Callable[[tuple, torch.Generator, torch.device], torch.Tensor]
+
+# A student step's loss: ``step_loss(logits_in, targets, logits_unlabelled or None, counts=None) -> 0-d`` (the
+# signature of fastdd.trust.outlier_loss.integrated_loss; ``counts`` as there, for a share of a split minibatch).
+StepLoss = Callable[..., torch.Tensor]
+
 
 @dataclass
 class StudentPlan:
-    """The minibatch indices, augmentation parameters and MDT masks of every student step, drawn once and replayed.
+    """The minibatch indices, augmentation parameters and input masks of every student step, drawn once and replayed.
 
     Attributes:
         batches: ``syn_steps`` LongTensors of image indices (on the images' device).
         augment: per step, the augmentation parameters of that minibatch (one transform per image), or None.
-        masks: per step, the ``[b, 1, H, W]`` {0, 1} mask that multiplies the augmented minibatch, or None (no MDT).
+        masks: per step, the ``[b, 1, H, W]`` mask that multiplies the augmented minibatch, or None (no input mask).
     """
 
     batches: list[torch.Tensor]
@@ -81,17 +86,13 @@ def plan_student(
     augment: Augment,
     generator: torch.Generator | None,
     device: torch.device,
-    mask_ratio: float = 0.0,
-    mask_patch: int = 1,
+    input_mask: InputMask | None = None,
 ) -> StudentPlan:
-    """Draw the minibatches (chunks of fresh permutations, as MTT does), their augmentation parameters and MDT masks.
+    """Draw the minibatches (chunks of fresh permutations, as MTT does), their augmentation parameters and masks.
 
     The draws alternate per step: permutation (when the previous one is used up), then that step's augmentation, then
-    its mask (``[b, 1, H, W]``, ``round(mask_ratio * cells)`` zero cells of ``mask_patch`` pixels per image). With
-    ``mask_ratio`` 0 no mask is drawn (``masks`` holds None), so the generator advances exactly as without MDT.
+    its mask from ``input_mask`` (``[b, 1, H, W]``). Without ``input_mask`` no mask is drawn (``masks`` holds None).
     """
-    if not 0 <= mask_ratio < 1:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     batch = num_images if batch_syn is None else batch_syn
     if not 1 <= batch <= num_images:
         raise ValueError(f"batch_syn must be in [1, {num_images}], got {batch_syn}")
@@ -108,11 +109,7 @@ def plan_student(
         idx = chunks.pop(0)
         batches.append(idx.to(device))
         params.append(sampler(idx.numel(), generator) if sampler is not None else None)
-        mask = None
-        if mask_ratio > 0:
-            shape = (idx.numel(), 1, *image_size)
-            mask = mask_like(shape, mask_ratio, generator=generator, patch=mask_patch, device=device)
-        masks.append(mask)
+        masks.append(None if input_mask is None else input_mask((idx.numel(), 1, *image_size), generator, device))
     return StudentPlan(batches, params, masks)
 
 
@@ -140,49 +137,31 @@ class StepTargets:
     """What one student step's loss compares the minibatch with.
 
     Attributes:
-        labels: targets of the minibatch's in-distribution rows, in row order (``[b_in]`` or ``[b_in, classes]``).
-        outlier_rows: ``[b]`` bool, True on S_out rows, or None when the minibatch has no outlier rows.
-        outlier_weight: lambda of the integrated loss.
+        labels: targets of the minibatch's labelled rows, in row order (``[b_in]`` or ``[b_in, classes]``).
+        unlabelled: ``[b]`` bool, True on unlabelled rows, or None when the minibatch has none.
+        loss: the step loss (:data:`StepLoss`).
     """
 
     labels: torch.Tensor
-    outlier_rows: torch.Tensor | None = None
-    outlier_weight: float = DEFAULT_OUTLIER_WEIGHT
-    # Row splitting: (labelled rows, outlier rows) of the whole minibatch, of which these rows are a share; the loss
+    unlabelled: torch.Tensor | None = None
+    loss: StepLoss = integrated_loss
+    # Row splitting: (labelled rows, unlabelled rows) of the whole minibatch, of which these rows are a share; the loss
     # is then a per-row sum over these rows divided by those counts. None: these rows are the whole minibatch.
     global_counts: tuple[int, int] | None = None
 
 
 def _step_loss(net, theta, batch, params, mask, target: StepTargets) -> torch.Tensor:
-    """The student's loss with flat parameters ``theta`` on the (augmented, then masked) minibatch ``batch``:
-    cross-entropy, or TrustDD's integrated loss when the minibatch holds outlier rows."""
+    """The student's loss with flat parameters ``theta`` on the (augmented, then masked) minibatch ``batch``. With
+    ``target.global_counts`` the rows are a share of a split minibatch: per-row sums divided by the minibatch's
+    counts, so that the shares sum to the whole minibatch's loss."""
     x = diff_augment(batch, params) if params is not None else batch
     if mask is not None:
         x = x * mask
     logits = functional_forward(net, theta, x)
-    rows = target.outlier_rows
-    if target.global_counts is not None:
-        return _share_loss(logits, target)
+    rows = target.unlabelled
     if rows is None:
-        return F.cross_entropy(logits, target.labels)
-    outlier_term = target.outlier_weight * uniform_cross_entropy(logits[rows]).mean()
-    if target.labels.shape[0] == 0:
-        return outlier_term
-    return F.cross_entropy(logits[~rows], target.labels) + outlier_term
-
-
-def _share_loss(logits: torch.Tensor, target: StepTargets) -> torch.Tensor:
-    """This process's share of a split minibatch's loss: per-row sums over its rows divided by the minibatch's global
-    counts, so that the shares sum to :func:`_step_loss` of the whole minibatch."""
-    labelled, outliers = target.global_counts
-    rows = target.outlier_rows
-    in_logits = logits if rows is None else logits[~rows]
-    loss = logits.new_zeros(())
-    if in_logits.shape[0] > 0:
-        loss = loss + F.cross_entropy(in_logits, target.labels, reduction="sum") / labelled
-    if rows is not None:
-        loss = loss + target.outlier_weight * uniform_cross_entropy(logits[rows]).sum() / outliers
-    return loss
+        return target.loss(logits, target.labels, None, counts=target.global_counts)
+    return target.loss(logits[~rows], target.labels, logits[rows], counts=target.global_counts)
 
 
 def match_gradients(
@@ -198,10 +177,9 @@ def match_gradients(
     mode: str = "exact",
     augment: Augment = None,
     generator: torch.Generator | None = None,
-    outlier_mask: torch.Tensor | None = None,
-    outlier_weight: float = DEFAULT_OUTLIER_WEIGHT,
-    mask_ratio: float = 0.0,
-    mask_patch: int = 1,
+    unlabelled: torch.Tensor | None = None,
+    step_loss: StepLoss = integrated_loss,
+    input_mask: InputMask | None = None,
     row_shard: tuple[int, int] | None = None,
     keep_graphs: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -222,12 +200,12 @@ def match_gradients(
         mode: ``"exact"``, ``"compat"`` or ``"unrolled"`` (see the module docstring).
         augment: None (no augmentation), a DSA strategy string, or ``sampler(batch, generator) -> AugmentParams``.
         generator: source of minibatch orders and augmentation parameters.
-        outlier_mask: ``[n]`` bool marking outlier images (TrustDD's S_out, unlabelled: their entries of ``labels``
-            are ignored and a callable ``labels`` is only asked for the other rows), or None.
-        outlier_weight: lambda of the integrated loss used when a minibatch holds outlier rows.
-        mask_ratio: MDT: the share of each student input's pixels (cells of ``mask_patch`` x ``mask_patch`` pixels)
-            zeroed by a fresh mask per step, after augmentation; 0 (the default) means no masking and no draws.
-        mask_patch: side of MDT's mask cells in pixels (1: single pixels, each masked in all channels at once).
+        unlabelled: ``[n]`` bool marking unlabelled images (e.g. TrustDD's S_out: their entries of ``labels`` are
+            ignored and a callable ``labels`` is only asked for the other rows), or None.
+        step_loss: the loss of a student step (:data:`StepLoss`); the default is TrustDD's integrated loss at
+            lambda 0.5, plain cross-entropy on a minibatch without unlabelled rows.
+        input_mask: a sampler of a fresh mask per step that multiplies the augmented minibatch (e.g. MDT's,
+            :func:`fastdd.trust.mdt.mask_sampler`), or None (the default): no masking and no draws.
         row_shard: ``(rank, world)``: split every minibatch's rows over the ``world`` processes of the current
             process group (``exact`` and ``compat`` only; see the module docstring). None (the default): one process
             computes every row.
@@ -254,9 +232,9 @@ def match_gradients(
         raise ValueError(f"images must be [n, C, H, W], got shape {tuple(images.shape)}")
     if isinstance(labels, torch.Tensor) and labels.shape[0] != images.shape[0]:
         raise ValueError(f"labels {tuple(labels.shape)} do not match images {tuple(images.shape)}")
-    if outlier_mask is not None and (outlier_mask.dtype != torch.bool or outlier_mask.shape != (images.shape[0],)):
+    if unlabelled is not None and (unlabelled.dtype != torch.bool or unlabelled.shape != (images.shape[0],)):
         raise ValueError(
-            f"outlier_mask must be a bool tensor [{images.shape[0]}], got {outlier_mask.dtype} {tuple(outlier_mask.shape)}"
+            f"unlabelled must be a bool tensor [{images.shape[0]}], got {unlabelled.dtype} {tuple(unlabelled.shape)}"
         )
     numel = parameter_layout(net).numel
     if start_params.shape != (numel,) or target_params.shape != (numel,):
@@ -276,11 +254,10 @@ def match_gradients(
         augment=augment,
         generator=generator,
         device=images.device,
-        mask_ratio=mask_ratio,
-        mask_patch=mask_patch,
+        input_mask=input_mask,
     )
     plan.masks = [None if m is None else m.to(images.dtype) for m in plan.masks]
-    targets = [_step_targets(labels, idx, outlier_mask, outlier_weight) for idx in plan.batches]
+    targets = [_step_targets(labels, idx, unlabelled, step_loss) for idx in plan.batches]
     denominator = ((theta0 - target) ** 2).sum()
     if row_shard is not None:
         if mode == "unrolled":
@@ -297,13 +274,13 @@ def match_gradients(
     )
 
 
-def _step_targets(labels: Targets, idx: torch.Tensor, outlier_mask, outlier_weight: float) -> StepTargets:
-    rows = None if outlier_mask is None else outlier_mask[idx]
+def _step_targets(labels: Targets, idx: torch.Tensor, unlabelled, step_loss: StepLoss) -> StepTargets:
+    rows = None if unlabelled is None else unlabelled[idx]
     if rows is not None and not bool(rows.any()):
         rows = None
     labelled = idx if rows is None else idx[~rows]
     y = labels[labelled] if isinstance(labels, torch.Tensor) else labels(labelled)
-    return StepTargets(y.detach(), rows, outlier_weight)
+    return StepTargets(y.detach(), rows, step_loss)
 
 
 def _unrolled(net, images, targets, theta0, target, alpha, denominator, plan):
@@ -391,9 +368,9 @@ def _reverse_accumulation(
 def _row_share(plan: StudentPlan, targets: list[StepTargets], labels: Targets, step: int, rank: int, world: int):
     """``(idx, augment, mask, targets)`` of this process's rows of minibatch ``step`` (``idx`` may be empty)."""
     idx, full = plan.batches[step], targets[step]
-    rows = full.outlier_rows
-    outliers = 0 if rows is None else int(rows.sum())
-    counts = (idx.numel() - outliers, outliers)
+    rows = full.unlabelled
+    unlabelled = 0 if rows is None else int(rows.sum())
+    counts = (idx.numel() - unlabelled, unlabelled)
     positions = torch.tensor_split(torch.arange(idx.numel(), device=idx.device), world)[rank]
     if positions.numel() == 0:
         return idx[positions], None, None, None
@@ -408,7 +385,7 @@ def _row_share(plan: StudentPlan, targets: list[StepTargets], labels: Targets, s
         local,
         None if params is None else params.select(positions),
         None if mask is None else mask[positions],
-        StepTargets(y.detach(), share_rows, full.outlier_weight, counts),
+        StepTargets(y.detach(), share_rows, full.loss, counts),
     )
 
 

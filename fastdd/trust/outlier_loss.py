@@ -1,11 +1,20 @@
-"""TrustDD's integrated loss: cross-entropy on in-distribution images plus a uniform-target term on outliers."""
+"""TrustDD's integrated loss: cross-entropy on in-distribution images plus a uniform-target term on outliers.
+
+:func:`integrated_loss` is the one implementation: the distillers' network steps on real data, the inner loops and
+expert training (through :func:`fastdd.training.train_epoch`) and the trajectory students' steps all call it.
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from fastdd.config.trust import DEFAULT_OUTLIER_WEIGHT
+
+InLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``loss_in(logits_in, targets) -> 0-d``: the loss of the in-distribution rows (default cross-entropy)."""
 
 
 def uniform_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -26,21 +35,40 @@ def uniform_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
 def integrated_loss(
     logits_in: torch.Tensor,
     targets: torch.Tensor,
-    logits_out: torch.Tensor | None,
+    logits_out: torch.Tensor | None = None,
     *,
     weight: float = DEFAULT_OUTLIER_WEIGHT,
+    loss_in: InLoss | None = None,
+    counts: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """``CE(logits_in, targets) + weight * mean H(U; softmax(logits_out))`` (TrustDD, lambda = 0.5 by default).
 
     Args:
-        logits_in: ``[B, K]`` logits of in-distribution images.
+        logits_in: ``[B, K]`` logits of in-distribution images. With outliers and ``B = 0`` only the outlier term is
+            returned (a student minibatch of outliers alone).
         targets: ``[B]`` int64 labels or ``[B, K]`` probabilities.
-        logits_out: ``[B_out, K]`` logits of outlier images, or None / empty for plain cross-entropy.
+        logits_out: ``[B_out, K]`` logits of outlier images, or None / empty for the in-distribution loss alone.
         weight: lambda, the weight of the outlier term.
+        loss_in: replaces the cross-entropy of the in-distribution rows (e.g. the group-robust objective).
+        counts: ``(labelled, outliers)`` when these rows are one share of a bigger minibatch split over processes:
+            each term is then a per-row sum divided by the minibatch's count, so the shares sum to the whole
+            minibatch's loss. Not combined with ``loss_in``.
     Returns:
         0-d loss.
     """
-    loss = F.cross_entropy(logits_in, targets)
-    if logits_out is not None and logits_out.shape[0] > 0:
-        loss = loss + weight * uniform_cross_entropy(logits_out).mean()
+    if counts is not None and loss_in is not None:
+        raise ValueError("integrated_loss: counts (a share of a split minibatch) apply to cross-entropy only")
+    has_out = logits_out is not None and logits_out.shape[0] > 0
+    loss = None
+    if logits_in.shape[0] > 0 or not has_out:
+        if counts is not None:
+            loss = F.cross_entropy(logits_in, targets, reduction="sum") / counts[0]
+        else:
+            loss = (F.cross_entropy if loss_in is None else loss_in)(logits_in, targets)
+    if has_out:
+        if counts is not None:
+            term = weight * uniform_cross_entropy(logits_out).sum() / counts[1]
+        else:
+            term = weight * uniform_cross_entropy(logits_out).mean()
+        loss = term if loss is None else loss + term
     return loss
