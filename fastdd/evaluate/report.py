@@ -1,7 +1,8 @@
 """The trust report: several synthetic sets evaluated under one protocol and compared side by side.
 
-`trust_report` trains and scores networks on each synthetic set with `evaluate_synthetic_set` (one call per set, the
-same `EvalConfig` and options for all) and writes into one folder:
+`trust_report` trains and scores networks on each synthetic set with one `fastdd.evaluate.plan.EvalPlan` per set (the
+same `EvalConfig` and options for all, the test side built once for the sets of one dataset) and writes into one
+folder:
 
 * ``report.json``: the protocol, the machine, and per set its metadata (method, IPC, trust flags, size, distillation
   time) and the unmodified result of `evaluate_synthetic_set` (plot paths made relative to the folder);
@@ -11,9 +12,9 @@ same `EvalConfig` and options for all) and writes into one folder:
 * ``summary_<model>.png``: a grouped bar chart of the headline metrics, one group per metric, one bar per set;
 * ``plots/<set>/``: the OOD score histograms, reliability diagrams and max-logit histograms of each set.
 
-Everything is checked before the first network trains (`prepare_report`), and the files are written into a hidden
-staging folder inside the output folder and moved into place only when the whole report is done, so a failed or
-interrupted report leaves the folder as it was.
+Everything is checked, then built, before the first network trains (`prepare_report`), and the files are written
+into a hidden staging folder inside the output folder and moved into place only when the whole report is done, so a
+failed or interrupted report leaves the folder as it was.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ from fastdd.data import ImageDataset
 from fastdd.errors import FastddError
 from fastdd.evaluate.calibration_runs import CALIBRATIONS, TS_HOLDOUT_FRACTION, parse_calibrations
 from fastdd.evaluate.ood_sets import holdout_spec, parse_ood_sets
-from fastdd.evaluate.protocol import EvalConfig, _task, dataset_for_synset, evaluate_synthetic_set
+from fastdd.evaluate.options import EvalOptions, check_evaluation_options, evaluation_task
+from fastdd.evaluate.plan import EvalPlan, EvalTestData, build_plan
+from fastdd.evaluate.protocol import EvalConfig, dataset_for_synset
 from fastdd.evaluate.report_render import REPORT_JSON, SUMMARY_PREFIX, render_markdown, save_summary_chart
 from fastdd.evaluate.robustness import ROBUSTNESS_SETS, parse_robustness_sets
 from fastdd.io import METRICS, SYNSET_TENSORS, SyntheticSet, atomic_write, write_json
@@ -63,6 +66,8 @@ class ReportSet:
         synset: the set.
         dataset: its real dataset (shared by the sets with the same dataset settings).
         calibration: the calibration methods evaluated for it (``ts`` dropped when a class has a single image).
+        plan: its evaluation, built once by `prepare_report` and run by `ReportPlan.run` (its plots go to the
+            report's staging folder).
         info: its metadata row of report.json (method, IPC, flags, size, distillation time, notes).
     """
 
@@ -72,12 +77,16 @@ class ReportSet:
     synset: SyntheticSet
     dataset: ImageDataset
     calibration: tuple[str, ...]
+    plan: EvalPlan
     info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class ReportPlan:
-    """A validated report, ready to run: made by `prepare_report`; nothing is written or trained until `run`."""
+    """A validated report, ready to run: made by `prepare_report`; nothing is written or trained until `run`.
+
+    ``staging`` is the hidden folder inside ``out`` that `run` writes into before moving the files into place.
+    """
 
     out: Path
     sets: list[ReportSet]
@@ -92,20 +101,18 @@ class ReportPlan:
     data_root: str | None
     use_outliers: bool
     overwrite: bool
+    staging: Path
 
     @property
     def total_epochs(self) -> int:
         """Training epochs of the whole report (for a progress bar): per set, model and run one network, two with TS."""
-        epochs = self.config.epochs_or_default()
-        return sum(
-            len(self.models) * self.config.runs * (2 if "ts" in s.calibration else 1) * epochs for s in self.sets
-        )
+        return sum(s.plan.total_epochs for s in self.sets)
 
     def run(self, on_epoch: ReportProgress | None = None) -> dict[str, Any]:
         """Evaluate every set, write the report into ``out`` and return the content of report.json."""
         created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
-        staging = self.out / f".report-staging-{uuid.uuid4().hex[:8]}"
+        staging = self.staging
         staging.mkdir()
         try:
             entries = []
@@ -113,22 +120,7 @@ class ReportPlan:
                 callback = (
                     (lambda model, run, epoch, n=report_set.name: on_epoch(n, model, run, epoch)) if on_epoch else None
                 )
-                result = evaluate_synthetic_set(
-                    report_set.synset,
-                    report_set.dataset,
-                    models=self.models,
-                    config=self.config,
-                    on_epoch=callback,
-                    ood=self.ood,
-                    scores=self.scores,
-                    plots=staging / PLOTS_FOLDER / report_set.folder,
-                    ood_size=self.ood_size,
-                    use_outliers=self.use_outliers,
-                    data_root=self.data_root,
-                    robustness=list(self.robustness) or None,
-                    calibration=list(report_set.calibration) or None,
-                    mask_ratio=self.mask_ratio,
-                )
+                result = report_set.plan.run(callback)
                 result["plots"] = [Path(p).relative_to(staging).as_posix() for p in result.get("plots", [])]
                 entries.append({**report_set.info, "results": result})
             report = self._report(entries)
@@ -284,9 +276,13 @@ def prepare_report(
     use_outliers: bool = True,
     overwrite: bool = False,
 ) -> ReportPlan:
-    """Check every input of `trust_report` (same arguments) and load the sets and their dataset; train nothing and
-    write nothing. Each set's options go through `evaluate_synthetic_set` itself with no model to train, so every
-    check it makes (OOD sets, scores, holdout classes, mask ratio, outliers) is made here for every set.
+    """Check every input of `trust_report` (same arguments), load the sets and their dataset, and build each set's
+    evaluation plan once; train nothing and write nothing.
+
+    Every option of every set is checked first (`check_evaluation_options`: OOD sets, scores, holdout classes, mask
+    ratio, outliers, ...), before anything expensive is built; then each set's plan is built (`build_plan`), the sets
+    of one dataset sharing one test side (OOD sets, KMeans clusters, corrupted test images), and `ReportPlan.run`
+    runs those very plans.
 
     Raises:
         FastddError: see `trust_report`.
@@ -309,51 +305,34 @@ def prepare_report(
     calibrations = parse_calibrations(calibration)
     out = Path(out)
     _check_out(out, overwrite)
-
     named = _read_sets(synsets)
-    datasets_named = {name: s.meta.get("dataset") for name, _, s in named}
-    missing = [name for name, value in datasets_named.items() if not value]
-    if missing:
-        raise FastddError(f"the synthetic set {missing[0]} does not name its dataset in synset.json; it was not "
-                          "written by fastdd.")
-    if len(set(datasets_named.values())) > 1:
-        listed = ", ".join(f"{name} ({value})" for name, value in datasets_named.items())
-        raise FastddError(f"the synthetic sets come from different datasets: {listed}; a report compares sets of one "
-                          "dataset, so make one report per dataset.")
+    _check_one_dataset(named)
 
+    staging = out / f".report-staging-{uuid.uuid4().hex[:8]}"
     loaded: dict[tuple, ImageDataset] = {}
-    folders = _unique([_folder_name(name) for name, _, _ in named])
-    sets = []
-    for (name, path, synset), folder in zip(named, folders):
-        meta = synset.meta
-        key = (meta["dataset"], data_root if data_root is not None else meta.get("data_root"),
-               meta.get("image_size"), bool(meta.get("zca", False)))
-        dataset = loaded.get(key)
-        if dataset is None or tuple(synset.images.shape[1:]) != (dataset.channels, *dataset.image_size):
-            dataset = dataset_for_synset(synset, data_root=data_root)  # raises the shape mismatch, if any
-            loaded.setdefault(key, dataset)
-        specs = parse_ood_sets(ood_names, num_classes=dataset.num_classes)
-        notes = []
-        chosen = calibrations
-        if "ts" in calibrations:
-            single = _single_image_class(synset, dataset, specs)
-            if single is not None:
-                chosen = tuple(m for m in calibrations if m != "ts")
-                notes.append(f"TS skipped: class {single} has a single synthetic image, so temperature scaling cannot "
-                             f"hold {TS_HOLDOUT_FRACTION:.0%} of each class out (MTS fits on all of the set).")
-        evaluate_synthetic_set(  # validation only: no model, so nothing trains
-            synset, dataset, models=[], config=config, ood=ood_names, scores=scores, ood_size=ood_size,
-            use_outliers=use_outliers, data_root=data_root, robustness=list(robustness_sets) or None,
-            calibration=list(chosen) or None, mask_ratio=mask_ratio,
+    checked: list[tuple[str, str, str | None, EvalOptions, dict[str, Any]]] = []
+    for (name, path, synset), folder in zip(named, _unique([_folder_name(name) for name, _, _ in named])):
+        dataset = _dataset_for(synset, data_root, loaded)
+        chosen, notes = _calibrations_for(synset, dataset, ood_names, calibrations)
+        options = check_evaluation_options(
+            synset, dataset, models=model_names, config=config, ood=ood_names, scores=scores,
+            plots=staging / PLOTS_FOLDER / folder, ood_size=ood_size, use_outliers=use_outliers, data_root=data_root,
+            robustness=list(robustness_sets) or None, calibration=list(chosen) or None, mask_ratio=mask_ratio,
         )
-        info = _set_info(name, path, synset)
-        info["calibration"] = list(chosen)
-        info["notes"] = notes
-        sets.append(ReportSet(name, folder, path, synset, dataset, chosen, info))
+        info = {**_set_info(name, path, synset), "calibration": list(chosen), "notes": notes}
+        checked.append((name, folder, path, options, info))
+
+    shared: dict[tuple[int, int | None], EvalTestData] = {}  # (dataset, holdout K) -> its test side
+    sets = []
+    for name, folder, path, options, info in checked:
+        key = (id(options.dataset), options.task.holdout)
+        plan = build_plan(options, test_data=shared.get(key))
+        shared.setdefault(key, plan.test_data)
+        sets.append(ReportSet(name, folder, path, options.synset, options.dataset, options.calibration, plan, info))
     return ReportPlan(
         out=out, sets=sets, models=model_names, config=config, ood=ood_names, scores=_split(scores),
         robustness=robustness_sets, calibration=calibrations, mask_ratio=mask_ratio, ood_size=ood_size,
-        data_root=data_root, use_outliers=use_outliers, overwrite=overwrite,
+        data_root=data_root, use_outliers=use_outliers, overwrite=overwrite, staging=staging,
     )
 
 
@@ -460,11 +439,50 @@ def _unique(names: Iterable[str]) -> list[str]:
     return result
 
 
+def _check_one_dataset(named: list[tuple[str, str | None, SyntheticSet]]) -> None:
+    datasets_named = {name: s.meta.get("dataset") for name, _, s in named}
+    missing = [name for name, value in datasets_named.items() if not value]
+    if missing:
+        raise FastddError(f"the synthetic set {missing[0]} does not name its dataset in synset.json; it was not "
+                          "written by fastdd.")
+    if len(set(datasets_named.values())) > 1:
+        listed = ", ".join(f"{name} ({value})" for name, value in datasets_named.items())
+        raise FastddError(f"the synthetic sets come from different datasets: {listed}; a report compares sets of one "
+                          "dataset, so make one report per dataset.")
+
+
+def _dataset_for(synset: SyntheticSet, data_root: str | None, loaded: dict[tuple, ImageDataset]) -> ImageDataset:
+    """The set's real dataset, loaded once per dataset settings (``loaded`` caches them)."""
+    meta = synset.meta
+    key = (meta["dataset"], data_root if data_root is not None else meta.get("data_root"),
+           meta.get("image_size"), bool(meta.get("zca", False)))
+    dataset = loaded.get(key)
+    if dataset is None or tuple(synset.images.shape[1:]) != (dataset.channels, *dataset.image_size):
+        dataset = dataset_for_synset(synset, data_root=data_root)  # raises the shape mismatch, if any
+        loaded.setdefault(key, dataset)
+    return dataset
+
+
+def _calibrations_for(
+    synset: SyntheticSet, dataset: ImageDataset, ood_names: list[str], calibrations: tuple[str, ...]
+) -> tuple[tuple[str, ...], list[str]]:
+    """The calibration methods of one set (``ts`` dropped when a class it trains on has a single synthetic image)
+    and the notes saying so."""
+    if "ts" not in calibrations:
+        return calibrations, []
+    single = _single_image_class(synset, dataset, parse_ood_sets(ood_names, num_classes=dataset.num_classes))
+    if single is None:
+        return calibrations, []
+    note = (f"TS skipped: class {single} has a single synthetic image, so temperature scaling cannot hold "
+            f"{TS_HOLDOUT_FRACTION:.0%} of each class out (MTS fits on all of the set).")
+    return tuple(m for m in calibrations if m != "ts"), [note]
+
+
 def _single_image_class(synset: SyntheticSet, dataset: ImageDataset, specs: list) -> int | None:
     """The first class with a single synthetic image among those the evaluation trains on, or None."""
     from fastdd.trust.temperature import hard_labels
 
-    task = _task(synset, dataset, holdout_spec(specs))
+    task = evaluation_task(synset, dataset, holdout_spec(specs))
     counts = torch.bincount(hard_labels(task.targets).cpu())
     single = (counts == 1).nonzero().flatten()
     return int(single[0]) if single.numel() else None
