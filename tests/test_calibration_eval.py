@@ -91,9 +91,9 @@ def test_mts_ratio_zero_fits_the_temperature_of_the_unmasked_synthetic_set(digit
 
 
 def test_ts_is_refused_before_training_when_a_class_has_one_image(digits, monkeypatch):
-    import fastdd.evaluate.protocol as protocol
+    import fastdd.evaluate.plan as plan
 
-    monkeypatch.setattr(protocol, "train_on_synthetic", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(plan, "train_on_synthetic", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(FastddError, match="single synthetic image"):
         evaluate_synthetic_set(real_image_synset(digits, ipc=1), digits, models=["convnet"], config=FAST,
                                calibration="none,ts")
@@ -112,9 +112,9 @@ def test_ts_is_refused_before_training_when_a_class_has_one_image(digits, monkey
     ],
 )
 def test_evaluate_option_errors_before_training(digits, monkeypatch, options, fragment):
-    import fastdd.evaluate.protocol as protocol
+    import fastdd.evaluate.plan as plan
 
-    monkeypatch.setattr(protocol, "train_on_synthetic", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(plan, "train_on_synthetic", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(FastddError, match=fragment):
         evaluate_synthetic_set(real_image_synset(digits, ipc=2), digits, models=["convnet"], config=FAST, **options)
 

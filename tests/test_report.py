@@ -1,6 +1,7 @@
 """The trust report (`fastdd report`, `fastdd.evaluate.report`): one protocol over several sets, side by side."""
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -9,7 +10,7 @@ from fastdd.cli import app
 from fastdd.data import load_dataset
 from fastdd.errors import FastddError
 from fastdd.evaluate import EvalConfig, evaluate_synthetic_set
-from fastdd.evaluate import report as report_module
+from fastdd.evaluate.plan import EvalPlan
 from fastdd.evaluate.report import distillation_seconds, prepare_report
 from real_synsets import real_image_synset
 
@@ -35,9 +36,9 @@ def two_sets(digits, tmp_path):
 
 
 def _never_train(monkeypatch):
-    import fastdd.evaluate.protocol as protocol
+    import fastdd.evaluate.plan as plan
 
-    monkeypatch.setattr(protocol, "train_on_synthetic", lambda *a, **k: pytest.fail("a network was trained"))
+    monkeypatch.setattr(plan, "train_on_synthetic", lambda *a, **k: pytest.fail("a network was trained"))
 
 
 def test_cli_report_tables_json_and_plots(digits, two_sets, tmp_path):
@@ -161,12 +162,13 @@ def test_a_failed_report_leaves_the_folder_as_it_was(digits, tmp_path, monkeypat
     (old / "report.md").write_text("earlier report")
     replacing = prepare_report(sets, out=old, overwrite=True, **options)
 
-    def interrupted(*args, plots, **kwargs):  # a first plot written, then Ctrl-C
+    def interrupted(plan, on_epoch=None):  # a first plot written, then Ctrl-C
+        plots = Path(plan.options.plots)
         plots.mkdir(parents=True)
         (plots / "partial.png").write_bytes(b"x")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(report_module, "evaluate_synthetic_set", interrupted)
+    monkeypatch.setattr(EvalPlan, "run", interrupted)
     for plan in (fresh, replacing):
         with pytest.raises(KeyboardInterrupt):
             plan.run()

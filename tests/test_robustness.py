@@ -334,9 +334,9 @@ def test_evaluate_robustness_with_holdout_uses_the_test_images_of_the_trained_cl
 
 
 def test_evaluate_rejects_an_unknown_robustness_set_before_training(digits, monkeypatch):
-    import fastdd.evaluate.protocol as protocol
+    import fastdd.evaluate.plan as plan
 
-    monkeypatch.setattr(protocol, "train_on_synthetic", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(plan, "train_on_synthetic", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(FastddError, match="unknown robustness set"):
         evaluate_synthetic_set(_synset(digits), digits, models=["convnet"], config=FAST, robustness=["snow"])
 

@@ -1,15 +1,21 @@
-"""Evaluation of synthetic sets: the train-on-synthetic protocol and its metrics (accuracy, OOD detection,
-robustness, calibration), and the trust report that compares synthetic sets under one protocol."""
+"""Evaluation of synthetic sets: the train-on-synthetic protocol, an evaluation as a plan (`plan_evaluation`, built
+and checked once) plus a loop that feeds metric objects (accuracy, OOD detection, robustness, calibration), and the
+trust report that compares synthetic sets under one protocol."""
 
 from fastdd.evaluate.calibration import calibration_metrics, ece, nll
 from fastdd.evaluate.calibration_runs import CALIBRATIONS, parse_calibrations
 from fastdd.evaluate.ood import METRICS, SCORES, ood_metrics, ood_score
-from fastdd.evaluate.protocol import (
-    EvalConfig,
-    dataset_for_synset,
-    evaluate_synthetic_set,
-    train_on_synthetic,
+from fastdd.evaluate.metrics import (
+    AccuracyMetric,
+    CalibrationMetric,
+    EvalMetric,
+    OodDetectionMetric,
+    RobustnessMetric,
+    TrainedNetwork,
 )
+from fastdd.evaluate.options import EvalOptions, check_evaluation_options
+from fastdd.evaluate.plan import EvalPlan, evaluate_synthetic_set, plan_evaluation
+from fastdd.evaluate.protocol import EvalConfig, dataset_for_synset, train_on_synthetic
 from fastdd.evaluate.report import prepare_report, trust_report
 from fastdd.evaluate.robustness import ROBUSTNESS_SETS, cluster_accuracies, parse_robustness_sets
 
@@ -18,8 +24,17 @@ __all__ = [
     "METRICS",
     "ROBUSTNESS_SETS",
     "SCORES",
+    "AccuracyMetric",
+    "CalibrationMetric",
     "EvalConfig",
+    "EvalMetric",
+    "EvalOptions",
+    "EvalPlan",
+    "OodDetectionMetric",
+    "RobustnessMetric",
+    "TrainedNetwork",
     "calibration_metrics",
+    "check_evaluation_options",
     "cluster_accuracies",
     "dataset_for_synset",
     "ece",
@@ -29,6 +44,7 @@ __all__ = [
     "ood_score",
     "parse_calibrations",
     "parse_robustness_sets",
+    "plan_evaluation",
     "prepare_report",
     "train_on_synthetic",
     "trust_report",

@@ -43,6 +43,22 @@ def parse_calibrations(value: list[str] | str) -> tuple[str, ...]:
     return tuple(name for name in CALIBRATIONS if name in names)
 
 
+def check_calibration_methods(targets: torch.Tensor, methods: tuple[str, ...]) -> None:
+    """Refuse TS, before any training, when a class of the synthetic targets (``[K]`` labels or ``[K, classes]`` soft
+    labels) has a single image: it cannot be both trained on and held out.
+
+    Raises:
+        FastddError: naming the class and what to do.
+    """
+    if "ts" in methods:
+        per_class_holdout(targets, TS_HOLDOUT_FRACTION, generator=torch.Generator())
+
+
+def extra_networks_per_run(methods: tuple[str, ...]) -> int:
+    """How many networks the calibration methods train per run besides the run's own (TS trains one)."""
+    return 1 if "ts" in methods else 0
+
+
 @dataclass
 class CalibrationTask:
     """The calibration measurements of one evaluation.
@@ -69,12 +85,11 @@ class CalibrationTask:
 
     @classmethod
     def create(cls, task: Any, methods: tuple[str, ...], *, seed: int, mask_ratio: float) -> "CalibrationTask":
-        """For a protocol task (its ``images``, ``targets``, ``test_images``, ``test_labels``). Refuses TS before
-        any training when a class has a single synthetic image."""
+        """For a protocol task (its ``images``, ``targets``, ``test_images``, ``test_labels``), with fresh generators
+        derived from ``seed``. `check_calibration_methods` is the check to make before (TS needs two images per
+        class)."""
         targets = task.targets
         labels = targets.argmax(dim=1) if targets.dim() == 2 else targets
-        if "ts" in methods:
-            per_class_holdout(labels, TS_HOLDOUT_FRACTION, generator=torch.Generator())  # raises a FastddError early
         return cls(
             methods,
             task.images,

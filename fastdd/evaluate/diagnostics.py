@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from fastdd.data import ImageDataset
-from fastdd.evaluate.protocol import DEFAULT_LR, EvalConfig, evaluation_network, train_on_synthetic
+from fastdd.evaluate.protocol import EvalConfig, evaluation_network, train_on_synthetic
 from fastdd.io import SyntheticSet
 from fastdd.training import predict_logits
 
@@ -121,7 +121,7 @@ def trained_test_logits(
     meta = synset.meta
     generator = torch.Generator()
     generator.manual_seed(config.seed)
-    lr = config.lr if config.lr is not None else (float(synset.syn_lr) if synset.syn_lr is not None else DEFAULT_LR)
+    lr = config.lr_for(synset)
     strategy = (meta.get("dsa_strategy") or dataset.dsa_strategy) if config.dsa else None
     targets = synset.soft_labels if synset.soft_labels is not None else synset.labels
     runs = []

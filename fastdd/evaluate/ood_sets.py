@@ -16,6 +16,7 @@ statistics (normalisation or ZCA), so every OOD image goes through the same inpu
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +144,42 @@ def build_ood_images(
         spec.source, like=dataset, split="test", count=wanted, generator=generator, data_root=data_root
     )
     return dataset.to_model_space(_subsample(unit, count, generator).to(torch.float32))
+
+
+@dataclass
+class OodTestSet:
+    """One OOD set of an evaluation, with the ID test images it is compared with.
+
+    Attributes:
+        images: ``[n, C, H, W]`` the OOD images in model space.
+        in_index: ``[n]`` indices of the ID test images of the comparison (the same number on both sides).
+    """
+
+    images: torch.Tensor
+    in_index: torch.Tensor
+
+
+def build_ood_test_set(
+    spec: OodSetSpec,
+    dataset: ImageDataset,
+    *,
+    num_in: int,
+    seed: int,
+    ood_size: int | None = None,
+    data_root: str | None = None,
+) -> OodTestSet:
+    """The OOD set ``spec`` of an evaluation with ``num_in`` ID test images: at most ``min(num_in, ood_size)``
+    images (`build_ood_images`), then a random ID subsample of the same size.
+
+    Both come from one generator seeded by ``(seed, spec.name)``, so a set does not depend on the other sets, their
+    order, or any other randomness of the evaluation.
+    """
+    generator = torch.Generator()
+    generator.manual_seed(zlib.crc32(f"{seed}/ood/{spec.name}".encode()))
+    cap = num_in if ood_size is None else min(num_in, ood_size)
+    images = build_ood_images(spec, dataset, count=cap, generator=generator, data_root=data_root)
+    in_index = torch.randperm(num_in, generator=generator)[: images.shape[0]]
+    return OodTestSet(images, in_index)
 
 
 def _subsample(images: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The trust report: several synthetic sets evaluated under one protocol and compared side by side.
 
-`trust_report` trains and scores networks on each synthetic set with `evaluate_synthetic_set` (one call per set, the
-same `EvalConfig` and options for all) and writes into one folder:
+`trust_report` trains and scores networks on each synthetic set with one `fastdd.evaluate.plan.EvalPlan` per set (the
+same `EvalConfig` and options for all, the test side built once for the sets of one dataset) and writes into one
+folder:
 
 * ``report.json``: the protocol, the machine, and per set its metadata (method, IPC, trust flags, size, distillation
   time) and the unmodified result of `evaluate_synthetic_set` (plot paths made relative to the folder);
@@ -11,9 +12,9 @@ same `EvalConfig` and options for all) and writes into one folder:
 * ``summary_<model>.png``: a grouped bar chart of the headline metrics, one group per metric, one bar per set;
 * ``plots/<set>/``: the OOD score histograms, reliability diagrams and max-logit histograms of each set.
 
-Everything is checked before the first network trains (`prepare_report`), and the files are written into a hidden
-staging folder inside the output folder and moved into place only when the whole report is done, so a failed or
-interrupted report leaves the folder as it was.
+Everything is checked, then built, before the first network trains (`prepare_report`), and the files are written
+into a hidden staging folder inside the output folder and moved into place only when the whole report is done, so a
+failed or interrupted report leaves the folder as it was.
 """
 
 from __future__ import annotations
@@ -36,21 +37,19 @@ from fastdd.data import ImageDataset
 from fastdd.errors import FastddError
 from fastdd.evaluate.calibration_runs import CALIBRATIONS, TS_HOLDOUT_FRACTION, parse_calibrations
 from fastdd.evaluate.ood_sets import holdout_spec, parse_ood_sets
-from fastdd.evaluate.protocol import EvalConfig, _task, dataset_for_synset, evaluate_synthetic_set
+from fastdd.evaluate.options import EvalOptions, check_evaluation_options, evaluation_task
+from fastdd.evaluate.plan import EvalPlan, EvalTestData, build_plan
+from fastdd.evaluate.protocol import EvalConfig, dataset_for_synset
+from fastdd.evaluate.report_render import REPORT_JSON, SUMMARY_PREFIX, render_markdown, save_summary_chart
 from fastdd.evaluate.robustness import ROBUSTNESS_SETS, parse_robustness_sets
 from fastdd.io import METRICS, SYNSET_TENSORS, SyntheticSet, atomic_write, write_json
 from fastdd.trust.masking import DEFAULT_MASK_RATIO
 
 REPORT_FORMAT = "fastdd-report/1"
-REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOTS_FOLDER = "plots"
-SUMMARY_PREFIX = "summary_"
 DEFAULT_REPORT_OOD = ("gaussian", "uniform")  # built offline for every dataset
 DEFAULT_REPORT_SCORES = ("msp", "energy")
-# The robustness measures and calibration methods in the headline table (cluster_mean is in report.json only).
-HEADLINE_ROBUSTNESS = ("cluster_min", "noise", "blur", "invert")
-CALIBRATION_LABELS = {"none": "ECE raw", "ts": "ECE TS", "mts": "ECE MTS"}
 
 # on_epoch(set name, model, run, epoch) after every training epoch of every network
 ReportProgress = Callable[[str, str, int, int], None]
@@ -67,6 +66,8 @@ class ReportSet:
         synset: the set.
         dataset: its real dataset (shared by the sets with the same dataset settings).
         calibration: the calibration methods evaluated for it (``ts`` dropped when a class has a single image).
+        plan: its evaluation, built once by `prepare_report` and run by `ReportPlan.run` (its plots go to the
+            report's staging folder).
         info: its metadata row of report.json (method, IPC, flags, size, distillation time, notes).
     """
 
@@ -76,12 +77,16 @@ class ReportSet:
     synset: SyntheticSet
     dataset: ImageDataset
     calibration: tuple[str, ...]
+    plan: EvalPlan
     info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class ReportPlan:
-    """A validated report, ready to run: made by `prepare_report`; nothing is written or trained until `run`."""
+    """A validated report, ready to run: made by `prepare_report`; nothing is written or trained until `run`.
+
+    ``staging`` is the hidden folder inside ``out`` that `run` writes into before moving the files into place.
+    """
 
     out: Path
     sets: list[ReportSet]
@@ -96,20 +101,18 @@ class ReportPlan:
     data_root: str | None
     use_outliers: bool
     overwrite: bool
+    staging: Path
 
     @property
     def total_epochs(self) -> int:
         """Training epochs of the whole report (for a progress bar): per set, model and run one network, two with TS."""
-        epochs = self.config.epochs_or_default()
-        return sum(
-            len(self.models) * self.config.runs * (2 if "ts" in s.calibration else 1) * epochs for s in self.sets
-        )
+        return sum(s.plan.total_epochs for s in self.sets)
 
     def run(self, on_epoch: ReportProgress | None = None) -> dict[str, Any]:
         """Evaluate every set, write the report into ``out`` and return the content of report.json."""
         created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
-        staging = self.out / f".report-staging-{uuid.uuid4().hex[:8]}"
+        staging = self.staging
         staging.mkdir()
         try:
             entries = []
@@ -117,22 +120,7 @@ class ReportPlan:
                 callback = (
                     (lambda model, run, epoch, n=report_set.name: on_epoch(n, model, run, epoch)) if on_epoch else None
                 )
-                result = evaluate_synthetic_set(
-                    report_set.synset,
-                    report_set.dataset,
-                    models=self.models,
-                    config=self.config,
-                    on_epoch=callback,
-                    ood=self.ood,
-                    scores=self.scores,
-                    plots=staging / PLOTS_FOLDER / report_set.folder,
-                    ood_size=self.ood_size,
-                    use_outliers=self.use_outliers,
-                    data_root=self.data_root,
-                    robustness=list(self.robustness) or None,
-                    calibration=list(report_set.calibration) or None,
-                    mask_ratio=self.mask_ratio,
-                )
+                result = report_set.plan.run(callback)
                 result["plots"] = [Path(p).relative_to(staging).as_posix() for p in result.get("plots", [])]
                 entries.append({**report_set.info, "results": result})
             report = self._report(entries)
@@ -288,9 +276,13 @@ def prepare_report(
     use_outliers: bool = True,
     overwrite: bool = False,
 ) -> ReportPlan:
-    """Check every input of `trust_report` (same arguments) and load the sets and their dataset; train nothing and
-    write nothing. Each set's options go through `evaluate_synthetic_set` itself with no model to train, so every
-    check it makes (OOD sets, scores, holdout classes, mask ratio, outliers) is made here for every set.
+    """Check every input of `trust_report` (same arguments), load the sets and their dataset, and build each set's
+    evaluation plan once; train nothing and write nothing.
+
+    Every option of every set is checked first (`check_evaluation_options`: OOD sets, scores, holdout classes, mask
+    ratio, outliers, ...), before anything expensive is built; then each set's plan is built (`build_plan`), the sets
+    of one dataset sharing one test side (OOD sets, KMeans clusters, corrupted test images), and `ReportPlan.run`
+    runs those very plans.
 
     Raises:
         FastddError: see `trust_report`.
@@ -313,51 +305,34 @@ def prepare_report(
     calibrations = parse_calibrations(calibration)
     out = Path(out)
     _check_out(out, overwrite)
-
     named = _read_sets(synsets)
-    datasets_named = {name: s.meta.get("dataset") for name, _, s in named}
-    missing = [name for name, value in datasets_named.items() if not value]
-    if missing:
-        raise FastddError(f"the synthetic set {missing[0]} does not name its dataset in synset.json; it was not "
-                          "written by fastdd.")
-    if len(set(datasets_named.values())) > 1:
-        listed = ", ".join(f"{name} ({value})" for name, value in datasets_named.items())
-        raise FastddError(f"the synthetic sets come from different datasets: {listed}; a report compares sets of one "
-                          "dataset, so make one report per dataset.")
+    _check_one_dataset(named)
 
+    staging = out / f".report-staging-{uuid.uuid4().hex[:8]}"
     loaded: dict[tuple, ImageDataset] = {}
-    folders = _unique([_folder_name(name) for name, _, _ in named])
-    sets = []
-    for (name, path, synset), folder in zip(named, folders):
-        meta = synset.meta
-        key = (meta["dataset"], data_root if data_root is not None else meta.get("data_root"),
-               meta.get("image_size"), bool(meta.get("zca", False)))
-        dataset = loaded.get(key)
-        if dataset is None or tuple(synset.images.shape[1:]) != (dataset.channels, *dataset.image_size):
-            dataset = dataset_for_synset(synset, data_root=data_root)  # raises the shape mismatch, if any
-            loaded.setdefault(key, dataset)
-        specs = parse_ood_sets(ood_names, num_classes=dataset.num_classes)
-        notes = []
-        chosen = calibrations
-        if "ts" in calibrations:
-            single = _single_image_class(synset, dataset, specs)
-            if single is not None:
-                chosen = tuple(m for m in calibrations if m != "ts")
-                notes.append(f"TS skipped: class {single} has a single synthetic image, so temperature scaling cannot "
-                             f"hold {TS_HOLDOUT_FRACTION:.0%} of each class out (MTS fits on all of the set).")
-        evaluate_synthetic_set(  # validation only: no model, so nothing trains
-            synset, dataset, models=[], config=config, ood=ood_names, scores=scores, ood_size=ood_size,
-            use_outliers=use_outliers, data_root=data_root, robustness=list(robustness_sets) or None,
-            calibration=list(chosen) or None, mask_ratio=mask_ratio,
+    checked: list[tuple[str, str, str | None, EvalOptions, dict[str, Any]]] = []
+    for (name, path, synset), folder in zip(named, _unique([_folder_name(name) for name, _, _ in named])):
+        dataset = _dataset_for(synset, data_root, loaded)
+        chosen, notes = _calibrations_for(synset, dataset, ood_names, calibrations)
+        options = check_evaluation_options(
+            synset, dataset, models=model_names, config=config, ood=ood_names, scores=scores,
+            plots=staging / PLOTS_FOLDER / folder, ood_size=ood_size, use_outliers=use_outliers, data_root=data_root,
+            robustness=list(robustness_sets) or None, calibration=list(chosen) or None, mask_ratio=mask_ratio,
         )
-        info = _set_info(name, path, synset)
-        info["calibration"] = list(chosen)
-        info["notes"] = notes
-        sets.append(ReportSet(name, folder, path, synset, dataset, chosen, info))
+        info = {**_set_info(name, path, synset), "calibration": list(chosen), "notes": notes}
+        checked.append((name, folder, path, options, info))
+
+    shared: dict[tuple[int, int | None], EvalTestData] = {}  # (dataset, holdout K) -> its test side
+    sets = []
+    for name, folder, path, options, info in checked:
+        key = (id(options.dataset), options.task.holdout)
+        plan = build_plan(options, test_data=shared.get(key))
+        shared.setdefault(key, plan.test_data)
+        sets.append(ReportSet(name, folder, path, options.synset, options.dataset, options.calibration, plan, info))
     return ReportPlan(
         out=out, sets=sets, models=model_names, config=config, ood=ood_names, scores=_split(scores),
         robustness=robustness_sets, calibration=calibrations, mask_ratio=mask_ratio, ood_size=ood_size,
-        data_root=data_root, use_outliers=use_outliers, overwrite=overwrite,
+        data_root=data_root, use_outliers=use_outliers, overwrite=overwrite, staging=staging,
     )
 
 
@@ -464,11 +439,50 @@ def _unique(names: Iterable[str]) -> list[str]:
     return result
 
 
+def _check_one_dataset(named: list[tuple[str, str | None, SyntheticSet]]) -> None:
+    datasets_named = {name: s.meta.get("dataset") for name, _, s in named}
+    missing = [name for name, value in datasets_named.items() if not value]
+    if missing:
+        raise FastddError(f"the synthetic set {missing[0]} does not name its dataset in synset.json; it was not "
+                          "written by fastdd.")
+    if len(set(datasets_named.values())) > 1:
+        listed = ", ".join(f"{name} ({value})" for name, value in datasets_named.items())
+        raise FastddError(f"the synthetic sets come from different datasets: {listed}; a report compares sets of one "
+                          "dataset, so make one report per dataset.")
+
+
+def _dataset_for(synset: SyntheticSet, data_root: str | None, loaded: dict[tuple, ImageDataset]) -> ImageDataset:
+    """The set's real dataset, loaded once per dataset settings (``loaded`` caches them)."""
+    meta = synset.meta
+    key = (meta["dataset"], data_root if data_root is not None else meta.get("data_root"),
+           meta.get("image_size"), bool(meta.get("zca", False)))
+    dataset = loaded.get(key)
+    if dataset is None or tuple(synset.images.shape[1:]) != (dataset.channels, *dataset.image_size):
+        dataset = dataset_for_synset(synset, data_root=data_root)  # raises the shape mismatch, if any
+        loaded.setdefault(key, dataset)
+    return dataset
+
+
+def _calibrations_for(
+    synset: SyntheticSet, dataset: ImageDataset, ood_names: list[str], calibrations: tuple[str, ...]
+) -> tuple[tuple[str, ...], list[str]]:
+    """The calibration methods of one set (``ts`` dropped when a class it trains on has a single synthetic image)
+    and the notes saying so."""
+    if "ts" not in calibrations:
+        return calibrations, []
+    single = _single_image_class(synset, dataset, parse_ood_sets(ood_names, num_classes=dataset.num_classes))
+    if single is None:
+        return calibrations, []
+    note = (f"TS skipped: class {single} has a single synthetic image, so temperature scaling cannot hold "
+            f"{TS_HOLDOUT_FRACTION:.0%} of each class out (MTS fits on all of the set).")
+    return tuple(m for m in calibrations if m != "ts"), [note]
+
+
 def _single_image_class(synset: SyntheticSet, dataset: ImageDataset, specs: list) -> int | None:
     """The first class with a single synthetic image among those the evaluation trains on, or None."""
     from fastdd.trust.temperature import hard_labels
 
-    task = _task(synset, dataset, holdout_spec(specs))
+    task = evaluation_task(synset, dataset, holdout_spec(specs))
     counts = torch.bincount(hard_labels(task.targets).cpu())
     single = (counts == 1).nonzero().flatten()
     return int(single[0]) if single.numel() else None
@@ -501,172 +515,3 @@ def _set_info(name: str, path: str | None, synset: SyntheticSet) -> dict[str, An
         "size_bytes": size,
         "distill_seconds": seconds,
     }
-
-
-# ------------------------------------------------------------------------------------------------------ outputs
-
-
-def _headline_metrics(report: dict[str, Any]) -> list[tuple[str, Callable[[dict], dict | None], bool]]:
-    """``(label, getter of a model's result -> {"mean", "std"} or None, lower is better)`` per headline column."""
-    protocol = report["protocol"]
-
-    def path(*keys: str) -> Callable[[dict], dict | None]:
-        def get(res: dict) -> dict | None:
-            for key in keys:
-                if not isinstance(res, dict) or key not in res:
-                    return None
-                res = res[key]
-            return res
-
-        return get
-
-    columns: list[tuple[str, Callable[[dict], dict | None], bool]] = [("acc %", path("acc"), False)]
-    for score in protocol["scores"]:
-        columns.append((f"AUROC {score}", path("ood", score, "mean", "auroc"), False))
-        columns.append((f"FPR95 {score}", path("ood", score, "mean", "fpr95"), True))
-    for name in HEADLINE_ROBUSTNESS:
-        if name in protocol["robustness"]:
-            columns.append((name, path("robustness", name), False))
-    for method in protocol["calibration"]:
-        columns.append((CALIBRATION_LABELS[method], path("calibration", method, "ece"), True))
-    return columns
-
-
-def save_summary_chart(report: dict[str, Any], model: str, path: str | Path) -> None:
-    """A grouped bar chart of one model's headline metrics (accuracy, mean AUROC per score, robustness, ECE), one bar
-    per set with its std over runs as an error bar, written atomically as a PNG."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    columns = [(label.removesuffix(" %"), get, lower) for label, get, lower in _headline_metrics(report)
-               if not label.startswith("FPR95")]
-    sets = report["sets"]
-    figure = Figure(figsize=(max(6.4, 1.0 + 0.9 * len(columns) * max(1, len(sets)) ** 0.5), 4.4), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    x = np.arange(len(columns))
-    width = 0.8 / max(1, len(sets))
-    for i, entry in enumerate(sets):
-        res = entry["results"]["models"][model]
-        values = [get(res) for _, get, _ in columns]
-        means = [v["mean"] if v else np.nan for v in values]
-        stds = [v["std"] if v else 0.0 for v in values]
-        axes.bar(x - 0.4 + width * (i + 0.5), means, width, yerr=stds, capsize=2, label=entry["name"])
-    axes.set_xticks(x, [label + (" ↓" if lower else "") for label, _, lower in columns], rotation=30, ha="right")
-    axes.set_ylabel("percent (↓: lower is better)")
-    axes.set_ylim(0, 105)
-    axes.set_title(f"{report['dataset']}, {model}: mean ± std over {_count(report['protocol']['runs'], 'run')}")
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    """The Markdown text of report.md for the content of report.json."""
-    protocol, machine, sets = report["protocol"], report["machine"], report["sets"]
-    first = sets[0]["results"]
-    ood_sizes = ", ".join(f"{name} ({n} per side)" for name, n in first["ood_sets"].items())
-    lr = f"lr {protocol['lr']:g}" if protocol["lr"] is not None else "lr per set (its learned lr, else 0.01)"
-    lines = [
-        f"# Trust report: {report['dataset']}",
-        "",
-        f"- **Sets**: {', '.join(entry['name'] for entry in sets)}",
-        f"- **Protocol**: models {', '.join(protocol['models'])}; {_count(protocol['runs'], 'run')} of "
-        f"{_count(protocol['epochs'], 'epoch')}, {lr}, batch {protocol['batch_size']}, DSA {'on' if protocol['dsa'] else 'off'}, seed "
-        f"{protocol['seed']}; outlier images of TrustDD sets "
-        f"{'trained on (integrated loss)' if protocol['use_outliers'] else 'ignored'}"
-        + (f"; networks trained on classes < {protocol['holdout']}" if protocol["holdout"] is not None else ""),
-        f"- **OOD**: {ood_sizes}; scores {', '.join(protocol['scores'])}",
-        f"- **Robustness**: {', '.join(protocol['robustness']) or 'not measured'}",
-        f"- **Calibration**: {', '.join(protocol['calibration'])} (MTS mask ratio {protocol['mask_ratio']}; TS "
-        "networks train on 90 % of each class)",
-        f"- **Machine**: {machine['platform']}, {machine['cpu_count']} CPUs, torch {machine['torch']} "
-        f"({machine['torch_threads']} threads, {machine['device']}), fastdd {report['fastdd_version']}",
-        f"- **Date**: {report['created']}",
-        "",
-        "All numbers are mean ± std over runs, in percent. Higher is better, except FPR95 (OOD accepted at 95 % ID "
-        "recall) and ECE (15 bins). AUROC and FPR95 are means over the OOD sets.",
-        "",
-        "## Sets",
-        "",
-    ]
-    lines += _table(
-        ["set", "method", "IPC", "images", "outlier images", "outliers", "robust", "MDT", "lr", "size",
-         "distillation time"],
-        [
-            [entry["name"], str(entry["method"]), str(entry["ipc"]), str(entry["images"]), str(entry["outlier_images"]),
-             entry["outliers"], _yes(entry["robust"]),
-             f"yes ({entry['mdt_mask_ratio']})" if entry["mdt"] else "no", f"{entry['results']['lr']:g}",
-             _size(entry["size_bytes"]), _duration(entry["distill_seconds"])]
-            for entry in sets
-        ],
-    )
-    notes = [f"- {entry['name']}: {note}" for entry in sets for note in entry["notes"]]
-    if notes:
-        lines += ["", "Notes:", "", *notes]
-    columns = _headline_metrics(report)
-    for model in protocol["models"]:
-        lines += ["", f"## {model}", ""]
-        rows = []
-        for entry in sets:
-            res = entry["results"]["models"][model]
-            rows.append([entry["name"], *(_pm(get(res)) for _, get, _ in columns),
-                         _size(entry["size_bytes"]), _duration(entry["distill_seconds"])])
-        lines += _table(["set", *(label + (" ↓" if lower else "") for label, _, lower in columns), "size",
-                         "distillation time"], rows)
-    for model in protocol["models"]:
-        for score in protocol["scores"]:
-            names = [name for name in first["ood_sets"]]
-            lines += ["", f"### {model}, {score}: per OOD set", ""]
-            rows = []
-            for entry in sets:
-                ood = entry["results"]["models"][model]["ood"][score]
-                rows.append([entry["name"], *(cell for name in names for cell in
-                                              (_pm(ood[name]["auroc"]), _pm(ood[name]["fpr95"])))])
-            lines += _table(["set", *(f"{name} {m}" for name in names for m in ("AUROC", "FPR95 ↓"))], rows)
-    lines += ["", "## Plots", ""]
-    for model in protocol["models"]:
-        lines += [f"![{model}]({SUMMARY_PREFIX}{model}.png)", ""]
-    lines += [f"- [{p}]({p})" for p in report["plots"]]
-    lines += ["", f"Raw numbers (every run) are in {REPORT_JSON}.", ""]
-    return "\n".join(lines)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    def row(cells: list[str]) -> str:
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-
-    return [row(header), "|" + "|".join("---" for _ in header) + "|", *(row(r) for r in rows)]
-
-
-def _pm(summary: dict | None) -> str:
-    if not summary:
-        return "–"
-    return f"{summary['mean']:.2f} ± {summary['std']:.2f}"
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
-def _yes(flag: bool) -> str:
-    return "yes" if flag else "no"
-
-
-def _size(size: int) -> str:
-    if size < 1024:
-        return f"{size} B"
-    if size < 1024**2:
-        return f"{size / 1024:.1f} KiB"
-    return f"{size / 1024**2:.1f} MiB"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    if seconds < 3600:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.2f} h"

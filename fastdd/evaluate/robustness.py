@@ -90,11 +90,7 @@ def kmeans_clusters(
     """
     if num_clusters < 1:
         raise ValueError(f"num_clusters must be at least 1, got {num_clusters}")
-    if images.shape[0] < num_clusters:
-        raise FastddError(
-            f"the test set has {images.shape[0]} images, fewer than the {num_clusters} clusters of cluster_min; "
-            "drop cluster_min and cluster_mean from --robustness-sets."
-        )
+    check_cluster_count(images.shape[0], num_clusters)
     key = (num_clusters, random_state, images._version)
     cached = _cluster_cache.setdefault(images, {})
     if key not in cached:
@@ -104,6 +100,19 @@ def kmeans_clusters(
         kmeans = KMeans(n_clusters=num_clusters, n_init=KMEANS_N_INIT, random_state=random_state)
         cached[key] = torch.from_numpy(kmeans.fit_predict(features)).to(torch.int64)
     return cached[key]
+
+
+def check_cluster_count(num_images: int, num_clusters: int = NUM_CLUSTERS) -> None:
+    """Refuse the cluster measures on a test set of fewer than ``num_clusters`` images (before any clustering).
+
+    Raises:
+        FastddError: saying which measures to drop.
+    """
+    if num_images < num_clusters:
+        raise FastddError(
+            f"the test set has {num_images} images, fewer than the {num_clusters} clusters of cluster_min; "
+            "drop cluster_min and cluster_mean from --robustness-sets."
+        )
 
 
 def test_clusters(
@@ -249,6 +258,23 @@ def robustness_row(
         clean_logits: ``[M, classes]`` logits of ``net`` on the clean test images, when already computed; needed for
             the cluster measures (None with a cluster set raises ``ValueError``).
     Returns:
+        ``{set: accuracy in percent}`` for ``tests.sets``, see `robustness_scores`.
+    """
+    corrupted = {name: predict_logits(net, images) for name, images in tests.corrupted.items()}
+    return robustness_scores(tests, clean_logits, corrupted)
+
+
+def robustness_scores(
+    tests: RobustnessTests, clean_logits: torch.Tensor | None, corrupted_logits: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    """The robustness measures of one network from its logits, in percent.
+
+    Args:
+        tests: from `build_robustness_tests`.
+        clean_logits: ``[M, classes]`` logits on the clean test images; needed for the cluster measures (None with a
+            cluster set raises ``ValueError``).
+        corrupted_logits: corruption name -> ``[M, classes]`` logits on ``tests.corrupted[name]``, for each of them.
+    Returns:
         ``{set: accuracy in percent}`` for ``tests.sets``. ``cluster_min``/``cluster_mean`` are the min/mean over the
         non-empty clusters.
     """
@@ -264,7 +290,7 @@ def robustness_row(
             row["cluster_min"] = 100.0 * float(present.min())
         if "cluster_mean" in tests.sets:
             row["cluster_mean"] = 100.0 * float(present.mean())
-    for name, images in tests.corrupted.items():
-        predictions = predict_logits(net, images).argmax(dim=1)
+    for name in tests.corrupted:
+        predictions = corrupted_logits[name].argmax(dim=1)
         row[name] = 100.0 * float((predictions.cpu() == tests.labels.cpu()).to(torch.float64).mean())
     return {name: row[name] for name in tests.sets}
