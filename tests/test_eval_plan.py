@@ -180,7 +180,6 @@ def _nothing_expensive(monkeypatch):
         (dict(calibration="mts", mask_ratio=1.0), "--mask-ratio must be in"),
         (dict(train_loss="hinge"), "unknown training loss 'hinge'"),
         (dict(train_plugin="oal", teacher="expert", ood="holdout:5"), "cannot train holdout:K"),
-        (dict(config=EvalConfig(runs=0)), "--runs must be at least 1"),
     ],
 )
 def test_options_are_checked_before_anything_is_built(digits, monkeypatch, options, fragment):
@@ -188,6 +187,13 @@ def test_options_are_checked_before_anything_is_built(digits, monkeypatch, optio
     options = {"ood": "gaussian", "robustness": "cluster_min,noise", **options}
     with pytest.raises(FastddError, match=fragment):
         plan_evaluation(_synset(digits, ipc=1), digits, models=["convnet"], **options)
+
+
+def test_a_protocol_that_cannot_run_is_refused_when_made():
+    with pytest.raises(FastddError, match="--runs must be at least 1"):
+        EvalConfig(runs=0)
+    with pytest.raises(FastddError, match="--lr must be greater than 0"):
+        EvalConfig(lr=0.0)
 
 
 def test_too_few_test_images_for_the_clusters_is_refused_before_clustering(digits, monkeypatch):

@@ -4,6 +4,7 @@ and the measurements (OOD, robustness, calibration) made on them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from fastdd.config.options import Section, field_error, field_of, option, redefault
 from fastdd.config.run import OUTPUT, ProgressConfig
@@ -64,6 +65,13 @@ class EvalConfig(DeviceConfig):
 
     def epochs_or_default(self) -> int:
         return self.epochs if self.epochs is not None else (1000 if self.dsa else 300)
+
+    def lr_for(self, synset: Any) -> float:
+        """The learning rate of the networks trained on ``synset`` (a SyntheticSet): ``lr``, else its learned
+        ``syn_lr``, else 0.01."""
+        if self.lr is not None:
+            return self.lr
+        return float(synset.syn_lr) if synset.syn_lr is not None else DEFAULT_LR
 
 
 @dataclass

@@ -132,9 +132,7 @@ def check_evaluation_options(
     Raises:
         FastddError: one sentence naming the option (by its CLI flag) and what to do.
     """
-    config = config or EvalConfig()
-    if config.runs < 1:
-        raise FastddError(f"--runs must be at least 1, got {config.runs}.")
+    config = config or EvalConfig()  # an EvalConfig checks its own fields when made
     if ood_size is not None and ood_size < 1:
         raise FastddError(f"--ood-size must be at least 1, got {ood_size}.")
     specs = _check_ood_sets(ood, dataset)

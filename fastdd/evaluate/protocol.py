@@ -3,48 +3,17 @@ set. `fastdd.evaluate.plan` strings these into an evaluation scored on real data
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
+from fastdd.config.evaluate import EvalConfig
 from fastdd.data import ImageDataset, load_dataset
 from fastdd.errors import FastddError
 from fastdd.io import SyntheticSet
 from fastdd.models import build_model_for
 from fastdd.training import TrainObjective, train_epoch
 from fastdd.trust.outlier_loss import DEFAULT_OUTLIER_WEIGHT
-
-DEFAULT_LR = 0.01
-
-
-@dataclass
-class EvalConfig:
-    """How each evaluation network is trained (defaults: the protocol of the DC/DSA/MTT papers).
-
-    ``epochs=None`` means 1000 with DSA and 300 without; ``lr=None`` means the synthetic set's learned ``syn_lr``
-    when it has one, else 0.01. The learning rate is multiplied by 0.1 from epoch ``epochs // 2 + 1`` on.
-    """
-
-    runs: int = 5
-    epochs: int | None = None
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 256
-    dsa: bool = True
-    seed: int = 0
-    device: str = "cpu"
-
-    def epochs_or_default(self) -> int:
-        return self.epochs if self.epochs is not None else (1000 if self.dsa else 300)
-
-    def lr_for(self, synset: SyntheticSet) -> float:
-        """The learning rate of the networks trained on ``synset``: ``lr``, else its ``syn_lr``, else 0.01."""
-        if self.lr is not None:
-            return self.lr
-        return float(synset.syn_lr) if synset.syn_lr is not None else DEFAULT_LR
-
 
 def dataset_for_synset(synset: SyntheticSet, *, data_root: str | None = None) -> ImageDataset:
     """Load the real dataset a synthetic set was distilled from, with the same normalisation / ZCA."""

@@ -287,13 +287,7 @@ def prepare_report(
     Raises:
         FastddError: see `trust_report`.
     """
-    config = config or EvalConfig()
-    if config.runs < 1:
-        raise FastddError(f"--runs must be at least 1, got {config.runs}.")
-    if config.epochs is not None and config.epochs < 1:
-        raise FastddError(f"--epochs must be at least 1, got {config.epochs}.")
-    if config.lr is not None and not config.lr > 0:
-        raise FastddError(f"--lr must be positive, got {config.lr}.")
+    config = config or EvalConfig()  # an EvalConfig checks its own fields when made
     if ood_size is not None and ood_size < 1:
         raise FastddError(f"--ood-size must be at least 1, got {ood_size}.")
     model_names = _model_names(models)
