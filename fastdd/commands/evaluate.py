@@ -25,30 +25,23 @@ def evaluate(
     their OOD detection (AUROC, AUPR-IN/OUT, FPR95 in TrustDD's and OpenOOD's conventions), with --robustness
     their worst-cluster and shifted-input accuracies, and with --calibration their ECE / NLL raw, after TS and after
     MTS."""
-    from fastdd.evaluate import dataset_for_synset, evaluate_synthetic_set
+    from fastdd.evaluate import dataset_for_synset, plan_evaluation
     from fastdd.io import SyntheticSet, write_json
 
     settings = from_options(EvaluateConfig, given_options(config, options), context="fastdd evaluate")
     protocol = pick(EvalConfig, settings)
-    names = settings.models.split(",")
     synset = SyntheticSet.load(synset_dir)
-    data = dataset_for_synset(synset, data_root=settings.data_root)
-    calibrations = settings.calibration.split(",") if settings.calibration else None
-    networks_per_run = 2 if calibrations and "ts" in calibrations else 1
-    total = len(names) * protocol.runs * networks_per_run * protocol.epochs_or_default()
-    with Progress("evaluate", total, unit="epoch", enabled=not settings.quiet, hint=SHARED_CORES_HINT) as progress:
-
-        def on_epoch(model: str, run: int, epoch: int) -> None:
-            progress.advance(description=f"evaluate {model} run {run + 1}/{protocol.runs}")
-
-        result = evaluate_synthetic_set(
-            synset, data, models=names, config=protocol, on_epoch=on_epoch,
-            ood=settings.ood.split(",") if settings.ood else None,
-            scores=settings.scores.split(",") if settings.scores else None, plots=settings.plots,
-            ood_size=settings.ood_size, use_outliers=settings.use_outliers, data_root=settings.data_root,
-            robustness=settings.chosen_robustness(), calibration=calibrations, mask_ratio=settings.mask_ratio,
-            train_loss=settings.train_loss, train_plugin=settings.train_plugin, teacher=settings.teacher,
-        )
+    plan = plan_evaluation(
+        synset, dataset_for_synset(synset, data_root=settings.data_root), models=settings.models.split(","),
+        config=protocol, ood=settings.ood, scores=settings.scores, plots=settings.plots, ood_size=settings.ood_size,
+        use_outliers=settings.use_outliers, data_root=settings.data_root, robustness=settings.chosen_robustness(),
+        calibration=settings.calibration, mask_ratio=settings.mask_ratio, train_loss=settings.train_loss,
+        train_plugin=settings.train_plugin, teacher=settings.teacher,
+    )
+    with Progress("evaluate", plan.total_epochs, unit="epoch", enabled=not settings.quiet,
+                  hint=SHARED_CORES_HINT) as progress:
+        result = plan.run(lambda model, run, epoch: progress.advance(
+            description=f"evaluate {model} run {run + 1}/{protocol.runs}"))
     print_evaluation(result, protocol.runs)
     for path in result.get("plots", []):
         typer.echo(f"plot written to {path}")
