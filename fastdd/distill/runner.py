@@ -118,74 +118,12 @@ def run_distillation(
     elif tensorboard is False:
         tensorboard = None
     check_sinks_available(tensorboard=tensorboard is not None, wandb=wandb)
-    if main:  # one rank probes the folder (the launcher stops the others if it fails)
-        # Room for three checkpoints (current, previous, the one being written) and the synthetic set beside them.
-        need = 4 * _tensor_bytes(distiller.state_dict())
-        check_output_folder(out, resume=resume, overwrite=overwrite, need_bytes=need)
-    distributed.check_same(json.dumps(config.to_dict(), sort_keys=True), "settings")
-    if overwrite and main:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-    if (overwrite or resume) and main:  # half-written files of a killed process
-        remove_stale_temporaries(out, RUN_FILES)
-    start = 0
-    if resume:
-        state = load_checkpoint(out)
-        saved = json.loads(state["config"])
-        differences = settings_differences(saved, config.to_dict())
-        if differences:
-            raise FastddError(
-                f"the checkpoint in {out} was made with other settings ({'; '.join(differences)}); rerun with the "
-                "same options (only --iterations may change) or choose another --out."
-            )
-        distiller.load_state_dict(state["distiller"])
-        start = int(state["iteration"])
-    # Every rank has read the folder (and the checkpoint) before rank 0 writes into it.
-    distributed.barrier()
-    out.mkdir(parents=True, exist_ok=True)
+    start = _open_run(distiller, out, resume=resume, overwrite=overwrite)
     distiller.prepare(out, progress=progress and main)
     sinks = Sinks([JsonlSink(out, resume_from=start if resume else None)] if main else [])
+    checkpoints = _Checkpoints(distiller, out, sinks, last_saved=start)
     total = config.iterations
-    checkpoint_every = max(1, checkpoint_every)
-    log_images_every = max(1, log_images_every)
-
-    last_saved = start
-
-    def checkpoint(iteration: int) -> SyntheticSet | None:
-        nonlocal last_saved
-        # The ranks must hold the same synthetic set (they apply the same summed gradients): a cheap guard.
-        if distributed.world_size() > 1:
-            distributed.check_same(distributed.tensor_digest(distiller.synthetic_tensors()), "synthetic images")
-        if not main:
-            return None
-        if not all(bool(torch.isfinite(t).all()) for t in distiller.synthetic_tensors()):
-            raise FastddError(
-                f"the synthetic images became non-finite by iteration {iteration}; nothing of it was written and the "
-                f"last checkpoint in {out} was kept (try a smaller --lr-img)."
-            )
-        sinks.flush()  # what the checkpoint covers is on disk before it
-        try:
-            save_checkpoint(
-                out,
-                {
-                    "iteration": iteration,
-                    "method": distiller.name,
-                    "config": json.dumps(config.to_dict(), sort_keys=True),
-                    "distiller": distiller.state_dict(),
-                },
-            )
-            synset = save_synthetic_set(distiller, out)
-        except OSError as exc:
-            raise _write_failed(out, f"the checkpoint of iteration {iteration}", exc, last_saved) from None
-        last_saved = iteration
-        return synset
-
-    def log_images(step: int) -> None:
-        to_unit = distiller.dataset.to_unit_range
-        sinks.log_images("synset", to_unit(distiller.images.detach()), step, nrow=config.ipc)
-        for name, images in distiller.plugins.image_logs().items():
-            sinks.log_images(name, to_unit(images), step, nrow=config.ipc)
-
+    checkpoint_every, log_images_every = max(1, checkpoint_every), max(1, log_images_every)
     bar = Progress(f"distill {distiller.name}", total, completed=start, unit="iteration", enabled=progress and main,
                    hint=SHARED_CORES_HINT)
     t0 = time.perf_counter()
@@ -209,15 +147,88 @@ def run_distillation(
                 try:
                     sinks.log_scalars(record, step)
                 except OSError as exc:
-                    raise _write_failed(out, f"{METRICS}", exc, last_saved) from None
+                    raise _write_failed(out, f"{METRICS}", exc, checkpoints.last_saved) from None
                 bar.advance(loss=loss)
                 if sinks.takes_images and (step % log_images_every == 0 or step == total):
-                    log_images(step)
+                    _log_images(distiller, sinks, step)
                 if step % checkpoint_every == 0 and step < total:
-                    checkpoint(step)
-        synset = checkpoint(total)
+                    checkpoints.write(step)
+        synset = checkpoints.write(total)
     distributed.barrier()  # the files exist when any rank returns
     return synset if synset is not None else distiller.synthetic_set()
+
+
+def _open_run(distiller: Distiller, out: Path, *, resume: bool, overwrite: bool) -> int:
+    """Check ``out`` can take the run, clear it with ``overwrite``, load the checkpoint with ``resume``; returns the
+    iteration to start from. Every rank returns only once all have read the folder."""
+    config, main = distiller.config, distributed.is_main()
+    if main:  # one rank probes the folder (the launcher stops the others if it fails)
+        # Room for three checkpoints (current, previous, the one being written) and the synthetic set beside them.
+        need = 4 * _tensor_bytes(distiller.state_dict())
+        check_output_folder(out, resume=resume, overwrite=overwrite, need_bytes=need)
+    distributed.check_same(json.dumps(config.to_dict(), sort_keys=True), "settings")
+    if overwrite and main:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    if (overwrite or resume) and main:  # half-written files of a killed process
+        remove_stale_temporaries(out, RUN_FILES)
+    start = 0
+    if resume:
+        state = load_checkpoint(out)
+        differences = settings_differences(json.loads(state["config"]), config.to_dict())
+        if differences:
+            raise FastddError(
+                f"the checkpoint in {out} was made with other settings ({'; '.join(differences)}); rerun with the "
+                "same options (only --iterations may change) or choose another --out."
+            )
+        distiller.load_state_dict(state["distiller"])
+        start = int(state["iteration"])
+    # Every rank has read the folder (and the checkpoint) before rank 0 writes into it.
+    distributed.barrier()
+    out.mkdir(parents=True, exist_ok=True)
+    return start
+
+
+class _Checkpoints:
+    """Writes the checkpoint and the synthetic set of an iteration (rank 0), after checking the ranks agree and the
+    images are finite; remembers the last iteration saved for the messages of a failed write."""
+
+    def __init__(self, distiller: Distiller, out: Path, sinks: Sinks, *, last_saved: int) -> None:
+        self.distiller, self.out, self.sinks, self.last_saved = distiller, out, sinks, last_saved
+
+    def write(self, iteration: int) -> SyntheticSet | None:
+        distiller, out = self.distiller, self.out
+        # The ranks must hold the same synthetic set (they apply the same summed gradients): a cheap guard.
+        if distributed.world_size() > 1:
+            distributed.check_same(distributed.tensor_digest(distiller.synthetic_tensors()), "synthetic images")
+        if not distributed.is_main():
+            return None
+        if not all(bool(torch.isfinite(t).all()) for t in distiller.synthetic_tensors()):
+            raise FastddError(
+                f"the synthetic images became non-finite by iteration {iteration}; nothing of it was written and the "
+                f"last checkpoint in {out} was kept (try a smaller --lr-img)."
+            )
+        self.sinks.flush()  # what the checkpoint covers is on disk before it
+        state = {
+            "iteration": iteration,
+            "method": distiller.name,
+            "config": json.dumps(distiller.config.to_dict(), sort_keys=True),
+            "distiller": distiller.state_dict(),
+        }
+        try:
+            save_checkpoint(out, state)
+            synset = save_synthetic_set(distiller, out)
+        except OSError as exc:
+            raise _write_failed(out, f"the checkpoint of iteration {iteration}", exc, self.last_saved) from None
+        self.last_saved = iteration
+        return synset
+
+
+def _log_images(distiller: Distiller, sinks: Sinks, step: int) -> None:
+    to_unit, ipc = distiller.dataset.to_unit_range, distiller.config.ipc
+    sinks.log_images("synset", to_unit(distiller.images.detach()), step, nrow=ipc)
+    for name, images in distiller.plugins.image_logs().items():
+        sinks.log_images(name, to_unit(images), step, nrow=ipc)
 
 
 def _write_failed(out: Path, what: str, exc: OSError, last_saved: int) -> FastddError:
