@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdd.ops import diff_augment, sample_augment_params
-from fastdd.trust.outlier_loss import DEFAULT_OUTLIER_WEIGHT, integrated_loss
+from fastdd.trust.outlier_loss import OutlierBatches
 
 TrainObjective = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
 """``objective(net, inputs, targets, generator) -> 0-d loss``: the training loss of one minibatch.
@@ -33,8 +33,7 @@ def train_epoch(
     generator: torch.Generator,
     dsa_strategy: str | None = None,
     objective: TrainObjective | None = None,
-    outliers: torch.Tensor | None = None,
-    outlier_weight: float = DEFAULT_OUTLIER_WEIGHT,
+    outliers: OutlierBatches | None = None,
     input_transform: InputTransform | None = None,
 ) -> float:
     """One pass over ``images`` in a random order drawn from ``generator``.
@@ -48,11 +47,10 @@ def train_epoch(
         dsa_strategy: DSA strategy applied with one independent transform per image, or None for no augmentation.
         objective: the minibatch loss (`TrainObjective`), or None for cross-entropy ``F.cross_entropy(net(x), y)``
             (hard or soft targets). It cannot be combined with ``outliers``.
-        outliers: ``[K_out, C, H, W]`` unlabelled outlier images, or None. When given, each minibatch also takes its
-            share of a random order of the outliers (``K_out / K`` of the batch size, at least one) and the loss
-            becomes ``CE(in) + outlier_weight * H(U; f(out))`` (TrustDD's integrated loss). Outliers are
-            augmented like the images.
-        outlier_weight: lambda of the integrated loss.
+        outliers: TrustDD's unlabelled outlier images with the weight of their loss term, or None. When given,
+            each minibatch also takes its share of them (:meth:`OutlierBatches.shares`, about ``K_out / K`` of the
+            batch size, at least one), forwarded together with the images and augmented like them, and the loss is
+            TrustDD's integrated loss ``CE(in) + weight * H(U; f(out))``.
         input_transform: applied to every augmented minibatch (images and outliers together) before the forward
             pass, with ``generator``; None leaves them as they are.
     Returns:
@@ -64,10 +62,7 @@ def train_epoch(
     images = images.detach()
     order = torch.randperm(images.shape[0], generator=generator).to(images.device)
     if outliers is not None:
-        outliers = outliers.detach()
-        outlier_order = torch.randperm(outliers.shape[0], generator=generator).to(outliers.device)
-        num_batches = -(-images.shape[0] // batch_size)
-        outlier_batches = outlier_order.tensor_split(num_batches) if outliers.shape[0] >= num_batches else None
+        shares = outliers.shares(-(-images.shape[0] // batch_size), generator)
     total, count = 0.0, 0
     for number, start in enumerate(range(0, images.shape[0], batch_size)):
         idx = order[start : start + batch_size]
@@ -77,14 +72,11 @@ def train_epoch(
         elif outliers is None:
             loss = F.cross_entropy(net(_inputs(images[idx], dsa_strategy, generator, input_transform)), targets[idx])
         else:
-            if outlier_batches is not None:
-                out_idx = outlier_batches[number]
-            else:  # fewer outliers than minibatches: one outlier each, cycling through the order
-                out_idx = outlier_order[number % outliers.shape[0]].view(1)
+            out_idx = shares[number]
             # One forward over in + out (as outlier exposure does), so batchnorm sees both.
-            x = _inputs(torch.cat([images[idx], outliers[out_idx]]), dsa_strategy, generator, input_transform)
+            x = _inputs(torch.cat([images[idx], outliers.images[out_idx]]), dsa_strategy, generator, input_transform)
             logits_in, logits_out = net(x).split([idx.numel(), out_idx.numel()])
-            loss = integrated_loss(logits_in, targets[idx], logits_out, weight=outlier_weight)
+            loss = outliers.loss(logits_in, targets[idx], logits_out)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

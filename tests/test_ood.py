@@ -259,7 +259,8 @@ def test_evaluate_trains_with_the_synthetic_outliers(digits, monkeypatch):
     seen = []
 
     def recording_train_epoch(*args, **kwargs):
-        seen.append((kwargs.get("outliers"), kwargs.get("outlier_weight")))
+        batches = kwargs.get("outliers")
+        seen.append((None, None) if batches is None else (batches.images, batches.weight))
         return train_epoch(*args, **kwargs)
 
     train_epoch = protocol.train_epoch

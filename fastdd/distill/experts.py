@@ -52,6 +52,7 @@ from fastdd.observability import (
 )
 from fastdd.progress import SHARED_CORES_HINT, Progress
 from fastdd.training import accuracy, train_epoch
+from fastdd.trust.outlier_loss import OutlierBatches
 from fastdd.trust.outliers import outlier_source
 
 
@@ -261,11 +262,10 @@ def _train_one(config, dataset, index, strategy, images, labels, out, bar, sinks
         outliers = None
         if source is not None:
             count = max(1, round(config.outlier_ratio * images.shape[0]))
-            outliers = source.sample(count, generator).to(images.device)
+            outliers = OutlierBatches(source.sample(count, generator).to(images.device), config.outlier_weight)
         loss = train_epoch(
             net, optimizer, images, labels,
-            batch_size=config.batch_size, generator=generator, dsa_strategy=strategy,
-            outliers=outliers, outlier_weight=config.outlier_weight,
+            batch_size=config.batch_size, generator=generator, dsa_strategy=strategy, outliers=outliers,
         )
         if not math.isfinite(loss):
             raise FastddError(

@@ -23,6 +23,8 @@ from fastdd.evaluate.protocol import EvalConfig
 from fastdd.evaluate.robustness import CLUSTER_SETS, NUM_CLUSTERS, check_cluster_count, parse_robustness_sets
 from fastdd.io import SyntheticSet
 from fastdd.trust.masking import DEFAULT_MASK_RATIO
+from fastdd.trust.outlier_exposure import synthetic_outliers
+from fastdd.trust.outlier_loss import OutlierBatches
 from fastdd.trust.train_losses import TRAIN_LOSSES
 
 # TrustDD's default OOD score: its tables are MSP numbers, so the default output compares with the paper directly.
@@ -61,7 +63,7 @@ class EvalOptions:
         calibration: the calibration methods, in the order of ``CALIBRATIONS`` (empty for none).
         mask_ratio: MTS's masking ratio (the default filled in).
         plots: the folder of the plots, or None.
-        outliers: ``[K_out, C, H, W]`` the synthetic outliers the networks train with, or None.
+        outliers: the synthetic outliers the networks train with (images and loss weight), or None.
         train_loss: the networks' loss (one of ``TRAIN_LOSSES``).
         train_plugin: None or ``"oal"``.
         teacher: OAL's teacher, or None.
@@ -80,7 +82,7 @@ class EvalOptions:
     calibration: tuple[str, ...]
     mask_ratio: float
     plots: str | Path | None
-    outliers: torch.Tensor | None
+    outliers: OutlierBatches | None
     train_loss: str
     train_plugin: str | None
     teacher: str | None
@@ -151,7 +153,7 @@ def check_evaluation_options(
         )
     _check_training_plugin(train_loss, train_plugin, teacher, specs)
     task = evaluation_task(synset, dataset, holdout_spec(specs))
-    outliers = synset.outlier_images if use_outliers else None
+    outliers = synthetic_outliers(synset) if use_outliers else None
     if outliers is not None and (train_loss != "ce" or train_plugin is not None):
         what = "--train-plugin oal" if train_plugin is not None else f"--train-loss {train_loss}"
         raise FastddError(

@@ -21,7 +21,6 @@ from fastdd.evaluate.robustness import RobustnessTests, build_robustness_tests
 from fastdd.evaluate.training_objectives import TrainingObjectives
 from fastdd.io import SyntheticSet
 from fastdd.training import predict_logits
-from fastdd.trust.outlier_loss import DEFAULT_OUTLIER_WEIGHT
 
 # on_epoch(model, run, epoch) after every training epoch
 EvalProgress = Callable[[str, int, int], None]
@@ -74,7 +73,6 @@ class EvalPlan:
         objectives: builds each network's training objective (OAL's teacher and outlier bank already made).
         lr: the learning rate of every network.
         dsa_strategy: the DSA augmentation while training, or None.
-        outlier_weight: weight of the synthetic outliers' loss term.
     """
 
     options: EvalOptions
@@ -82,7 +80,6 @@ class EvalPlan:
     objectives: TrainingObjectives
     lr: float
     dsa_strategy: str | None
-    outlier_weight: float
 
     @property
     def total_epochs(self) -> int:
@@ -154,7 +151,6 @@ class EvalPlan:
                 dsa_strategy=self.dsa_strategy,
                 on_epoch=callback,
                 outliers=o.outliers if outliers else None,
-                outlier_weight=self.outlier_weight,
                 objective=self.objectives.build(net, gen),
             )
 
@@ -176,7 +172,7 @@ class EvalPlan:
             "runs": o.config.runs,
             "dsa": o.config.dsa,
             "seed": o.config.seed,
-            "outliers": 0 if o.outliers is None else int(o.outliers.shape[0]),
+            "outliers": 0 if o.outliers is None else int(o.outliers.images.shape[0]),
             "holdout": o.task.holdout,
             "train_loss": o.train_loss,
             "train_plugin": o.train_plugin,
@@ -204,9 +200,7 @@ def build_plan(options: EvalOptions, *, test_data: EvalTestData | None = None) -
     if test_data is None:
         test_data = build_test_data(o)
     strategy = (synset.meta.get("dsa_strategy") or dataset.dsa_strategy) if config.dsa else None
-    stored_weight = synset.meta.get("hyperparameters", {}).get("outlier_weight")
-    outlier_weight = DEFAULT_OUTLIER_WEIGHT if stored_weight is None else float(stored_weight)
-    return EvalPlan(o, test_data, objectives, config.lr_for(synset), strategy, outlier_weight)
+    return EvalPlan(o, test_data, objectives, config.lr_for(synset), strategy)
 
 
 def plan_evaluation(synset: SyntheticSet, dataset: ImageDataset, **options: Any) -> EvalPlan:

@@ -13,7 +13,7 @@ from fastdd.errors import FastddError
 from fastdd.io import SyntheticSet
 from fastdd.models import build_model_for
 from fastdd.training import TrainObjective, train_epoch
-from fastdd.trust.outlier_loss import DEFAULT_OUTLIER_WEIGHT
+from fastdd.trust.outlier_loss import OutlierBatches
 
 def dataset_for_synset(synset: SyntheticSet, *, data_root: str | None = None) -> ImageDataset:
     """Load the real dataset a synthetic set was distilled from, with the same normalisation / ZCA."""
@@ -62,15 +62,14 @@ def train_on_synthetic(
     generator: torch.Generator,
     dsa_strategy: str | None,
     on_epoch: Callable[[int], None] | None = None,
-    outliers: torch.Tensor | None = None,
-    outlier_weight: float = DEFAULT_OUTLIER_WEIGHT,
+    outliers: OutlierBatches | None = None,
     objective: TrainObjective | None = None,
 ) -> torch.nn.Module:
     """Train ``net`` on ``images`` ``[K, C, H, W]`` with ``targets`` (``[K]`` labels or ``[K, classes]`` soft labels).
 
     SGD with momentum and weight decay, lr x0.1 at half the epochs, DSA per image when ``dsa_strategy`` is given.
-    With ``outliers`` ``[K_out, C, H, W]`` each minibatch also carries outliers and the loss is TrustDD's integrated
-    loss ``CE + outlier_weight * H(U; f(out))`` (see `fastdd.training.train_epoch`). ``objective`` replaces the
+    With ``outliers`` each minibatch also carries its share of those outlier images and the loss is TrustDD's
+    integrated loss (see `fastdd.training.train_epoch`). ``objective`` replaces the
     cross-entropy (`fastdd.trust.train_losses`, `fastdd.trust.oal`); when it is an ``nn.Module`` its own trainable
     parameters (e.g. OAL's projection networks) are trained by the same SGD optimiser.
     """
@@ -97,7 +96,6 @@ def train_on_synthetic(
             generator=generator,
             dsa_strategy=dsa_strategy,
             outliers=outliers,
-            outlier_weight=outlier_weight,
             objective=objective,
         )
         if on_epoch is not None:

@@ -10,7 +10,8 @@ from torch import Tensor
 
 from fastdd.config import OutliersConfig, pick
 from fastdd.data import ImageDataset
-from fastdd.trust.outlier_loss import InLoss, integrated_loss, uniform_cross_entropy
+from fastdd.config.trust import DEFAULT_OUTLIER_WEIGHT
+from fastdd.trust.outlier_loss import InLoss, OutlierBatches, integrated_loss, uniform_cross_entropy
 from fastdd.trust.outliers import OutlierSource, outlier_source
 from fastdd.trust.plugins import MatchingGroup, NetworkStep, TrustPlugin
 
@@ -103,7 +104,7 @@ class OutlierExposure(TrustPlugin):
         return [MatchingGroup(self.images, self.real_outliers, _outlier_loss)]
 
     def synthetic_training_options(self) -> dict[str, Any]:
-        return {"outliers": self.images, "outlier_weight": self.config.outlier_weight}
+        return {"outliers": OutlierBatches(self.images, self.config.outlier_weight)}
 
     def real_batch_extra(self, n: int, generator: torch.Generator) -> Tensor:
         return self.real_outliers(max(1, round(self.config.outlier_ratio * n)), generator)
@@ -125,3 +126,12 @@ class OutlierExposure(TrustPlugin):
 def _outlier_loss(logits: Tensor) -> Tensor:
     """Gradient matching's loss on outliers: the mean of ``H(U; f(x))``."""
     return uniform_cross_entropy(logits).mean()
+
+
+def synthetic_outliers(synset: Any) -> OutlierBatches | None:
+    """The outlier images of a TrustDD set (a :class:`~fastdd.io.SyntheticSet`) with the loss weight they were
+    distilled with (the default for sets that did not record it), for training networks on the set; None without."""
+    if synset.outlier_images is None:
+        return None
+    stored = synset.meta.get("hyperparameters", {}).get("outlier_weight")
+    return OutlierBatches(synset.outlier_images, DEFAULT_OUTLIER_WEIGHT if stored is None else float(stored))

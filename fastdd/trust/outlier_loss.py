@@ -72,3 +72,31 @@ def integrated_loss(
             term = weight * uniform_cross_entropy(logits_out).mean()
         loss = term if loss is None else loss + term
     return loss
+
+
+class OutlierBatches:
+    """TrustDD in a training loop over labelled images: every minibatch also carries its share of the unlabelled
+    outlier ``images`` ``[K_out, C, H, W]``, and the loss is :func:`integrated_loss` with ``weight``.
+
+    Per epoch :meth:`shares` draws a random order of the outliers and splits it into one share per minibatch
+    (``K_out / batches`` each); with fewer outliers than minibatches, each minibatch takes one, cycling through the
+    order.
+    """
+
+    def __init__(self, images: torch.Tensor, weight: float = DEFAULT_OUTLIER_WEIGHT) -> None:
+        self.images = images.detach()
+        self.weight = weight
+
+    def to(self, device: torch.device | str) -> "OutlierBatches":
+        return OutlierBatches(self.images.to(device), self.weight)
+
+    def shares(self, batches: int, generator: torch.Generator) -> list[torch.Tensor]:
+        """The outlier indices of each of ``batches`` minibatches of one epoch (drawn from ``generator``)."""
+        count = self.images.shape[0]
+        order = torch.randperm(count, generator=generator).to(self.images.device)
+        if count >= batches:
+            return list(order.tensor_split(batches))
+        return [order[number % count].view(1) for number in range(batches)]
+
+    def loss(self, logits_in: torch.Tensor, targets: torch.Tensor, logits_out: torch.Tensor) -> torch.Tensor:
+        return integrated_loss(logits_in, targets, logits_out, weight=self.weight)
