@@ -52,8 +52,7 @@ from fastdd.observability import (
 )
 from fastdd.progress import SHARED_CORES_HINT, Progress
 from fastdd.training import accuracy, train_epoch
-from fastdd.trust.outlier_loss import OutlierBatches
-from fastdd.trust.outliers import outlier_source
+from fastdd.trust.outlier_exposure import FreshOutliers
 
 
 def expert_seed(seed: int, index: int) -> int:
@@ -89,22 +88,7 @@ def trajectory_settings(config: ExpertConfig) -> dict[str, Any]:
         "batch_size": config.batch_size,
         "dsa_strategy": (config.dsa_strategy or "default") if config.dsa else None,
         "seed": config.seed,
-        **_outlier_settings(config),
-    }
-
-
-def _outlier_settings(config: ExpertConfig) -> dict[str, Any]:
-    """The TrustDD settings of the experts; empty without outliers, so older folders keep their digest."""
-    if config.outliers == "none":
-        return {}
-    data = config.outlier_data
-    if data is not None and Path(data).expanduser().exists():
-        data = str(Path(data).expanduser().resolve())
-    return {
-        "outliers": config.outliers,
-        "outlier_data": data,
-        "outlier_ratio": float(config.outlier_ratio),
-        "outlier_weight": float(config.outlier_weight),
+        **FreshOutliers.settings(config),
     }
 
 
@@ -254,15 +238,10 @@ def _train_one(config, dataset, index, strategy, images, labels, out, bar, sinks
     snapshots = torch.empty(config.num_snapshots, first.numel(), dtype=torch.float32)
     snapshots[0] = first
     loss = float("nan")
-    source = outlier_source(
-        config.outliers, dataset, outlier_data=config.outlier_data, data_root=config.data_root
-    )
+    fresh_outliers = FreshOutliers.for_config(config, dataset, data_root=config.data_root)
     t0 = time.perf_counter()
     for epoch in range(config.epochs_trained):
-        outliers = None
-        if source is not None:
-            count = max(1, round(config.outlier_ratio * images.shape[0]))
-            outliers = OutlierBatches(source.sample(count, generator).to(images.device), config.outlier_weight)
+        outliers = None if fresh_outliers is None else fresh_outliers.epoch(images.shape[0], generator, images.device)
         loss = train_epoch(
             net, optimizer, images, labels,
             batch_size=config.batch_size, generator=generator, dsa_strategy=strategy, outliers=outliers,

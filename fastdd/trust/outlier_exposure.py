@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -135,3 +136,35 @@ def synthetic_outliers(synset: Any) -> OutlierBatches | None:
         return None
     stored = synset.meta.get("hyperparameters", {}).get("outlier_weight")
     return OutlierBatches(synset.outlier_images, DEFAULT_OUTLIER_WEIGHT if stored is None else float(stored))
+
+
+class FreshOutliers:
+    """TrustDD for networks trained on real data (experts): every epoch draws ``round(outlier_ratio * N)`` fresh
+    real outliers from the source of ``config`` (an :class:`~fastdd.config.OutliersConfig`, or a config composed with
+    it) and trains with the integrated loss at ``outlier_weight``."""
+
+    def __init__(self, config: Any, source: OutlierSource) -> None:
+        self.config = pick(OutliersConfig, config)
+        self.source = source
+
+    @classmethod
+    def for_config(cls, config: Any, dataset: ImageDataset, data_root: str | None = None) -> "FreshOutliers | None":
+        """The outliers of ``config``, or None when its ``outliers`` is "none"."""
+        source = outlier_source(config.outliers, dataset, outlier_data=config.outlier_data, data_root=data_root)
+        return None if source is None else cls(config, source)
+
+    def epoch(self, images: int, generator: torch.Generator, device: torch.device | str) -> OutlierBatches:
+        """The outliers of one epoch over ``images`` labelled images."""
+        count = max(1, round(self.config.outlier_ratio * images))
+        return OutlierBatches(self.source.sample(count, generator).to(device), self.config.outlier_weight)
+
+    @staticmethod
+    def settings(config: Any) -> dict[str, Any]:
+        """The settings that change what is trained (for a settings digest); empty without outliers."""
+        if config.outliers == "none":
+            return {}
+        data = config.outlier_data
+        if data is not None and Path(data).expanduser().exists():
+            data = str(Path(data).expanduser().resolve())
+        return {"outliers": config.outliers, "outlier_data": data, "outlier_ratio": float(config.outlier_ratio),
+                "outlier_weight": float(config.outlier_weight)}
