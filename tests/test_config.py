@@ -168,3 +168,12 @@ def test_non_finite_images_are_never_written(tmp_path):
         run_distillation(distiller, tmp_path / "run", checkpoint_every=1, progress=False)
     assert not (tmp_path / "run" / SYNSET_TENSORS).exists()
     assert not (tmp_path / "run" / SYNSET_META).exists()
+
+
+def test_a_data_root_that_does_not_exist_is_an_error_even_for_the_embedded_set(tmp_path):
+    missing = tmp_path / "nowhere"
+    one_sentence(invoke("distill", "--method", "dm", "--data-root", missing, "--out", tmp_path / "o", *TINY),
+                 "--data-root", str(missing), "not an existing folder")
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match="--data-root"):
+        ExpertConfig(data_root=str(missing))

@@ -284,7 +284,7 @@ def test_default_folder_depends_on_what_changes_the_trajectory(tmp_path):
     base = default_expert_folder(make_config(), tmp_path)
     assert base.parent == tmp_path and base.name.startswith("experts-digits-convnet-")
     assert default_expert_folder(make_config(), tmp_path) == base
-    assert default_expert_folder(make_config(num_experts=7, device="meta", data_root="/x"), tmp_path) == base
+    assert default_expert_folder(make_config(num_experts=7, device="meta", data_root=str(tmp_path)), tmp_path) == base
     for change in ({"seed": 4}, {"width": 16}, {"lr_teacher": 0.02}, {"dsa": False}, {"epochs": 3}, {"zca": True}):
         assert default_expert_folder(make_config(**change), tmp_path) != base, change
     # keeping 3 of 50 snapshots trains (and stores) exactly what a 2-epoch run does

@@ -8,7 +8,7 @@ from typing import Any
 
 from fastdd.config.options import Section, field_error, field_of, option, redefault
 from fastdd.config.run import OUTPUT, ProgressConfig
-from fastdd.config.sections import DeviceConfig
+from fastdd.config.sections import DeviceConfig, check_folder_exists
 from fastdd.config.trust import DEFAULT_MASK_RATIO
 
 PROTOCOL, OOD, ROBUSTNESS, CALIBRATION, TRAINING, DATA = (
@@ -83,6 +83,9 @@ class EvalDataConfig(Section):
     data_root: str | None = option(None, "Dataset folder.", panel=DATA, default_text="the one used to distill")
     use_outliers: bool = option(True, "Train on the outlier images of TrustDD sets too, when they have them.",
                                 panel=DATA, flag="--use-outliers/--ignore-outliers")
+
+    def check_fields(self) -> None:
+        check_folder_exists(self, "data_root")
 
 
 @dataclass

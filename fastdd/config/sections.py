@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from fastdd.config.options import Section, field_error, field_of, option
 
@@ -24,6 +26,13 @@ def _models() -> tuple[str, ...]:
 NORMS = ("instancenorm", "batchnorm", "none")
 
 
+def check_folder_exists(config: Any, name: str) -> None:
+    """A folder option that was given must name an existing folder (a typo is never silently ignored)."""
+    value = getattr(config, name)
+    if value is not None and not Path(value).expanduser().is_dir():
+        raise field_error(field_of(config, name), f"is {value!r}, which is not an existing folder")
+
+
 @dataclass
 class DataConfig(Section):
     """Which dataset, read from where, at what size, whitened or not."""
@@ -35,6 +44,9 @@ class DataConfig(Section):
     image_size: int | None = option(None, "Image side for imagefolder datasets.", panel=DATA, at_least=1,
                                     default_text="64")
     zca: bool = option(False, "ZCA-whiten the data (kornia, eps 0.1).", panel=DATA, flag="--zca/--no-zca")
+
+    def check_fields(self) -> None:
+        check_folder_exists(self, "data_root")
 
 
 @dataclass
