@@ -2,11 +2,12 @@
 
 import json
 
-import pytest
 import torch
 from typer.testing import CliRunner
 
 from fastdd.cli import app
+
+from cli_errors import assert_one_sentence_error
 
 runner = CliRunner()
 TINY = ["--width", "8", "--batch-real", "16", "--iterations", "2", "--quiet"]
@@ -15,14 +16,6 @@ TINY = ["--width", "8", "--batch-real", "16", "--iterations", "2", "--quiet"]
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
-
-def assert_one_sentence_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_distill_evaluate_show_export(tmp_path):

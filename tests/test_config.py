@@ -18,6 +18,8 @@ from fastdd.distill.runner import settings_differences
 from fastdd.errors import FastddError
 from fastdd.io import SYNSET_META, SYNSET_TENSORS
 
+from cli_errors import assert_one_sentence_error as one_sentence
+
 runner = CliRunner()
 TINY = ["--width", "8", "--batch-real", "16", "--iterations", "2", "--quiet"]
 
@@ -25,15 +27,6 @@ TINY = ["--width", "8", "--batch-real", "16", "--iterations", "2", "--quiet"]
 def invoke(*args, env=None):
     return runner.invoke(app, [str(a) for a in args], env=env)
 
-
-def one_sentence(result, *fragments):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize("options,fragments", [

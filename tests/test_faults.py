@@ -26,6 +26,8 @@ from fastdd.distill import runner as runner_module
 from fastdd.errors import FastddError, FastddWarning
 from fastdd.io import SyntheticSet, load_checkpoint
 
+from cli_errors import assert_one_sentence_error
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(ipc=2, iterations=6, width=32, batch_real=16, seed=3)
 EVERY = 2  # checkpoints at iterations 2, 4 and the final 6
@@ -297,14 +299,6 @@ DM = ["--threads", "1", "distill", "--method", "dm", "--ipc", "1", "--width", "8
       "--iterations", "2", "--quiet"]
 EXPERTS = ["--threads", "1", "experts", "--num-experts", "1", "--epochs", "1", "--width", "8", "--quiet"]
 
-
-def assert_one_sentence_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0].endswith("."), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("command", [DM, EXPERTS], ids=["distill", "experts"])

@@ -14,6 +14,8 @@ from fastdd.data import load_dataset
 from fastdd.distill import get_distiller, run_distillation
 from fastdd.observability import numeric_scalars
 
+from cli_errors import assert_one_sentence_error
+
 runner = CliRunner()
 TINY = ["--method", "dm", "--ipc", "1", "--width", "8", "--batch-real", "16", "--quiet"]
 
@@ -102,13 +104,6 @@ def test_experts_tensorboard_scalars(tmp_path):
     assert_scalars_equal_records(events, epochs + [{**metrics[-1], "epoch": 2}], "epoch")
     assert [e.step for e in events.Scalars("test_accuracy")] == [2]
 
-
-def assert_one_sentence_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_missing_packages_fail_in_one_sentence_before_any_work(tmp_path, monkeypatch):
