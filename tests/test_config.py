@@ -2,6 +2,7 @@
 with one sentence that names the option, and nothing written or overwritten by a refused run."""
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -170,3 +171,19 @@ def test_a_data_root_that_does_not_exist_is_an_error_even_for_the_embedded_set(t
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match="--data-root"):
         ExpertConfig(data_root=str(missing))
+
+
+def test_resume_takes_the_stored_settings_and_iterations_may_grow(tmp_path):
+    options = ["--method", "dm", "--ipc", "1", "--width", "8", "--batch-real", "16", "--lr-img", "0.5", "--quiet"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert invoke("distill", *options, "--iterations", "4", "--out", full).exit_code == 0
+    assert invoke("distill", *options, "--iterations", "2", "--out", part).exit_code == 0
+    result = invoke("distill", "--out", part, "--resume", "--iterations", "4", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert (part / SYNSET_TENSORS).read_bytes() == (full / SYNSET_TENSORS).read_bytes()
+    assert json.loads((part / SYNSET_META).read_text())["hyperparameters"]["lr_img"] == 0.5
+    one_sentence(invoke("distill", "--out", part, "--resume", "--method", "dsa", "--quiet"),
+                 "--method dsa", "is dm")
+    one_sentence(invoke("distill", "--out", tmp_path / "none", "--resume", "--quiet"), "holds no run")
+    one_sentence(invoke("distill", "--out", part, "--resume", "--iterations", "3", "--quiet"),
+                 "--iterations 3 is below the 4 iterations")

@@ -5,18 +5,40 @@ This is what ``fastdd distill`` calls, in one process or in each process of ``--
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from fastdd.config import DistillConfig
 from fastdd.config.run import DistillRunConfig
 from fastdd.distill import distributed
 from fastdd.distill.runner import check_output_folder, run_distillation
-from fastdd.io import SyntheticSet
+from fastdd.errors import FastddError
+from fastdd.io import SYNSET_META, SyntheticSet
 
 
 def output_folder(config: DistillConfig, run: DistillRunConfig) -> Path:
     """``run.out``, or ``runs/METHOD-DATASET-ipcIPC``."""
     return Path(run.out) if run.out is not None else Path("runs") / f"{config.method}-{config.dataset}-ipc{config.ipc}"
+
+
+def stored_settings(folder: Path) -> tuple[str, dict[str, Any]]:
+    """``(method, settings)`` of the run saved in ``folder`` (from its ``synset.json``, written with every
+    checkpoint), for ``--resume`` without the original options.
+
+    Raises:
+        FastddError: ``folder`` holds no run this fastdd can read.
+    """
+    path = folder / SYNSET_META
+    try:
+        meta = json.loads(path.read_text())
+        return str(meta["method"]), dict(meta["hyperparameters"])
+    except FileNotFoundError:
+        raise FastddError(f"--resume was given but {folder} holds no run to continue ({SYNSET_META} is missing); "
+                          "check --out.") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FastddError(f"{path} is damaged or was not written by fastdd distill ({exc.__class__.__name__}); "
+                          "the run cannot be resumed from it.") from None
 
 
 def check_before_start(config: DistillConfig, run: DistillRunConfig) -> None:

@@ -181,8 +181,11 @@ def _open_run(distiller: Distiller, out: Path, *, resume: bool, overwrite: bool)
                 f"the checkpoint in {out} was made with other settings ({'; '.join(differences)}); rerun with the "
                 "same options (only --iterations may change) or choose another --out."
             )
-        distiller.load_state_dict(state["distiller"])
         start = int(state["iteration"])
+        if start > config.iterations:
+            raise FastddError(f"--iterations {config.iterations} is below the {start} iterations the checkpoint in "
+                              f"{out} already holds; give --iterations {start} or more.")
+        distiller.load_state_dict(state["distiller"])
     # Every rank has read the folder (and the checkpoint) before rank 0 writes into it.
     distributed.barrier()
     out.mkdir(parents=True, exist_ok=True)
