@@ -72,9 +72,10 @@ def atomic_write(path: str | Path, write: Callable[[str], None], *, durable: boo
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the permissions open() would
     try:
         write(tmp)
+        # mkstemp creates 0600 (and some writers replace the file): give it the permissions open() would.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         if durable:
             fsync_path(tmp)
         os.replace(tmp, path)

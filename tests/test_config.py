@@ -187,3 +187,15 @@ def test_resume_takes_the_stored_settings_and_iterations_may_grow(tmp_path):
     one_sentence(invoke("distill", "--out", tmp_path / "none", "--resume", "--quiet"), "holds no run")
     one_sentence(invoke("distill", "--out", part, "--resume", "--iterations", "3", "--quiet"),
                  "--iterations 3 is below the 4 iterations")
+
+
+def test_every_file_of_a_run_gets_the_permissions_open_would_give(tmp_path):
+    import os
+    import stat
+
+    out = tmp_path / "run"
+    assert invoke("distill", "--method", "dm", "--ipc", "1", "--out", out, *TINY).exit_code == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file()}
+    assert SYNSET_TENSORS in modes and set(modes.values()) == {0o666 & ~umask}, modes
