@@ -184,7 +184,7 @@ def test_resume_takes_the_stored_settings_and_iterations_may_grow(tmp_path):
     assert json.loads((part / SYNSET_META).read_text())["hyperparameters"]["lr_img"] == 0.5
     one_sentence(invoke("distill", "--out", part, "--resume", "--method", "dsa", "--quiet"),
                  "--method dsa", "is dm")
-    one_sentence(invoke("distill", "--out", tmp_path / "none", "--resume", "--quiet"), "holds no run")
+    one_sentence(invoke("distill", "--out", tmp_path / "none", "--resume", "--quiet"), "holds no checkpoint.pt")
     one_sentence(invoke("distill", "--out", part, "--resume", "--iterations", "3", "--quiet"),
                  "--iterations 3 is below the 4 iterations")
 

@@ -61,7 +61,10 @@ def _with_stored_settings(method: str | None, given: dict[str, Any], run: Distil
         folder = output_folder(cls.from_options(given, method=cls.method), run)
     else:
         folder = Path(run.out)
-    stored_method, stored = stored_settings(folder)
+    stored_run = stored_settings(folder)
+    if stored_run is None:  # no synset.json: the runner tells whether a checkpoint can be continued
+        return method or "dsa", given
+    stored_method, stored = stored_run
     if method is not None and method_config(method).method != stored_method:
         raise FastddError(f"--method {method} was given but the run in {folder} is {stored_method}; drop --method "
                           "or choose another --out.")

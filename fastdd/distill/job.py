@@ -22,20 +22,20 @@ def output_folder(config: DistillConfig, run: DistillRunConfig) -> Path:
     return Path(run.out) if run.out is not None else Path("runs") / f"{config.method}-{config.dataset}-ipc{config.ipc}"
 
 
-def stored_settings(folder: Path) -> tuple[str, dict[str, Any]]:
+def stored_settings(folder: Path) -> tuple[str, dict[str, Any]] | None:
     """``(method, settings)`` of the run saved in ``folder`` (from its ``synset.json``, written with every
-    checkpoint), for ``--resume`` without the original options.
+    checkpoint), for ``--resume`` without the original options; None when the folder has no ``synset.json`` (the
+    checkpoint itself then tells whether there is a run to continue).
 
     Raises:
-        FastddError: ``folder`` holds no run this fastdd can read.
+        FastddError: the ``synset.json`` is damaged or not a distillation's.
     """
     path = folder / SYNSET_META
+    if not path.is_file():
+        return None
     try:
         meta = json.loads(path.read_text())
         return str(meta["method"]), dict(meta["hyperparameters"])
-    except FileNotFoundError:
-        raise FastddError(f"--resume was given but {folder} holds no run to continue ({SYNSET_META} is missing); "
-                          "check --out.") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise FastddError(f"{path} is damaged or was not written by fastdd distill ({exc.__class__.__name__}); "
                           "the run cannot be resumed from it.") from None
