@@ -8,6 +8,10 @@ class FastddError(Exception):
     """A user-fixable problem. The message is one sentence that says what is wrong and what to do."""
 
 
+class Interrupted(FastddError):
+    """The user stopped the work (Ctrl-C); the message says what was kept and how to continue. The CLI exits 130."""
+
+
 class UnsafeFileError(FastddError):
     """A file holds pickled Python objects other than tensors and plain values; fastdd refuses to unpickle it."""
 

@@ -149,6 +149,12 @@ class Progress:
                       + (f"; {self.hint}" if self.hint else ""))
 
 
+def announce(text: str, *, enabled: bool = True, stream: TextIO | None = None) -> None:
+    """One line about long work that is starting or being skipped (e.g. experts trained or reused), on stderr."""
+    if enabled:
+        print(text, file=stream if stream is not None else sys.stderr, flush=True)
+
+
 def _is_terminal(stream: TextIO) -> bool:
     isatty = getattr(stream, "isatty", None)
     return bool(isatty and isatty())

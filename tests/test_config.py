@@ -16,7 +16,7 @@ from fastdd.config.options import info_of, option_fields
 from fastdd.data import load_dataset
 from fastdd.distill import get_distiller, run_distillation
 from fastdd.distill.runner import settings_differences
-from fastdd.errors import FastddError
+from fastdd.errors import FastddError, Interrupted
 from fastdd.io import SYNSET_META, SYNSET_TENSORS
 
 from cli_errors import assert_one_sentence_error as one_sentence
@@ -199,3 +199,31 @@ def test_every_file_of_a_run_gets_the_permissions_open_would_give(tmp_path):
     os.umask(umask)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file()}
     assert SYNSET_TENSORS in modes and set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def _tiny_dm(digits, **overrides):
+    cls = get_distiller("dm")
+    options = dict(ipc=1, iterations=4, width=8, batch_real=16, **overrides)
+    return cls(cls.config_class.from_options(options, method="dm"), digits)
+
+
+def test_ctrl_c_says_which_iteration_was_kept(tmp_path):
+    distiller = _tiny_dm(load_dataset("digits"))
+    step = distiller.step
+
+    def interrupted_at_three(iteration):
+        if iteration == 2:
+            raise KeyboardInterrupt
+        return step(iteration)
+
+    distiller.step = interrupted_at_three
+    with pytest.raises(Interrupted, match=r"during iteration 3; the checkpoint of iteration 2 .* --resume"):
+        run_distillation(distiller, tmp_path / "run", checkpoint_every=2, progress=False)
+    assert (tmp_path / "run" / SYNSET_TENSORS).exists()
+
+
+def test_the_finish_line_gives_the_time_and_the_next_command(tmp_path):
+    out = tmp_path / "run"
+    result = invoke("distill", "--method", "dm", "--ipc", "1", "--out", out, *TINY)
+    assert result.exit_code == 0 and f"next: fastdd evaluate {out}" in result.output, result.output
+    assert f"synthetic set written to {out} in " in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,6 +21,7 @@ from fastdd.config.distill import METHOD
 from fastdd.config.options import from_options
 from fastdd.config.run import DistillRunConfig
 from fastdd.errors import FastddError
+from fastdd.progress import format_seconds
 
 
 @user_errors
@@ -46,8 +48,11 @@ def distill(
     from fastdd.distill.job import distill as distill_job
 
     check_before_start(settings, run)  # before the (possibly slow) data loading
+    started = time.perf_counter()
     if run_job(distill_job, (settings, run), nproc=run.nproc):
-        typer.echo(f"synthetic set written to {output_folder(settings, run)}")
+        out = output_folder(settings, run)
+        typer.echo(f"synthetic set written to {out} in {format_seconds(time.perf_counter() - started)}; "
+                   f"next: fastdd evaluate {out}")
 
 
 def _with_stored_settings(method: str | None, given: dict[str, Any], run: DistillRunConfig) -> tuple[str, dict]:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import typer
 
-from fastdd.errors import FastddError, FastddWarning
+from fastdd.errors import FastddError, FastddWarning, Interrupted
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -56,6 +56,8 @@ def user_errors(command: Callable) -> Callable:
             warnings.showwarning = _one_line_warnings(warnings.showwarning)
             try:
                 return command(*args, **kwargs)
+            except Interrupted as exc:
+                fail(str(exc), EXIT_INTERRUPTED)
             except FastddError as exc:
                 fail(str(exc))
             except KeyboardInterrupt:

@@ -8,7 +8,11 @@ from typing import Any, Optional
 import typer
 
 from fastdd.commands.errors import user_errors
-from fastdd.commands.options import config_file_option, given_options, with_config_options
+from fastdd.commands.options import (
+    config_file_option,
+    given_options,
+    with_config_options,
+)
 from fastdd.config.artifacts import ExportConfig
 from fastdd.config.options import from_options
 

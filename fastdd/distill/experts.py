@@ -37,7 +37,7 @@ from fastdd.expert_files import (
     expert_file_name,
     list_expert_files,
     load_experts,
-    missing_experts,  # noqa: F401 (fastdd.cli imports it from here)
+    missing_experts,
     read_header,
     write_folder_meta,
     write_snapshots,
@@ -50,7 +50,7 @@ from fastdd.observability import (
     check_sinks_available,
     optional_sinks,
 )
-from fastdd.progress import SHARED_CORES_HINT, Progress
+from fastdd.progress import SHARED_CORES_HINT, Progress, announce
 from fastdd.training import accuracy, train_epoch
 from fastdd.trust.outlier_exposure import FreshOutliers
 
@@ -366,6 +366,12 @@ def ensure_experts(
     Returns:
         Experts ``0 .. config.num_experts - 1`` with ``config.num_snapshots`` snapshots each.
     """
+    missing = missing_experts(folder, config.num_experts)
+    if missing:
+        announce(f"training {len(missing)} expert(s) ({config.dataset}, {config.model}, {config.epochs_trained} epochs "
+                 f"each) into {folder}; later runs with the same settings reuse them", enabled=progress)
+    else:
+        announce(f"using the {config.num_experts} experts cached in {folder}", enabled=progress)
     train_experts(config, dataset, folder, progress=progress)
     return load_experts(
         folder,

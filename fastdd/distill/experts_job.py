@@ -8,7 +8,8 @@ from typing import Callable
 from fastdd.config.experts import ExpertConfig
 from fastdd.config.run import ExpertsRunConfig
 from fastdd.distill import distributed
-from fastdd.distill.experts import ExpertSet, default_expert_folder, missing_experts, train_experts
+from fastdd.distill.experts import default_expert_folder, train_experts
+from fastdd.expert_files import ExpertSet, missing_experts
 from fastdd.io import check_writable_folder
 
 

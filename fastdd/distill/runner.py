@@ -9,16 +9,18 @@ disk) stops with one sentence, leaving the last checkpoint and synthetic set int
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from fastdd.distill import distributed
 from fastdd.distill.base import Distiller
-from fastdd.errors import FastddError
+from fastdd.errors import FastddError, Interrupted
 from fastdd.io import (
     CHECKPOINT,
     CHECKPOINT_FILES,
@@ -133,8 +135,9 @@ def run_distillation(
                 tensorboard=tensorboard, wandb=wandb, name=out.name, folder=out, first_step=start + 1,
                 config=config.to_dict(),
             )
-        with bar:
+        with bar, _interruptible(out, checkpoints):
             for iteration in range(start, total):
+                checkpoints.current = iteration + 1
                 metrics = distiller.step(iteration)
                 loss = metrics.get("loss", float("nan"))
                 if not math.isfinite(loss):
@@ -198,6 +201,7 @@ class _Checkpoints:
 
     def __init__(self, distiller: Distiller, out: Path, sinks: Sinks, *, last_saved: int) -> None:
         self.distiller, self.out, self.sinks, self.last_saved = distiller, out, sinks, last_saved
+        self.current = last_saved  # the iteration being run (for the message of an interrupt)
 
     def write(self, iteration: int) -> SyntheticSet | None:
         distiller, out = self.distiller, self.out
@@ -225,6 +229,20 @@ class _Checkpoints:
             raise _write_failed(out, f"the checkpoint of iteration {iteration}", exc, self.last_saved) from None
         self.last_saved = iteration
         return synset
+
+
+@contextlib.contextmanager
+def _interruptible(out: Path, checkpoints: "_Checkpoints") -> Iterator[None]:
+    """Turn Ctrl-C into one sentence saying which iteration was kept and how to continue."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if checkpoints.last_saved > 0:
+            kept = (f"the checkpoint of iteration {checkpoints.last_saved} and the synthetic set beside it are kept: "
+                    f"continue with `fastdd distill --out {out} --resume`")
+        else:
+            kept = "no checkpoint had been written yet: start again with --overwrite"
+        raise Interrupted(f"interrupted during iteration {checkpoints.current}; {kept}.") from None
 
 
 def _log_images(distiller: Distiller, sinks: Sinks, step: int) -> None:
