@@ -12,6 +12,7 @@ from fastdd.cli import app
 from fastdd.data import load_dataset
 from fastdd.distill import get_distiller, match_gradients, run_distillation
 from fastdd.distill.experts import ExpertConfig, train_experts
+from fastdd.distill.draws import draw_generator
 from fastdd.distill.trajectory import plan_student
 from fastdd.errors import FastddError
 from fastdd.models import build_model, flat_parameters, functional_forward
@@ -138,18 +139,16 @@ def test_ratio_zero_equals_no_mdt_and_a_positive_ratio_changes_the_set(method, d
 
 def test_dc_matches_the_masked_synthetic_gradient_against_the_unmasked_real_one(digits):
     """Class 0's image gradient equals a hand computation: mse between the gradient of CE on the masked synthetic
-    image and the gradient of CE on the real batch (unmasked), with the draws replayed from the run's generator."""
+    image and the gradient of CE on the real batch (unmasked), with the draws made again from their positions."""
     distiller = make("dc", digits, dis_metric="mse", mdt=True, mask_ratio=0.5, outer_loop=1)
-    net = distiller.new_network()
-    replay = torch.Generator()
-    replay.set_state(distiller.generator.get_state())
-    distiller._match_classes(net)
+    net = distiller.new_network(torch.Generator().manual_seed(0))
+    distiller._match_classes(net, 3, 0)
     got = distiller.images.grad[0:1].clone()
 
     params = list(net.parameters())
-    idx = distiller.class_index.sample(0, 8, replay)
+    idx = distiller.class_index.sample(0, 8, draw_generator(0, "real", 3, 0, 0))
     real = digits.train_images[idx]
-    mask = mask_like((1, 1, 8, 8), 0.5, generator=replay)
+    mask = mask_like((1, 1, 8, 8), 0.5, generator=draw_generator(0, "mask", 3, 0, 0))
     assert int((mask == 0).sum()) == 32
     syn = distiller.images[0:1].detach().clone().requires_grad_(True)
     target = torch.zeros(8, dtype=torch.long)
@@ -161,16 +160,16 @@ def test_dc_matches_the_masked_synthetic_gradient_against_the_unmasked_real_one(
     assert (expected.flatten()[mask.flatten() == 0] == 0).all(), "masked pixels must get no gradient"
 
     plain = make("dc", digits, dis_metric="mse", outer_loop=1)
-    plain._match_classes(plain.new_network())
+    plain._match_classes(plain.new_network(torch.Generator().manual_seed(0)), 3, 0)
     assert not torch.allclose(plain.images.grad[0:1], got)
 
 
 def test_dc_inner_loop_trains_on_masked_synthetic_minibatches(digits):
     distiller = make("dc", digits, mdt=True, mask_ratio=0.5, batch_train=4)
-    net = distiller.new_network()
+    net = distiller.new_network(torch.Generator().manual_seed(0))
     seen = []
     net.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
-    distiller._train_on_synthetic(net, torch.optim.SGD(net.parameters(), lr=0.01))
+    distiller._train_on_synthetic(net, torch.optim.SGD(net.parameters(), lr=0.01), 0, 0)
     assert len(seen) == 3  # ten images in minibatches of four
     for x in seen:
         assert ((x == 0).all(dim=1).sum(dim=(1, 2)) >= 32).all()  # 32 of 64 pixels zero in every channel

@@ -14,6 +14,7 @@ from fastdd.cli import app
 from fastdd.data import load_dataset
 from fastdd.distill import get_distiller, run_distillation
 from fastdd.distill.dc import real_steps_for
+from fastdd.distill.draws import draw_generator
 from fastdd.errors import FastddError
 from fastdd.models import build_model
 from fastdd.ops import cluster_cvar, group_cvar_loss
@@ -222,8 +223,8 @@ def test_real_steps_rule():
 def test_network_step_on_real_data_uses_the_robust_loss(digits):
     """One network step of dc: the returned loss is the robust loss of a batch drawn the same way by hand."""
     distiller = make("dc", digits, lr_net=0.0)
-    net = distiller.new_network()
-    generator = copy.deepcopy(distiller.generator)
+    net = distiller.new_network(torch.Generator().manual_seed(0))
+    generator = draw_generator(0, "net_real", 5, 1, 0)  # step 0 of the network update at (iteration 5, outer 1)
     index = digits.class_index()
     real = torch.cat([digits.train_images[index.sample(c, 16, generator)] for c in range(10)])
     labels = torch.arange(10).repeat_interleave(16)
@@ -231,7 +232,7 @@ def test_network_step_on_real_data_uses_the_robust_loss(digits):
     assert (objective.clusters_per_class, objective.alpha, objective.space) == (2, 0.8, "embed")
     assign = objective.assign(net, real, labels, distiller.images, distiller.labels)
     expected = robust_loss(net(real), labels, assign, 20, 0.8).item()
-    got = distiller.train_network_on_real(net, torch.optim.SGD(net.parameters(), lr=0.0), 1)
+    got = distiller.train_network_on_real(net, torch.optim.SGD(net.parameters(), lr=0.0), 1, (5, 1))
     assert math.isclose(got, expected, rel_tol=1e-6)
     assert expected > F.cross_entropy(net(real), labels).item() + 1.0  # the CVaR terms are there
 

@@ -1,4 +1,4 @@
-"""The Distiller interface: a synthetic set, its optimiser, the run's generator, and one ``step`` per iteration."""
+"""The Distiller interface: a synthetic set, its optimiser, draws by position, and one ``step`` per iteration."""
 
 from __future__ import annotations
 
@@ -13,17 +13,23 @@ import fastdd
 from fastdd.config import DistillConfig, check_config
 from fastdd.data import ImageDataset
 from fastdd.distill import distributed
+from fastdd.distill.draws import draw_generator
 from fastdd.errors import FastddError
 from fastdd.io import SyntheticSet
 from fastdd.models import build_model_for
 from fastdd.ops import AugmentParams, diff_augment, sample_augment_params
 from fastdd.trust.plugins import MatchingGroup, Plugins, build_plugins
 
+# The checkpoints' record of how the run draws its random numbers (by position, fastdd.distill.draws).
+DRAWS = "position/1"
+
+
 class Distiller(ABC):
     """Learns ``ipc`` synthetic images per class for ``dataset``.
 
-    Subclasses define ``name``, ``config_class`` and :meth:`step`. All randomness comes from ``self.generator``
-    (seeded from ``config.seed``), so a run is reproducible and a checkpoint resumes it exactly.
+    Subclasses define ``name``, ``config_class`` and :meth:`step`. Every random draw comes from a generator derived
+    from ``config.seed`` and the draw's position (:meth:`draws`, :mod:`fastdd.distill.draws`), so a run is
+    reproducible and a checkpoint (which holds no generator state) resumes it exactly.
 
     The trust features that change what is distilled (TrustDD outliers, group robustness, MDT) are plug-ins
     (:mod:`fastdd.trust.plugins`) in ``self.plugins``, built from their config sections when they are on; the loops
@@ -34,8 +40,7 @@ class Distiller(ABC):
 
     In a torch.distributed process group (:mod:`fastdd.distill.distributed`) every rank builds the same distiller
     from the same seed; :meth:`step` computes only this rank's share of the summed work (its classes or students),
-    still makes every random draw of the single-process run in the same order (:meth:`real_indices`,
-    :meth:`~fastdd.trust.plugins.TrustPlugin.skip_synthetic_batch`), and sums the gradients over the ranks
+    whose draws come from their positions whichever rank makes them, and sums the gradients over the ranks
     (:meth:`reduce_synthetic_gradients`) before the identical optimiser step, so all ranks stay equal to the
     single-process run.
 
@@ -55,15 +60,13 @@ class Distiller(ABC):
         self.dataset = dataset
         self.device = torch.device(config.device)
         self._validate()
-        self.generator = torch.Generator()
-        self.generator.manual_seed(config.seed)
         self.class_index = dataset.class_index()
         self.dsa_strategy = config.dsa_strategy if config.dsa_strategy is not None else dataset.dsa_strategy
         self.images = self._initial_images().to(self.device).requires_grad_(True)
         self.labels = torch.arange(dataset.num_classes).repeat_interleave(config.ipc).to(self.device)
         self.plugins: Plugins = build_plugins(
             config, dataset, method=self.name, trains_on_synthetic=self.trains_on_synthetic,
-            generator=self.generator, device=self.device,
+            generator=self.draws("init_plugins"), device=self.device,
         )
         self.optimizer = torch.optim.SGD(self.synthetic_tensors(), lr=config.lr_img, momentum=config.momentum_img)
 
@@ -82,19 +85,23 @@ class Distiller(ABC):
 
     def _initial_images(self) -> torch.Tensor:
         cfg, ds = self.config, self.dataset
+        generator = self.draws("init_images")
         if cfg.init == "noise":
             shape = (ds.num_classes * cfg.ipc, ds.channels, *ds.image_size)
-            return torch.randn(shape, generator=self.generator)
-        picks = [self.class_index.sample(c, cfg.ipc, self.generator) for c in range(ds.num_classes)]
+            return torch.randn(shape, generator=generator)
+        picks = [self.class_index.sample(c, cfg.ipc, generator) for c in range(ds.num_classes)]
         return ds.train_images[torch.cat(picks)].clone()
 
     # -- helpers for subclasses ---------------------------------------------------------------------------------
-    def new_network(self, generator: torch.Generator | None = None) -> torch.nn.Module:
-        """A freshly initialised network (from ``generator``, default the run's) on the run's device."""
+    def draws(self, kind: str, *position: int | str) -> torch.Generator:
+        """The generator of the draws of ``kind`` at ``position`` (:func:`fastdd.distill.draws.draw_generator`)."""
+        return draw_generator(self.config.seed, kind, *position)
+
+    def new_network(self, generator: torch.Generator) -> torch.nn.Module:
+        """A freshly initialised network (from ``generator``) on the run's device."""
         cfg = self.config
         net = build_model_for(
-            self.dataset, cfg.model, width=cfg.width, depth=cfg.depth, norm=cfg.norm,
-            generator=self.generator if generator is None else generator,
+            self.dataset, cfg.model, width=cfg.width, depth=cfg.depth, norm=cfg.norm, generator=generator
         )
         return net.to(self.device)
 
@@ -102,16 +109,11 @@ class Distiller(ABC):
         """The leaf tensors the image optimiser updates: ``images``, then the plug-ins' (e.g. TrustDD's S_out)."""
         return [self.images, *self.plugins.synthetic_tensors()]
 
-    def real_batch(self, c: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Up to ``n`` random training images of class ``c`` (drawn from ``generator``, default the run's):
-        ``[min(n, count_c), C, H, W]`` on the run's device."""
-        return self.dataset.train_images[self.real_indices(c, n, generator)].to(self.device)
-
-    def real_indices(self, c: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The draw of :meth:`real_batch` alone: up to ``n`` random training indices of class ``c``. A rank that
-        leaves class ``c`` to another rank calls this to keep its generator in step with the single-process run."""
+    def real_batch(self, c: int, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Up to ``n`` random training images of class ``c`` drawn from ``generator``: ``[min(n, count_c), C, H, W]``
+        on the run's device."""
         n = min(n, int(self.class_index.counts[c]))
-        return self.class_index.sample(c, n, self.generator if generator is None else generator)
+        return self.dataset.train_images[self.class_index.sample(c, n, generator)].to(self.device)
 
     def matching_groups(self) -> list[MatchingGroup]:
         """The groups dc/dsa/dm match: the classes (their synthetic images; cross-entropy for gradient matching),
@@ -127,8 +129,11 @@ class Distiller(ABC):
         ]
         return classes + self.plugins.matching_groups()
 
-    def train_network_on_real(self, net: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> float:
-        """``steps`` optimiser steps of ``net`` on fresh real minibatches; returns the mean loss.
+    def train_network_on_real(
+        self, net: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, position: tuple[int, ...]
+    ) -> float:
+        """``steps`` optimiser steps of ``net`` on fresh real minibatches; returns the mean loss. Step ``s`` draws
+        its real images from position ``("net_real", *position, s)``, the plug-ins' rows from ``("net_extra", ...)``.
 
         Each minibatch holds ``robust_batch`` random training images of every class (fewer for a smaller class),
         not augmented: real images are plentiful (a fresh batch every step). The loss is cross-entropy unless the
@@ -137,22 +142,25 @@ class Distiller(ABC):
         cfg, num_classes = self.config, self.dataset.num_classes
         net.train()
         total = 0.0
-        for _ in range(steps):
-            real = [self.real_batch(c, cfg.robust_batch) for c in range(num_classes)]
+        for step in range(steps):
+            generator = self.draws("net_real", *position, step)
+            real = [self.real_batch(c, cfg.robust_batch, generator) for c in range(num_classes)]
             labels = torch.cat([torch.full((x.shape[0],), c, device=self.device) for c, x in enumerate(real)])
-            loss = self.plugins.network_loss(net, torch.cat(real), labels, self.generator, self.images, self.labels)
+            extra = self.draws("net_extra", *position, step)
+            loss = self.plugins.network_loss(net, torch.cat(real), labels, extra, self.images, self.labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.item()
         return total / max(steps, 1)
 
-    def augment_params(self, batch: int) -> AugmentParams | None:
-        """DSA parameters for ``batch`` images (1 = one shared transform), or None when DSA is off."""
+    def augment_params(self, batch: int, generator: torch.Generator) -> AugmentParams | None:
+        """DSA parameters for ``batch`` images (1 = one shared transform) drawn from ``generator``; None without
+        DSA."""
         if not self.config.dsa:
             return None
         return sample_augment_params(
-            batch, self.dataset.image_size, strategy=self.dsa_strategy, generator=self.generator, device=self.device
+            batch, self.dataset.image_size, strategy=self.dsa_strategy, generator=generator, device=self.device
         )
 
     @staticmethod
@@ -186,17 +194,22 @@ class Distiller(ABC):
         state = {
             "images": self.images.detach().cpu(),
             "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
+            "draws": DRAWS,
         }
         state.update(self.plugins.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("draws") != DRAWS:
+            raise FastddError(
+                "this checkpoint was written by an earlier fastdd that drew its random numbers from one running "
+                "generator, and this version draws them by position (seed, iteration, class or student), so it cannot "
+                "continue that run exactly: start the run again without --resume."
+            )
         with torch.no_grad():
             self.images.copy_(state["images"].to(self.device))
         self.plugins.load_state_dict(state)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
 
     def synthetic_set(self) -> SyntheticSet:
         """The current synthetic set with its metadata."""

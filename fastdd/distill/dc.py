@@ -74,11 +74,13 @@ class DC(Distiller):
             "pass --outer-loop 2 or more",
         )
 
-    def _freeze_batchnorm(self, net: torch.nn.Module) -> None:
+    def _freeze_batchnorm(self, net: torch.nn.Module, iteration: int, outer: int) -> None:
         """Set BatchNorm statistics from real images of every class, then freeze them (as the reference does)."""
         if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
             return
-        real = torch.cat([self.real_batch(c, _BN_SAMPLES_PER_CLASS) for c in range(self.dataset.num_classes)])
+        generator = self.draws("batchnorm", iteration, outer)
+        classes = range(self.dataset.num_classes)
+        real = torch.cat([self.real_batch(c, _BN_SAMPLES_PER_CLASS, generator) for c in classes])
         net.train()
         with torch.no_grad():
             net(real)
@@ -86,35 +88,31 @@ class DC(Distiller):
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
 
-    def _match_classes(self, net: torch.nn.Module) -> float:
+    def _match_classes(self, net: torch.nn.Module, iteration: int, outer: int) -> float:
         """Accumulate into the synthetic tensors' ``.grad`` the gradient-matching loss of every group (the classes,
-        then the plug-ins' groups); return the loss.
+        then the plug-ins' groups) at image update ``outer`` of ``iteration``; return the loss.
 
-        With several processes, group ``g`` is computed by rank ``g % world`` only; the other ranks just make its
-        random draws. The gradients and the loss are then summed over the ranks, so every rank ends with the
+        With several processes, group ``g`` is computed by rank ``g % world`` only (its draws come from its
+        position). The gradients and the loss are then summed over the ranks, so every rank ends with the
         single-process gradient."""
         params = [p for p in net.parameters() if p.requires_grad]
         total = 0.0
         for index, group in enumerate(self.matching_groups()):
             if distributed.owns(index):
-                total += self._match_group(net, params, group)
-            else:
-                self._skip_group(group)
+                total += self._match_group(net, params, group, (iteration, outer, index))
         return self.reduce_synthetic_gradients(total)
 
-    def _skip_group(self, group: MatchingGroup) -> None:
-        """The random draws of a group's matching term (left to another rank), without its computation."""
-        group.draw_real(self.config.batch_real, self.generator)
-        self.augment_params(1)
-        self.plugins.skip_synthetic_batch(tuple(group.synthetic.shape), self.generator)
-
-    def _match_group(self, net: torch.nn.Module, params: list[torch.Tensor], group: MatchingGroup) -> float:
+    def _match_group(
+        self, net: torch.nn.Module, params: list[torch.Tensor], group: MatchingGroup, position: tuple[int, int, int]
+    ) -> float:
         """Accumulate one group's gradient-matching loss: real and synthetic images under one shared augmentation,
-        the synthetic batch through the plug-ins (``on_synthetic_batch``), gradients of the group's loss compared."""
-        real = group.draw_real(self.config.batch_real, self.generator)
-        aug = self.augment_params(1)
+        the synthetic batch through the plug-ins (``on_synthetic_batch``), gradients of the group's loss compared.
+        The real batch, the augmentation and the plug-ins' draws come from ``("real" | "augment" | "mask",
+        iteration, outer, group)``."""
+        real = group.draw_real(self.config.batch_real, self.draws("real", *position))
+        aug = self.augment_params(1, self.draws("augment", *position))
         real = self.augment(real, aug)
-        syn = self.plugins.on_synthetic_batch(self.augment(group.synthetic, aug), self.generator)
+        syn = self.plugins.on_synthetic_batch(self.augment(group.synthetic, aug), self.draws("mask", *position))
         g_real = torch.autograd.grad(group.loss(net(real)), params)
         g_real = [g.detach() for g in g_real]
         g_syn = torch.autograd.grad(group.loss(net(syn)), params, create_graph=True)
@@ -122,41 +120,44 @@ class DC(Distiller):
         distance.backward()
         return distance.item()
 
-    def _train_on_synthetic(self, net: torch.nn.Module, net_optimizer: torch.optim.Optimizer) -> None:
+    def _train_on_synthetic(
+        self, net: torch.nn.Module, net_optimizer: torch.optim.Optimizer, iteration: int, outer: int
+    ) -> None:
         """``inner_loop`` epochs on S, as the reference does, with the plug-ins' options of
-        :func:`~fastdd.training.train_epoch` (e.g. TrustDD's S_out and integrated loss, MDT's masks)."""
+        :func:`~fastdd.training.train_epoch` (e.g. TrustDD's S_out and integrated loss, MDT's masks); epoch ``e``
+        draws from ``("inner", iteration, outer, e)``."""
         cfg = self.config
         strategy = self.dsa_strategy if cfg.dsa else None
         options = self.plugins.synthetic_training_options()
-        for _ in range(self.inner_loop):
+        for epoch in range(self.inner_loop):
             train_epoch(
                 net,
                 net_optimizer,
                 self.images,
                 self.labels,
                 batch_size=cfg.batch_train,
-                generator=self.generator,
+                generator=self.draws("inner", iteration, outer, epoch),
                 dsa_strategy=strategy,
                 **options,
             )
 
     def step(self, iteration: int) -> dict[str, float]:
         cfg = self.config
-        net = self.new_network()
+        net = self.new_network(self.draws("network", iteration))
         net_optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
         loss_sum, net_loss_sum, net_updates = 0.0, 0.0, 0
         for outer in range(self.outer_loop):
-            self._freeze_batchnorm(net)
+            self._freeze_batchnorm(net, iteration, outer)
             self.optimizer.zero_grad(set_to_none=True)
-            loss_sum += self._match_classes(net)
+            loss_sum += self._match_classes(net, iteration, outer)
             self.optimizer.step()
             if outer == self.outer_loop - 1:
                 break
             if self.net_data == "real":
-                net_loss_sum += self.train_network_on_real(net, net_optimizer, self.net_steps)
+                net_loss_sum += self.train_network_on_real(net, net_optimizer, self.net_steps, (iteration, outer))
                 net_updates += 1
             else:
-                self._train_on_synthetic(net, net_optimizer)
+                self._train_on_synthetic(net, net_optimizer, iteration, outer)
         metrics = {"loss": loss_sum / (self.outer_loop * len(self.matching_groups()))}
         if net_updates:
             metrics["net_loss"] = net_loss_sum / net_updates

@@ -44,8 +44,8 @@ class DM(Distiller):
         self.net: torch.nn.Module | None = None
         self.net_optimizer: torch.optim.Optimizer | None = None
 
-    def _reset_kept_network(self, generator: torch.Generator | None = None) -> None:
-        """A fresh kept network (from ``generator``, default the run's) and a fresh optimiser for it."""
+    def _reset_kept_network(self, generator: torch.Generator) -> None:
+        """A fresh kept network (from ``generator``) and a fresh optimiser for it."""
         self.net = self.new_network(generator)
         self.net_optimizer = torch.optim.SGD(
             self.net.parameters(), lr=self.config.lr_net, momentum=_NET_MOMENTUM, weight_decay=_NET_WEIGHT_DECAY
@@ -55,10 +55,10 @@ class DM(Distiller):
         cfg, num_classes = self.config, self.dataset.num_classes
         if self.net_data == "real":
             if self.net is None or iteration % cfg.net_refresh == 0:
-                self._reset_kept_network()
+                self._reset_kept_network(self.draws("network", iteration))
             net = self.net
         else:
-            net = self.new_network()
+            net = self.new_network(self.draws("network", iteration))
         net.train()
         net.requires_grad_(False)
         if distributed.world_size() > 1 and any(isinstance(m, _BatchNorm) for m in net.modules()):
@@ -69,10 +69,10 @@ class DM(Distiller):
         groups = self.matching_groups()
         reals, syns, real_sizes, extra_sizes, owned_classes = [], [], [], [], 0
         for index, group in enumerate(groups):
-            real = group.draw_real(cfg.batch_real, self.generator)
-            aug = self.augment_params(1)
             if not distributed.owns(index):
-                continue  # another rank matches this group: its draws only
+                continue  # another rank matches this group
+            real = group.draw_real(cfg.batch_real, self.draws("real", iteration, index))
+            aug = self.augment_params(1, self.draws("augment", iteration, index))
             reals.append(self.augment(real, aug))
             syns.append(self.augment(group.synthetic, aug))
             real_sizes.append(real.shape[0])
@@ -100,7 +100,7 @@ class DM(Distiller):
         metrics = {"loss": loss_value / len(groups)}
         if self.net_data == "real":
             net.requires_grad_(True)
-            metrics["net_loss"] = self.train_network_on_real(net, self.net_optimizer, cfg.net_steps)
+            metrics["net_loss"] = self.train_network_on_real(net, self.net_optimizer, cfg.net_steps, (iteration,))
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
@@ -113,7 +113,7 @@ class DM(Distiller):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         if "net" in state:
-            # The weights come from the checkpoint: build it from a throwaway generator, not the run's.
+            # The weights come from the checkpoint: any generator builds it.
             self._reset_kept_network(torch.Generator())
             self.net.load_state_dict(state["net"])
             self.net_optimizer.load_state_dict(state["net_optimizer"])

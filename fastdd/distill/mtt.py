@@ -22,7 +22,7 @@ from fastdd.config.experts import ExpertConfig
 from fastdd.distill import distributed
 from fastdd.distill.base import Distiller
 from fastdd.distill.experts import default_expert_folder, ensure_experts, expected_metadata
-from fastdd.distill.trajectory import match_gradients, plan_student
+from fastdd.distill.trajectory import match_gradients
 from fastdd.errors import FastddError
 from fastdd.expert_files import load_experts
 from fastdd.io import SyntheticSet
@@ -49,7 +49,7 @@ class TrajectoryMatching(Distiller):
             raise FastddError(f"--batch-syn must be between 1 and the {total} synthetic images, got {config.batch_syn}.")
         self.syn_lr = torch.tensor(float(config.lr_teacher), device=self.device).requires_grad_(True)
         self.lr_optimizer = torch.optim.SGD([self.syn_lr], lr=config.lr_lr, momentum=config.momentum_lr)
-        self.net = self.new_network()
+        self.net = self.new_network(self.draws("network", "student"))  # only its architecture is used
         self.experts = None
 
     @staticmethod
@@ -134,10 +134,10 @@ class TrajectoryMatching(Distiller):
     def step(self, iteration: int) -> dict[str, float]:
         """One image and step-size update from ``students`` students (their gradients averaged).
 
-        With several processes, student ``i`` is trained by rank ``i % world`` only; every rank draws every
-        student's expert, start epoch and plan in order, so the generator stays in step with the single-process
-        run. When :meth:`splits_rows`, every rank trains every student instead, on its share of each minibatch's
-        rows (see :func:`match_gradients`' ``row_shard``). The image and step-size gradients and the losses are
+        Student ``i`` draws its expert and start epoch from ``("student", iteration, i)`` and its minibatches,
+        augmentations and masks from ``("plan", iteration, i)``. With several processes, student ``i`` is trained by
+        rank ``i % world`` only. When :meth:`splits_rows`, every rank trains every student instead, on its share of
+        each minibatch's rows (see :func:`match_gradients`' ``row_shard``). The image and step-size gradients and the losses are
         summed over the ranks (one all-reduce), and every rank applies the same update."""
         split_rows = self.splits_rows()
         if split_rows and any(isinstance(m, _BatchNorm) for m in self.net.modules()):
@@ -161,21 +161,11 @@ class TrajectoryMatching(Distiller):
         images, unlabelled = self.student_images()
         options = self.plugins.student_options()
         for student in range(cfg.students):
-            expert = int(torch.randint(self.experts.num_experts, (), generator=self.generator))
-            start = int(torch.randint(cfg.max_start_epoch, (), generator=self.generator))
             if not split_rows and not distributed.owns(student):
-                # Another rank trains this student: draw its plan (minibatches, augmentations, masks) only.
-                plan_student(
-                    images.shape[0],
-                    tuple(images.shape[-2:]),
-                    syn_steps=cfg.syn_steps,
-                    batch_syn=cfg.batch_syn,
-                    augment=augment,
-                    generator=self.generator,
-                    device=images.device,
-                    input_mask=options.get("input_mask"),
-                )
-                continue
+                continue  # another rank trains this student
+            generator = self.draws("student", iteration, student)
+            expert = int(torch.randint(self.experts.num_experts, (), generator=generator))
+            start = int(torch.randint(cfg.max_start_epoch, (), generator=generator))
             theta0, target = self.experts.pair(expert, start, cfg.expert_epochs)
             theta0, target = theta0.to(self.device), target.to(self.device)
             targets = self.labels
@@ -194,7 +184,7 @@ class TrajectoryMatching(Distiller):
                 batch_syn=cfg.batch_syn,
                 mode=self.mode,
                 augment=augment,
-                generator=self.generator,
+                generator=self.draws("plan", iteration, student),
                 unlabelled=unlabelled,
                 **options,
                 row_shard=(distributed.rank(), distributed.world_size()) if split_rows else None,

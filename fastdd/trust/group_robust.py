@@ -1,4 +1,4 @@
-"""Group-robust distillation (paper 002) as a distiller plug-in: the CVaR objective of the network steps on real data."""
+"""Group-robust distillation (paper 002) as a distiller plug-in: the CVaR objective of network steps on real data."""
 
 from __future__ import annotations
 

@@ -77,10 +77,6 @@ class MaskedDistillation(TrustPlugin):
             return x
         return random_mask(x, self.ratio, generator=generator, patch=self.patch)
 
-    def skip_synthetic_batch(self, shape: tuple[int, ...], generator: torch.Generator) -> None:
-        if self.ratio != 0:
-            mask_like(shape, self.ratio, generator=generator, patch=self.patch)
-
     def synthetic_training_options(self) -> dict[str, Any]:
         return {} if self.ratio == 0 else {"input_transform": self.on_synthetic_batch}
 

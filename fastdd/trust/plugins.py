@@ -100,9 +100,6 @@ class TrustPlugin:
         """The (augmented) synthetic batch a network trained by the matching objective sees, before its forward."""
         return x
 
-    def skip_synthetic_batch(self, shape: tuple[int, ...], generator: torch.Generator) -> None:
-        """The draws of :meth:`on_synthetic_batch` on a batch of ``shape``, without its computation."""
-
     def synthetic_training_options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`fastdd.training.train_epoch` for an inner-loop epoch on the synthetic set."""
         return {}
@@ -200,10 +197,6 @@ class Plugins:
         for p in self._plugins:
             x = p.on_synthetic_batch(x, generator)
         return x
-
-    def skip_synthetic_batch(self, shape: tuple[int, ...], generator: torch.Generator) -> None:
-        for p in self._plugins:
-            p.skip_synthetic_batch(shape, generator)
 
     def synthetic_training_options(self) -> dict[str, Any]:
         return self._merged("synthetic_training_options")
