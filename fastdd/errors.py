@@ -8,8 +8,9 @@ class FastddError(Exception):
     """A user-fixable problem. The message is one sentence that says what is wrong and what to do."""
 
 
-class Interrupted(FastddError):
-    """The user stopped the work (Ctrl-C); the message says what was kept and how to continue. The CLI exits 130."""
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during work that knows what it kept: the message says so and how to continue. Still a
+    KeyboardInterrupt (code that stops on Ctrl-C keeps doing so); the CLI prints the message and exits 130."""
 
 
 class UnsafeFileError(FastddError):

@@ -56,10 +56,10 @@ def user_errors(command: Callable) -> Callable:
             warnings.showwarning = _one_line_warnings(warnings.showwarning)
             try:
                 return command(*args, **kwargs)
-            except Interrupted as exc:
-                fail(str(exc), EXIT_INTERRUPTED)
             except FastddError as exc:
                 fail(str(exc))
+            except Interrupted as exc:
+                fail(str(exc), EXIT_INTERRUPTED)
             except KeyboardInterrupt:
                 fail("interrupted; outputs written so far are kept (continue a distillation with --resume)",
                      EXIT_INTERRUPTED)
