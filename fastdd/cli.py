@@ -37,6 +37,8 @@ app.command("info")(info)
 
 # Commands that can run as several processes (`--nproc N`, or under torchrun).
 DISTRIBUTED_COMMANDS = ("distill", "experts")
+# Commands whose work is long torch computation (they pick their threads from the free cores).
+COMPUTING_COMMANDS = ("distill", "experts", "evaluate", "report", "inspect")
 
 
 @app.callback()
@@ -55,9 +57,11 @@ def _global_options(
         "--device cuda, one GPU each), as `torchrun --nproc_per_node N` would; same result as one process.",
     ),
 ) -> None:
+    if threads is not None and threads < 1:
+        fail(f"--threads must be at least 1, got {threads}")
+    if threads is None and GLOBAL_OPTIONS.get("from_main") and ctx.invoked_subcommand in COMPUTING_COMMANDS:
+        threads = _threads_for_shared_machine()
     if threads is not None:
-        if threads < 1:
-            fail(f"--threads must be at least 1, got {threads}")
         import torch
 
         torch.set_num_threads(threads)
@@ -65,8 +69,20 @@ def _global_options(
         fail(f"--nproc must be at least 1, got {nproc}")
     if nproc is not None and nproc != 1 and ctx.invoked_subcommand not in DISTRIBUTED_COMMANDS:
         fail(f"--nproc applies to {' and '.join(DISTRIBUTED_COMMANDS)}, not to {ctx.invoked_subcommand}")
-    GLOBAL_OPTIONS.clear()
     GLOBAL_OPTIONS.update(threads=threads, nproc=nproc)
+
+
+def _threads_for_shared_machine() -> int | None:
+    """Fewer torch threads when other processes keep cores busy (one note says so); None leaves torch's choice."""
+    from fastdd.runtime import threads_for_free_cores
+
+    chosen = threads_for_free_cores()
+    if chosen is None:
+        return None
+    threads, cores = chosen
+    typer.echo(f"note: other processes keep {cores - threads} of this process's {cores} cores busy; using {threads} "
+               "torch thread(s) (--threads N chooses)", err=True)
+    return threads
 
 
 def main() -> None:
@@ -74,6 +90,8 @@ def main() -> None:
     from fastdd.runtime import keep_freed_memory
 
     keep_freed_memory()
+    GLOBAL_OPTIONS.clear()
+    GLOBAL_OPTIONS["from_main"] = True  # a real command line, not a test's CliRunner: threads follow free cores
     app()
 
 

@@ -41,3 +41,40 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES))
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat; None where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def cores_busy_elsewhere(seconds: float = 0.25) -> float:
+    """How many of this machine's cores other processes kept busy over the next ``seconds`` (this process is idle
+    meanwhile); 0 where it cannot be measured."""
+    import time
+
+    before = _cpu_times()
+    time.sleep(seconds)
+    after = _cpu_times()
+    if before is None or after is None or after[1] <= before[1]:
+        return 0.0
+    return (after[0] - before[0]) / (after[1] - before[1]) * (os.cpu_count() or 1)
+
+
+def threads_for_free_cores() -> tuple[int, int] | None:
+    """``(threads, cores)`` when other work keeps some of the cores this process may use busy: one torch thread per
+    free core (at least one), since a thread that waits for a descheduled peer slows every step; None when all are
+    free, or when ``OMP_NUM_THREADS`` already chose."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = round(cores_busy_elsewhere() * cores / (os.cpu_count() or cores))
+    if busy <= 0 or cores <= 1:
+        return None
+    return max(1, cores - busy), cores
