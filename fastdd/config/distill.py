@@ -38,6 +38,10 @@ class SyntheticSetConfig(Section):
     lr_img: float = option(0.1, "Learning rate of the images.", panel=METHOD, above=0)
     momentum_img: float = option(0.5, "Momentum of the image optimiser.", panel=METHOD, at_least=0, below=1)
     batch_real: int = option(256, "Real images per class per step.", panel=METHOD, at_least=1)
+    robust_batch: int = option(
+        256, "Real images per class in each network step on real data (--net-data real, and --robust).",
+        panel=METHOD, at_least=1,
+    )
 
 
 @dataclass

@@ -65,8 +65,6 @@ class RobustConfig(Section):
         "embed", "--robust: distances for the clusters, 'embed' (the current network's features) or 'pixel'.",
         panel=TRUST, choices=CLUSTER_SPACES,
     )
-    robust_batch: int = option(256, "Real images per class in each network step on real data.", panel=TRUST,
-                               at_least=1)
 
 
 @dataclass
