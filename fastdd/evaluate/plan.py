@@ -16,7 +16,7 @@ from fastdd.evaluate.metrics import AccuracyMetric, CalibrationMetric, EvalMetri
 from fastdd.evaluate.metrics import RobustnessMetric, TrainedNetwork
 from fastdd.evaluate.ood_sets import OodTestSet, build_ood_test_set
 from fastdd.evaluate.options import EvalOptions, check_evaluation_options
-from fastdd.evaluate.protocol import EvalConfig, evaluation_network, train_on_synthetic
+from fastdd.evaluate.protocol import evaluation_network, train_on_synthetic
 from fastdd.evaluate.robustness import RobustnessTests, build_robustness_tests
 from fastdd.evaluate.training_objectives import TrainingObjectives
 from fastdd.io import SyntheticSet
@@ -253,27 +253,11 @@ def plan_evaluation(synset: SyntheticSet, dataset: ImageDataset, **options: Any)
 
 
 def evaluate_synthetic_set(
-    synset: SyntheticSet,
-    dataset: ImageDataset,
-    *,
-    models: list[str],
-    config: EvalConfig | None = None,
-    on_epoch: EvalProgress | None = None,
-    ood: list[str] | str | None = None,
-    scores: list[str] | str | None = None,
-    plots: str | Path | None = None,
-    ood_size: int | None = None,
-    use_outliers: bool = True,
-    data_root: str | None = None,
-    robustness: list[str] | str | None = None,
-    calibration: list[str] | str | None = None,
-    mask_ratio: float | None = None,
-    train_loss: str = "ce",
-    train_plugin: str | None = None,
-    teacher: str | None = None,
+    synset: SyntheticSet, dataset: ImageDataset, *, on_epoch: EvalProgress | None = None, **options: Any
 ) -> dict[str, Any]:
     """Train ``config.runs`` fresh networks of each of ``models`` on ``synset`` and test them on ``dataset``:
-    ``plan_evaluation(...).run(on_epoch)`` (see `plan_evaluation` for the options and the protocol).
+    ``plan_evaluation(synset, dataset, **options).run(on_epoch)`` (see `plan_evaluation` for the protocol and
+    `fastdd.evaluate.options.check_evaluation_options` for the options, ``models`` required).
 
     Args:
         on_epoch: ``on_epoch(model, run, epoch)`` after every training epoch.
@@ -292,8 +276,4 @@ def evaluate_synthetic_set(
         ``ts`` also ``ece_before`` / ``nll_before`` (its networks before scaling). ``train_loss`` and
         ``train_plugin`` are always reported, and ``teacher`` with OAL.
     """
-    return plan_evaluation(
-        synset, dataset, models=models, config=config, ood=ood, scores=scores, plots=plots, ood_size=ood_size,
-        use_outliers=use_outliers, data_root=data_root, robustness=robustness, calibration=calibration,
-        mask_ratio=mask_ratio, train_loss=train_loss, train_plugin=train_plugin, teacher=teacher,
-    ).run(on_epoch)
+    return plan_evaluation(synset, dataset, **options).run(on_epoch)

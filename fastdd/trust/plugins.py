@@ -131,7 +131,7 @@ class TrustPlugin:
         return {}
 
     def expert_options(self) -> dict[str, Any]:
-        """Fields of :class:`fastdd.distill.experts.ExpertConfig` (how the experts train)."""
+        """Fields of :class:`fastdd.config.experts.ExpertConfig` (how the experts train)."""
         return {}
 
 
