@@ -29,11 +29,11 @@ def test_metrics_with_an_id_ood_tie_and_both_fpr_conventions():
     # fpr95_openood: catching both OOD needs flagging scores <= 2, which flags the ID 2 and 1 -> 2/3.
     m = ood_metrics(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([2.0, 0.0]))
     assert set(m) == METRIC_KEYS
-    assert m["auroc"] == pytest.approx(0.75)
-    assert m["aupr_in"] == pytest.approx(29 / 36)
-    assert m["aupr_out"] == pytest.approx(0.75)
-    assert m["fpr95"] == pytest.approx(0.5)
-    assert m["fpr95_openood"] == pytest.approx(2 / 3)
+    assert m["auroc"] == pytest.approx(75.0)
+    assert m["aupr_in"] == pytest.approx(100 * 29 / 36)
+    assert m["aupr_out"] == pytest.approx(75.0)
+    assert m["fpr95"] == pytest.approx(50.0)
+    assert m["fpr95_openood"] == pytest.approx(100 * 2 / 3)
 
 
 def test_fpr95_takes_exactly_95_percent_recall():
@@ -42,26 +42,26 @@ def test_fpr95_takes_exactly_95_percent_recall():
     m = ood_metrics(ids, [1.5, 0.5])
     assert m["fpr95"] == 0.0
     # Catching both OOD samples means flagging the ID 1 too: 1 of 20.
-    assert m["fpr95_openood"] == pytest.approx(0.05)
-    assert m["auroc"] == pytest.approx(39 / 40)  # only the pair (ID 1, OOD 1.5) is misordered
+    assert m["fpr95_openood"] == pytest.approx(5.0)
+    assert m["auroc"] == pytest.approx(100 * 39 / 40)  # only the pair (ID 1, OOD 1.5) is misordered
 
 
 def test_fpr95_never_splits_tied_scores():
     # Accepting 19 ID samples needs threshold 2, and the OOD sample tied at 2 is accepted with them.
     ids = [float(v) for v in range(1, 21)]
     m = ood_metrics(ids, [2.0, -5.0])
-    assert m["fpr95"] == pytest.approx(0.5)
+    assert m["fpr95"] == pytest.approx(50.0)
     # Catching the OOD 2 flags every score <= 2, so the ID 2 (tied) and the ID 1: 2 of 20.
-    assert m["fpr95_openood"] == pytest.approx(0.1)
+    assert m["fpr95_openood"] == pytest.approx(10.0)
 
 
 def test_metrics_of_perfect_and_indistinguishable_detectors():
     perfect = ood_metrics([1.0, 1.0], [0.0])
-    assert perfect == {"auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "fpr95": 0.0, "fpr95_openood": 0.0}
+    assert perfect == {"auroc": 100.0, "aupr_in": 100.0, "aupr_out": 100.0, "fpr95": 0.0, "fpr95_openood": 0.0}
     same = ood_metrics([1.0, 1.0], [1.0, 1.0])
-    assert same == pytest.approx({"auroc": 0.5, "aupr_in": 0.5, "aupr_out": 0.5, "fpr95": 1.0, "fpr95_openood": 1.0})
+    assert same == pytest.approx({"auroc": 50.0, "aupr_in": 50.0, "aupr_out": 50.0, "fpr95": 100.0, "fpr95_openood": 100.0})
     reversed_ = ood_metrics([0.0], [1.0, 2.0])
-    assert reversed_["auroc"] == 0.0 and reversed_["fpr95"] == 1.0 and reversed_["fpr95_openood"] == 1.0
+    assert reversed_["auroc"] == 0.0 and reversed_["fpr95"] == 100.0 and reversed_["fpr95_openood"] == 100.0
 
 
 @pytest.mark.parametrize(

@@ -128,7 +128,7 @@ class OodDetectionMetric(EvalMetric):
                 out_scores = ood_score(logits_out[name], score)
                 self.pooled_out[score][name].append(out_scores)
                 for metric, value in ood_metrics(in_scores[ood_set.in_index], out_scores).items():
-                    self.runs[score][name][metric].append(100.0 * value)
+                    self.runs[score][name][metric].append(value)
             for metric in METRICS:
                 run_values = [self.runs[score][name][metric][-1] for name in self.sets]
                 self.runs[score]["mean"][metric].append(sum(run_values) / len(run_values))

@@ -72,7 +72,8 @@ def ood_score(
 def ood_metrics(
     scores_in: torch.Tensor | Sequence[float], scores_out: torch.Tensor | Sequence[float]
 ) -> dict[str, float]:
-    """Detection metrics of ID scores against OOD scores (higher score = more in-distribution), as fractions in [0, 1].
+    """Detection metrics of ID scores against OOD scores (higher score = more in-distribution), in percent (as
+    ``calibration_metrics`` and every table of fastdd).
 
     With ID as the positive class, a threshold ``t`` accepts a sample as ID when its score is ``>= t``. Tied scores
     are never split: the ROC points are those of ``sklearn.metrics.roc_curve`` (one point per distinct score, with
@@ -92,7 +93,7 @@ def ood_metrics(
         scores_in: ``[N_in]`` scores of ID samples (1-D, non-empty, finite).
         scores_out: ``[N_out]`` scores of OOD samples (1-D, non-empty, finite).
     Returns:
-        ``{"auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_openood"}`` -> float.
+        ``{"auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_openood"}`` -> percent in [0, 100].
     """
     from sklearn.metrics import average_precision_score, roc_auc_score  # imported on use: ~1.5 s
 
@@ -100,13 +101,14 @@ def ood_metrics(
     s_out = _as_scores(scores_out, "scores_out")
     scores = np.concatenate([s_in, s_out])
     is_in = np.concatenate([np.ones(s_in.size, dtype=np.int64), np.zeros(s_out.size, dtype=np.int64)])
-    return {
+    fractions = {
         "auroc": float(roc_auc_score(is_in, scores)),
         "aupr_in": float(average_precision_score(is_in, scores)),
         "aupr_out": float(average_precision_score(1 - is_in, -scores)),
         "fpr95": _fpr_at_95_tpr(is_in, scores),
         "fpr95_openood": _fpr_at_95_tpr(1 - is_in, -scores),
     }
+    return {name: 100.0 * value for name, value in fractions.items()}
 
 
 def _fpr_at_95_tpr(positive: np.ndarray, scores: np.ndarray) -> float:
