@@ -28,15 +28,13 @@ import warnings
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from fastdd.errors import FastddError, FastddWarning, UnsafeFileError
-
-if TYPE_CHECKING:
-    import numpy as np
+from fastdd.image_grids import image_grid_array, labelled_grid_image
 
 SYNSET_TENSORS = "synset.safetensors"
 SYNSET_META = "synset.json"
@@ -281,7 +279,8 @@ class SyntheticSet:
         atomic_write(folder / SYNSET_TENSORS, lambda tmp: save_file(tensors, tmp))
         write_json(folder / SYNSET_META, {"format": SYNSET_FORMAT, **self.meta})
         if grid is not None:
-            save_image_grid(grid, folder / SYNSET_GRID, nrow=self.meta.get("ipc") or None)
+            save_image_grid(grid, folder / SYNSET_GRID, nrow=self.meta.get("ipc") or None,
+                            row_names=self.meta.get("class_names") if self.meta.get("ipc") else None)
         if outlier_grid is not None:
             save_image_grid(outlier_grid, folder / SYNSET_OUTLIER_GRID, nrow=self.meta.get("ipc") or None)
 
@@ -327,33 +326,19 @@ class SyntheticSet:
         )
 
 
-def image_grid_array(images: torch.Tensor, *, nrow: int | None = None) -> "np.ndarray":
-    """``images`` ([K, C, H, W], values in [0, 1]) as one grid, ``nrow`` images per row, images under 32 pixels
-    upscaled so the grid is readable.
-
-    Returns:
-        A uint8 array, ``[H', W']`` for one channel, else ``[H', W', C]``.
-    """
-    from torchvision.utils import make_grid
-
-    images = images.detach().to("cpu", torch.float32).clamp(0, 1)
-    small = max(images.shape[-2:]) < 32
-    if small:  # upscale tiny images so the grid is readable
-        factor = max(1, 32 // max(images.shape[-2:]))
-        images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
-    grid = make_grid(images, nrow=nrow or 10, padding=2, pad_value=1.0)
-    array = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    if array.shape[2] == 1:
-        array = array[:, :, 0]
-    return array
-
-
-def save_image_grid(images: torch.Tensor, path: str | Path, *, nrow: int | None = None) -> None:
-    """Save ``images`` ([K, C, H, W], values in [0, 1]) as one PNG grid, ``nrow`` images per row."""
+def save_image_grid(
+    images: torch.Tensor, path: str | Path, *, nrow: int | None = None, row_names: Sequence[str] | None = None,
+    scale: int | None = None,
+) -> None:
+    """Save ``images`` (``[K, C, H, W]``, values in [0, 1]) as one PNG grid, ``nrow`` images per row, upscaled
+    ``scale`` times (default: readable, see :mod:`fastdd.image_grids`), with ``row_names`` left of the rows."""
     from PIL import Image
 
-    array = image_grid_array(images, nrow=nrow)
-    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    if row_names:
+        image = labelled_grid_image(images, row_names, per_row=nrow or 10, scale=scale)
+    else:
+        image = Image.fromarray(image_grid_array(images, nrow=nrow, scale=scale))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def save_checkpoint(folder: str | Path, state: dict[str, Any]) -> None:

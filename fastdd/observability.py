@@ -30,7 +30,8 @@ import torch
 
 from fastdd.config.run import DEFAULT_IMAGES_EVERY
 from fastdd.errors import FastddError
-from fastdd.io import MetricsLog, image_grid_array
+from fastdd.image_grids import image_grid_array
+from fastdd.io import MetricsLog
 
 # Fields of a metrics record that locate it (its step, or which expert it belongs to) rather than measure something.
 STEP_FIELDS = ("iteration", "epoch", "expert")

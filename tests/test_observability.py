@@ -158,7 +158,7 @@ def test_wandb_gets_the_same_scalars_and_images(tmp_path, monkeypatch):
     assert scalars == [(r["iteration"], numeric_scalars(r)) for r in records(out / "metrics.jsonl")]
     images = [(step, data["synset"].data) for step, data in run.logged if "synset" in data]
     assert [step for step, _ in images] == [2, 3]
-    assert images[0][1].dtype == np.uint8 and images[0][1].shape[:2] == (10 * 34 + 2, 34 + 2)  # 10 classes x IPC 1
+    assert images[0][1].dtype == np.uint8 and images[0][1].shape[:2] == (10 * 66 + 2, 66 + 2)  # 10 x 1 images of 64 px
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert invoke("experts", "--num-experts", 1, "--epochs", 1, "--width", 8, "--out", tmp_path / "e", "--quiet",

@@ -24,12 +24,13 @@ def show(
     config: Optional[Path] = config_file_option(),
     **options: Any,
 ) -> None:
-    """Write the synthetic images as a PNG grid (one row per class, de-normalised or inverse-ZCA'd), and the outlier
-    images of a TrustDD set as a second grid beside it (NAME_outliers.png)."""
+    """Write the synthetic images as a PNG grid (one row per class with its name, de-normalised or inverse-ZCA'd,
+    upscaled to be readable), and the outlier images of a TrustDD set as a second grid beside it (NAME_outliers.png)."""
     from fastdd.exports import save_synset_grids
     from fastdd.io import SYNSET_GRID, SyntheticSet
 
     settings = from_options(ShowConfig, given_options(config, options), context="fastdd show")
     target = Path(settings.out) if settings.out is not None else Path(synset_dir) / SYNSET_GRID
-    for path in save_synset_grids(SyntheticSet.load(synset_dir), target):
+    classes = settings.classes.split(",") if settings.classes else None
+    for path in save_synset_grids(SyntheticSet.load(synset_dir), target, scale=settings.scale, classes=classes):
         typer.echo(f"{'outlier' if path != target else 'image'} grid written to {path}")
