@@ -227,3 +227,12 @@ def test_the_finish_line_gives_the_time_and_the_next_command(tmp_path):
     result = invoke("distill", "--method", "dm", "--ipc", "1", "--out", out, *TINY)
     assert result.exit_code == 0 and f"next: fastdd evaluate {out}" in result.output, result.output
     assert f"synthetic set written to {out} in " in result.output
+
+
+@pytest.mark.parametrize("minutes,previous", [(1e-9, 3), (60.0, None)])
+def test_checkpoints_by_time_as_well_as_by_count(tmp_path, minutes, previous):
+    distiller = _tiny_dm(load_dataset("digits"))
+    run_distillation(distiller, tmp_path / "run", checkpoint_every=100, checkpoint_minutes=minutes, progress=False)
+    assert json.loads((tmp_path / "run" / "checkpoint.json").read_text())["iteration"] == 4
+    prev = tmp_path / "run" / "checkpoint.prev.json"
+    assert (json.loads(prev.read_text())["iteration"] if prev.exists() else None) == previous

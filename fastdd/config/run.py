@@ -8,6 +8,7 @@ from fastdd.config.options import Section, option
 
 OUTPUT, LOGGING, PERFORMANCE = "Output", "Logging", "Performance"
 DEFAULT_IMAGES_EVERY = 50
+DEFAULT_CHECKPOINT_MINUTES = 10.0
 
 
 @dataclass
@@ -55,6 +56,11 @@ class DistillRunConfig(ProcessesConfig, LoggingConfig, ProgressConfig):
     out: str | None = option(None, "Output folder.", panel=OUTPUT, default_text="runs/METHOD-DATASET-ipcIPC")
     checkpoint_every: int = option(100, "Write checkpoint.pt and the synthetic set every K iterations.",
                                    panel=OUTPUT, at_least=1)
+    checkpoint_minutes: float = option(
+        DEFAULT_CHECKPOINT_MINUTES, "Also checkpoint when this many minutes have passed since the last checkpoint (and after a first "
+        "iteration of a minute or more), so slow runs always have something recent to --resume.", panel=OUTPUT,
+        above=0,
+    )
     resume: bool = option(False, "Continue the run saved in --out.", panel=OUTPUT, flag="--resume/--no-resume")
     overwrite: bool = option(False, "Replace an earlier run saved in --out.", panel=OUTPUT,
                              flag="--overwrite/--no-overwrite")

@@ -61,6 +61,7 @@ def distill(config: DistillConfig, run: DistillRunConfig) -> SyntheticSet:
                             zca=bool(config.zca))
         return run_distillation(
             distiller_class(config, data), output_folder(config, run), checkpoint_every=run.checkpoint_every,
+            checkpoint_minutes=run.checkpoint_minutes,
             resume=run.resume, overwrite=run.overwrite, progress=not run.quiet,
             tensorboard=run.tensorboard_target(), wandb=run.wandb, log_images_every=run.log_images_every,
         )

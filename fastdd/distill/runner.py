@@ -18,6 +18,7 @@ from typing import Iterator
 
 import torch
 
+from fastdd.config.run import DEFAULT_CHECKPOINT_MINUTES
 from fastdd.distill import distributed
 from fastdd.distill.base import Distiller
 from fastdd.errors import FastddError, Interrupted
@@ -45,6 +46,8 @@ from fastdd.observability import (
     optional_sinks,
 )
 from fastdd.progress import SHARED_CORES_HINT, Progress
+
+_SLOW_FIRST_ITERATION = 60.0  # seconds: a first iteration this slow is checkpointed at once
 
 RUN_FILES = (*CHECKPOINT_FILES, SYNSET_TENSORS, SYNSET_META, SYNSET_GRID, SYNSET_OUTLIER_GRID, METRICS)
 
@@ -82,6 +85,7 @@ def run_distillation(
     out: str | Path,
     *,
     checkpoint_every: int = 100,
+    checkpoint_minutes: float = DEFAULT_CHECKPOINT_MINUTES,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -92,8 +96,9 @@ def run_distillation(
     """Run ``distiller`` for ``config.iterations`` iterations, writing everything into ``out``.
 
     Writes ``metrics.jsonl`` (one record per iteration), a checksummed checkpoint (``checkpoint.pt`` +
-    ``checkpoint.json``, the one before kept as ``checkpoint.prev.*``) every ``checkpoint_every`` iterations and at
-    the end, and the synthetic set. ``overwrite`` replaces an earlier run in ``out`` (otherwise it is refused).
+    ``checkpoint.json``, the one before kept as ``checkpoint.prev.*``) every ``checkpoint_every`` iterations, also
+    whenever ``checkpoint_minutes`` have passed since the last one (and after a first iteration that took a minute or
+    more, so a slow run soon has something to resume), and at the end, and the synthetic set. ``overwrite`` replaces an earlier run in ``out`` (otherwise it is refused).
     Before anything is changed, ``out`` must be writable with free space for about four checkpoints. With ``resume``
     the run continues from the newest valid checkpoint with the same settings (``metrics.jsonl`` is cut back to that
     checkpoint's iteration) and ends bit-identical to an uninterrupted run. A non-finite loss, or a write that fails
@@ -154,7 +159,7 @@ def run_distillation(
                 bar.advance(loss=loss)
                 if sinks.takes_images and (step % log_images_every == 0 or step == total):
                     _log_images(distiller, sinks, step)
-                if step % checkpoint_every == 0 and step < total:
+                if step < total and (checkpoints.due(checkpoint_minutes) or step % checkpoint_every == 0):
                     checkpoints.write(step)
         synset = checkpoints.write(total)
     distributed.barrier()  # the files exist when any rank returns
@@ -202,6 +207,14 @@ class _Checkpoints:
     def __init__(self, distiller: Distiller, out: Path, sinks: Sinks, *, last_saved: int) -> None:
         self.distiller, self.out, self.sinks, self.last_saved = distiller, out, sinks, last_saved
         self.current = last_saved  # the iteration being run (for the message of an interrupt)
+        self.saved_at = self.started = time.monotonic()
+        self.first = True
+
+    def due(self, minutes: float) -> bool:
+        """Whether a checkpoint is due by time: ``minutes`` since the last one, or a first iteration of a minute."""
+        now = time.monotonic()
+        first, self.first = self.first, False
+        return now - self.saved_at >= 60 * minutes or (first and now - self.started >= _SLOW_FIRST_ITERATION)
 
     def write(self, iteration: int) -> SyntheticSet | None:
         distiller, out = self.distiller, self.out
@@ -227,7 +240,7 @@ class _Checkpoints:
             synset = save_synthetic_set(distiller, out)
         except OSError as exc:
             raise _write_failed(out, f"the checkpoint of iteration {iteration}", exc, self.last_saved) from None
-        self.last_saved = iteration
+        self.last_saved, self.saved_at = iteration, time.monotonic()
         return synset
 
 
