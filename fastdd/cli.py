@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 
@@ -26,14 +26,21 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-app.command("distill")(distill)
-app.command("experts")(experts)
-app.command("evaluate")(evaluate)
-app.command("report")(report)
-app.command("show")(show)
-app.command("inspect")(inspect_command)
-app.command("export")(export)
-app.command("info")(info)
+
+
+def _help_of(command: Callable) -> tuple[str, str]:
+    """``(help, short help)`` of a command from its docstring: paragraphs reflowed (the terminal wraps them, not the
+    source's line breaks), and the first paragraph for the command list of ``fastdd --help``."""
+    paragraphs = [" ".join(part.split()) for part in (command.__doc__ or "").split("\n\n") if part.strip()]
+    return "\n\n".join(paragraphs), paragraphs[0] if paragraphs else ""
+
+
+for _name, _command in (
+    ("distill", distill), ("experts", experts), ("evaluate", evaluate), ("report", report), ("show", show),
+    ("inspect", inspect_command), ("export", export), ("info", info),
+):
+    _help, _short = _help_of(_command)
+    app.command(_name, help=_help, short_help=_short)(_command)
 
 # Commands that can run as several processes (`--nproc N`, or under torchrun).
 DISTRIBUTED_COMMANDS = ("distill", "experts")
@@ -91,7 +98,8 @@ def main() -> None:
 
     keep_freed_memory()
     GLOBAL_OPTIONS.clear()
-    GLOBAL_OPTIONS["from_main"] = True  # a real command line, not a test's CliRunner: threads follow free cores
+    # A real command line (not a test's CliRunner, not --help): threads follow the free cores.
+    GLOBAL_OPTIONS["from_main"] = not {"--help", "-h"} & set(sys.argv[1:])
     app()
 
 

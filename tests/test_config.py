@@ -236,3 +236,31 @@ def test_checkpoints_by_time_as_well_as_by_count(tmp_path, minutes, previous):
     assert json.loads((tmp_path / "run" / "checkpoint.json").read_text())["iteration"] == 4
     prev = tmp_path / "run" / "checkpoint.prev.json"
     assert (json.loads(prev.read_text())["iteration"] if prev.exists() else None) == previous
+
+
+def test_every_option_of_every_command_states_its_default_and_choices():
+    from fastdd.commands.options import default_text
+    from fastdd.config.artifacts import ExportConfig, ShowConfig
+    from fastdd.config.evaluate import EvaluateConfig, InspectConfig, ReportConfig
+    from fastdd.config.options import choices_of
+    from fastdd.config.run import DistillRunConfig, ExpertsRunConfig
+
+    commands = {"distill": [*METHOD_CONFIGS.values(), DistillRunConfig], "experts": [ExpertConfig, ExpertsRunConfig],
+                "evaluate": [EvaluateConfig], "report": [ReportConfig], "inspect": [InspectConfig],
+                "show": [ShowConfig], "export": [ExportConfig]}
+    for command, configs in commands.items():
+        text = " ".join(invoke(command, "--help", env={"COLUMNS": "3000"}).output.split())
+        for config in configs:
+            for f in option_fields(config):
+                assert default_text(f), (config.__name__, f.name)
+                choices = choices_of(f)
+                if choices and not info_of(f).split:
+                    assert "[" + "|".join(choices) + "]" in text, (command, f.name)
+        assert "{synset_dir" not in text
+
+
+def test_the_command_list_has_one_line_per_command():
+    lines = [line for line in invoke("--help", env={"COLUMNS": "200"}).output.splitlines() if line.startswith("│ ")]
+    commands = [line.split()[1] for line in lines if line[2] != " "]
+    assert commands[-8:] == ["distill", "experts", "evaluate", "report", "show", "inspect", "export", "info"]
+    assert all(line[2] != " " for line in lines[-8:])  # no continuation lines

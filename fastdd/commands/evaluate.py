@@ -21,12 +21,13 @@ from fastdd.progress import SHARED_CORES_HINT, Progress
 @user_errors
 @with_config_options(EvaluateConfig)
 def evaluate(
-    synset_dir: Path = typer.Argument(..., help="Folder written by `fastdd distill`."),
+    synset_dir: Path = typer.Argument(..., metavar="SYNSET_DIR", help="Folder written by `fastdd distill`."),
     config: Optional[Path] = config_file_option(),
     **options: Any,
 ) -> None:
-    """Train fresh networks on a synthetic set and report their test accuracy (mean ± std over runs), with --ood
-    their OOD detection (AUROC, AUPR-IN/OUT, FPR95 in TrustDD's and OpenOOD's conventions), with --robustness
+    """Train fresh networks on a synthetic set and report accuracy, OOD detection, robustness and calibration.
+
+    The test accuracy is the mean ± std over runs; with --ood also their OOD detection (AUROC, AUPR-IN/OUT, FPR95 in TrustDD's and OpenOOD's conventions), with --robustness
     their worst-cluster and shifted-input accuracies, and with --calibration their ECE / NLL raw, after TS and after
     MTS."""
     from fastdd.evaluate import dataset_for_synset, plan_evaluation

@@ -20,7 +20,7 @@ from fastdd.config.options import from_options
 @user_errors
 @with_config_options(ExportConfig)
 def export(
-    synset_dir: Path = typer.Argument(..., help="Folder written by `fastdd distill`."),
+    synset_dir: Path = typer.Argument(..., metavar="SYNSET_DIR", help="Folder written by `fastdd distill`."),
     config: Optional[Path] = config_file_option(),
     **options: Any,
 ) -> None:

@@ -21,11 +21,13 @@ from fastdd.progress import SHARED_CORES_HINT, Progress
 @user_errors
 @with_config_options(InspectConfig)
 def inspect_command(
-    synset_dirs: list[Path] = typer.Argument(..., help="Folders written by `fastdd distill`."),
+    synset_dirs: list[Path] = typer.Argument(..., metavar="SYNSET_DIRS...", help="Folders written by `fastdd distill`."),
     config: Optional[Path] = config_file_option(),
     **options: Any,
 ) -> None:
-    """Print two diagnostics of synthetic sets from "Do Not Overlook Calibration": the SVD curve (cumulative sum of
+    """Print the SVD curve and the max-logit spread of synthetic sets.
+
+    These are the two diagnostics of "Do Not Overlook Calibration": the SVD curve (cumulative sum of
     the singular values of the flattened, uncentred images over their total; near the diagonal = evenly spread
     information) at a few fractions of the components, with the components needed for 50/90/99 %; and the max-logit
     spread (mean, std, percentiles) on the real test set of networks trained on each set, the networks of `fastdd

@@ -21,11 +21,13 @@ from fastdd.progress import SHARED_CORES_HINT, Progress
 @user_errors
 @with_config_options(ReportConfig)
 def report(
-    synset_dirs: list[Path] = typer.Argument(..., help="Folders written by `fastdd distill`, all of one dataset."),
+    synset_dirs: list[Path] = typer.Argument(..., metavar="SYNSET_DIRS...", help="Folders written by `fastdd distill`, all of one dataset."),
     config: Optional[Path] = config_file_option(),
     **options: Any,
 ) -> None:
-    """Evaluate synthetic sets of one dataset under one protocol and write a side-by-side trust report: accuracy,
+    """Evaluate synthetic sets of one dataset under one protocol into a side-by-side trust report.
+
+    The report holds accuracy,
     OOD detection (AUROC / FPR95 per OOD set and mean), robustness (cluster_min, noise, blur, invert), calibration
     (ECE raw / TS / MTS), size and distillation time, mean ± std over runs."""
     from fastdd.evaluate.report import REPORT_MD, prepare_report

@@ -20,12 +20,14 @@ from fastdd.config.options import from_options
 @user_errors
 @with_config_options(ShowConfig)
 def show(
-    synset_dir: Path = typer.Argument(..., help="Folder written by `fastdd distill`."),
+    synset_dir: Path = typer.Argument(..., metavar="SYNSET_DIR", help="Folder written by `fastdd distill`."),
     config: Optional[Path] = config_file_option(),
     **options: Any,
 ) -> None:
-    """Write the synthetic images as a PNG grid (one row per class with its name, de-normalised or inverse-ZCA'd,
-    upscaled to be readable), and the outlier images of a TrustDD set as a second grid beside it (NAME_outliers.png)."""
+    """Write the synthetic images as a PNG grid, one named row per class.
+
+    The images are de-normalised (or inverse-ZCA'd) and upscaled to be readable; the outlier images of a TrustDD set
+    go into a second grid beside it (NAME_outliers.png)."""
     from fastdd.exports import save_synset_grids
     from fastdd.io import SYNSET_GRID, SyntheticSet
 

@@ -146,7 +146,7 @@ class TrainObjectiveConfig(Section):
     )
     teacher: str | None = option(
         None, "OAL's teacher: 'expert' (the experts folder the set was distilled from), an experts folder, an expert "
-        "file or a model checkpoint (.safetensors, .pt).", panel=TRAINING,
+        "file or a model checkpoint (.safetensors, .pt).", panel=TRAINING, default_text="none",
     )
 
 
@@ -155,11 +155,12 @@ class EvaluateConfig(ProgressConfig, TrainObjectiveConfig, CalibrationEvalConfig
                      EvalDataConfig, EvalConfig):
     """``fastdd evaluate``: the protocol, the measurements and where results go."""
 
-    json_out: str | None = option(None, "Also write the results to this JSON file.", panel=OUTPUT, flag="--json")
+    json_out: str | None = option(None, "Also write the results to this JSON file.", panel=OUTPUT, flag="--json",
+                                  default_text="none")
     plots: str | None = option(
         None, "Folder for PNGs: histograms of the ID vs OOD scores (ood_MODEL_SCORE.png) with --ood; reliability "
         "diagrams (calibration_MODEL_METHOD.png) and max-logit histograms (max_logits_MODEL.png) with --calibration.",
-        panel=OUTPUT,
+        panel=OUTPUT, default_text="none",
     )
 
 
@@ -168,8 +169,8 @@ class ReportConfig(ProgressConfig, CalibrationEvalConfig, RobustnessEvalConfig, 
                    EvalConfig):
     """``fastdd report``: sets of one dataset under one protocol, side by side (every measurement on by default)."""
 
-    out: str | None = option(None, "Report folder: report.md, report.json, summary_MODEL.png, plots/ (required).",
-                             panel=OUTPUT)
+    out: str | None = option(None, "Report folder: report.md, report.json, summary_MODEL.png, plots/.",
+                             panel=OUTPUT, default_text="none: required")
     overwrite: bool = option(False, "Replace an earlier report in --out.", panel=OUTPUT,
                              flag="--overwrite/--no-overwrite")
     ood: str | None = redefault(OODConfig, "ood", "gaussian,uniform")  # built offline for every dataset
@@ -196,7 +197,7 @@ class InspectConfig(ProgressConfig, EvalConfig):
                             flag="--no-train/--train")
     plots: str | None = option(
         None, "Folder for svd.png (the SVD curves of all sets, with the diagonal) and max_logits.png (histograms of "
-        "their max logits; not with --no-train).", panel=OUTPUT,
+        "their max logits; not with --no-train).", panel=OUTPUT, default_text="none",
     )
     json_out: str | None = option(None, "Also write the results (and full curves) to this JSON file.", panel=OUTPUT,
-                                  flag="--json")
+                                  flag="--json", default_text="none")

@@ -28,7 +28,8 @@ class OutliersConfig(Section):
         panel=TRUST, choices=OUTLIER_MODES,
     )
     outlier_data: str | None = option(
-        None, "oe: a registered dataset name or a folder of images, converted to the dataset's shape.", panel=TRUST
+        None, "oe: a registered dataset name or a folder of images, converted to the dataset's shape.", panel=TRUST,
+        default_text="none",
     )
     outlier_ratio: float = option(1.0, "Outlier images per synthetic (or training) image.", panel=TRUST, above=0)
     outlier_weight: float = option(
