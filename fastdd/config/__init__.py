@@ -16,8 +16,21 @@ from fastdd.config.distill import (
     TrajectoryConfig,
     method_config,
 )
-from fastdd.config.options import ConfigError, OptionInfo, check_config, from_options, option, pick, redefault
-from fastdd.config.sections import AugmentationConfig, DataConfig, DeviceConfig, ModelConfig
+from fastdd.config.options import (
+    ConfigError,
+    OptionInfo,
+    check_config,
+    from_options,
+    option,
+    pick,
+    redefault,
+)
+from fastdd.config.sections import (
+    AugmentationConfig,
+    DataConfig,
+    DeviceConfig,
+    ModelConfig,
+)
 from fastdd.config.trust import MDTConfig, OutliersConfig, RobustConfig
 
 __all__ = [

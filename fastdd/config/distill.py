@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from fastdd.config.experts import DEFAULT_NUM_EXPERTS
 from fastdd.config.options import (
     ConfigError,
     Section,
@@ -20,7 +21,12 @@ from fastdd.config.options import (
     option,
     redefault,
 )
-from fastdd.config.sections import AugmentationConfig, DataConfig, DeviceConfig, ModelConfig
+from fastdd.config.sections import (
+    AugmentationConfig,
+    DataConfig,
+    DeviceConfig,
+    ModelConfig,
+)
 from fastdd.config.trust import MDTConfig, OutliersConfig, RobustConfig
 
 METHOD = "Method"
@@ -190,7 +196,8 @@ class TrajectoryConfig(DistillConfig):
     )
     experts: str | None = option(None, "mtt/tesla: folder of expert trajectories.", panel=METHOD,
                                  default_text="train and cache them beside --out")
-    num_experts: int = option(5, "mtt/tesla: experts to train when --experts is not given.", panel=METHOD, at_least=1)
+    num_experts: int = option(DEFAULT_NUM_EXPERTS, "mtt/tesla: experts to train when --experts is not given.",
+                              panel=METHOD, at_least=1)
     expert_train_epochs: int | None = option(None, "mtt/tesla: epochs per auto-trained expert.", panel=METHOD,
                                              at_least=1, default_text="max_start_epoch + expert_epochs")
     expert_batch: int = option(256, "mtt/tesla: minibatch of auto-trained experts.", panel=METHOD, at_least=1)

@@ -7,17 +7,24 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastdd.config.options import Section, option, redefault
-from fastdd.config.sections import AugmentationConfig, DataConfig, DeviceConfig, ModelConfig
+from fastdd.config.sections import (
+    AugmentationConfig,
+    DataConfig,
+    DeviceConfig,
+    ModelConfig,
+)
 from fastdd.config.trust import OutliersConfig
 
 EXPERTS = "Experts"
+DEFAULT_NUM_EXPERTS = 5
 
 
 @dataclass
 class ExpertTrainingConfig(Section):
     """How many experts and how each is trained (the reference defaults of MTT's buffer script)."""
 
-    num_experts: int = option(10, "Number of experts the folder should hold.", panel=EXPERTS, at_least=1)
+    num_experts: int = option(DEFAULT_NUM_EXPERTS, "Number of experts the folder should hold (the same default as "
+                              "the experts mtt/tesla train for themselves).", panel=EXPERTS, at_least=1)
     epochs: int = option(50, "Epochs per expert (snapshots = epochs + 1).", panel=EXPERTS, at_least=1)
     lr_teacher: float = option(0.01, "SGD learning rate.", panel=EXPERTS, above=0)
     momentum: float = option(0.0, "SGD momentum.", panel=EXPERTS, at_least=0, below=1)

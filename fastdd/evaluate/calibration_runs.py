@@ -166,7 +166,10 @@ def save_calibration_plots(
             continue
         path = folder / f"calibration_{model}_{method}.png"
         labels = test_labels.repeat(len(parts))
-        save_reliability_diagram(torch.cat(parts), labels, path, title=f"{title}, {method}")
+        # The runs' predictions pooled into one diagram, so its ECE is the pooled ECE, not the tables' mean of the
+        # per-run ECEs; the title says so.
+        save_reliability_diagram(torch.cat(parts), labels, path,
+                                 title=f"{title}, {method} ({len(parts)} runs pooled; tables: mean of per-run ECE)")
         paths.append(str(path))
     max_logits = {
         name: torch.cat(pooled[key]).max(dim=1).values
