@@ -463,10 +463,11 @@ def test_imagefolder(tmp_path, val_name):
     assert torch.allclose(normalised.mean(dim=(0, 2, 3)), torch.zeros(3, dtype=torch.float64), atol=1e-5)
 
 
-def test_imagefolder_default_size_is_64(tmp_path):
-    write_image_folder(tmp_path)
+def test_imagefolder_keeps_the_images_own_size_by_default(tmp_path):
+    write_image_folder(tmp_path)  # the first training image is 16 x 8: its shorter side is 8
     data = load_dataset("imagefolder", data_root=tmp_path)
-    assert data.image_size == (64, 64)
+    assert data.image_size == (8, 8)
+    assert load_dataset("imagefolder", data_root=tmp_path, image_size=12).image_size == (12, 12)
 
 
 def test_imagefolder_errors(tmp_path):

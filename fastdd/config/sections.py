@@ -42,7 +42,7 @@ class DataConfig(Section):
     data_root: str | None = option(None, "Folder holding the dataset files.", panel=DATA,
                                    default_text="the dataset's usual places")
     image_size: int | None = option(None, "Image side for imagefolder datasets.", panel=DATA, at_least=1,
-                                    default_text="64")
+                                    default_text="the images' own (the first training image's shorter side)")
     zca: bool = option(False, "ZCA-whiten the data (kornia, eps 0.1).", panel=DATA, flag="--zca/--no-zca")
 
     def check_fields(self) -> None:

@@ -2,7 +2,8 @@
 
 Classes are the sub-folder names in sorted order (torchvision ImageFolder's convention) and must be the same in
 both splits. Every image is converted to RGB, resized so its shorter side is ``image_size`` (bilinear) and
-center-cropped to ``image_size`` x ``image_size``. Files are decoded in a thread pool (PIL releases the GIL).
+center-cropped to ``image_size`` x ``image_size``; without ``image_size`` the images keep their own size (the
+shorter side of the first training image), so a folder of 32x32 images stays 32x32. Files are decoded in a thread pool (PIL releases the GIL).
 """
 
 from __future__ import annotations
@@ -17,18 +18,17 @@ import torch
 from fastdd.data.raw import RawSplits
 from fastdd.errors import FastddError
 
-DEFAULT_IMAGE_SIZE = 64
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 LAYOUT = "train/<class>/* and val/<class>/* (or test/<class>/*) image files"
 
 
 def load_imagefolder(data_root: Path | None, image_size: int | None) -> RawSplits:
-    """Both splits of an image folder as ``[N, 3, S, S]`` uint8, ``S = image_size`` (default 64)."""
+    """Both splits of an image folder as ``[N, 3, S, S]`` uint8, ``S = image_size`` (default: the shorter side of
+    the first training image)."""
     if data_root is None:
         raise FastddError(f"the imagefolder dataset needs data_root: a folder holding {LAYOUT}.")
-    size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
-    if size < 1:
-        raise FastddError(f"image_size must be a positive number of pixels, got {size}.")
+    if image_size is not None and image_size < 1:
+        raise FastddError(f"image_size must be a positive number of pixels, got {image_size}.")
     train_dir = data_root / "train"
     val_dir = next((data_root / n for n in ("val", "test") if (data_root / n).is_dir()), data_root / "val")
     for folder in (train_dir, val_dir):
@@ -58,6 +58,7 @@ def load_imagefolder(data_root: Path | None, image_size: int | None) -> RawSplit
     empty = [c for c, count in zip(classes, np.bincount(train_labels, minlength=len(classes))) if count == 0]
     if empty:
         raise FastddError(f"imagefolder: the training classes {empty} in {train_dir.resolve()} have no image files.")
+    size = image_size if image_size is not None else native_size(train_files[0])
     return RawSplits(
         train_images=decode_images(train_files, size),
         train_labels=torch.as_tensor(train_labels, dtype=torch.int64),
@@ -84,6 +85,17 @@ def list_images(split_dir: Path, classes: list[str]) -> tuple[list[Path], list[i
         files.extend(found)
         labels.extend([label] * len(found))
     return files, labels
+
+
+def native_size(path: Path) -> int:
+    """The shorter side of the image in ``path`` (its header is read, not its pixels)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return min(image.size)
+    except (UnidentifiedImageError, OSError) as err:
+        raise FastddError(f"imagefolder: {path} is not a readable image ({err}); remove or replace it.") from None
 
 
 def decode_images(files: list[Path], size: int) -> torch.Tensor:
