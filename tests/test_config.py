@@ -264,3 +264,10 @@ def test_the_command_list_has_one_line_per_command():
     commands = [line.split()[1] for line in lines if line[2] != " "]
     assert commands[-8:] == ["distill", "experts", "evaluate", "report", "show", "inspect", "export", "info"]
     assert all(line[2] != " " for line in lines[-8:])  # no continuation lines
+
+
+def test_the_set_records_where_its_data_was_read(tmp_path):
+    out = tmp_path / "run"
+    assert invoke("distill", "--method", "dm", "--ipc", "1", "--out", out, *TINY).exit_code == 0
+    meta = json.loads((out / SYNSET_META).read_text())
+    assert meta["data_root"] is None and "load_digits" in meta["data_source"]

@@ -274,6 +274,7 @@ def test_fashion_mnist_from_synthetic_idx_folder(tmp_path):
     assert data.name == "fashion-mnist" and data.class_names[0] == "T-shirt/top" and data.class_names[9] == "Ankle boot"
     assert data.mean == (FASHION_MEAN,) and data.std == (FASHION_STD,)
     assert data.dsa_strategy == "color_crop_cutout_flip_scale_rotate"
+    assert data.source == str(tmp_path.resolve())  # provenance: the folder actually read
     expected = normalise(arrays["train-images-idx3-ubyte"][:, None] / 255.0, data.mean, data.std)
     torch.testing.assert_close(data.train_images.double(), expected, atol=1e-5, rtol=0)
     expected = normalise(arrays["t10k-images-idx3-ubyte"][:, None] / 255.0, data.mean, data.std)
@@ -285,6 +286,7 @@ def test_fashion_mnist_from_synthetic_idx_folder(tmp_path):
 def test_mnist_from_torchvision_raw_layout(tmp_path):
     arrays = write_mnist_folder(tmp_path / "MNIST" / "raw", np.random.default_rng(1), gz=(False,) * 4)
     data = load_dataset("mnist", data_root=tmp_path)
+    assert data.source == str((tmp_path / "MNIST" / "raw").resolve())
     assert data.mean == (0.1307,) and data.std == (0.3081,) and "flip" not in data.dsa_strategy
     assert data.train_images.shape == (50, 1, 28, 28) and data.test_images.shape == (20, 1, 28, 28)
     unit = data.to_unit_range(data.train_images)

@@ -103,6 +103,7 @@ class ImageDataset:
         std: per-channel standard deviation of the [0, 1] training pixels.
         zca: the fitted whitening, or None.
         dsa_strategy: default augmentation strategy (no ``flip`` for digit datasets).
+        source: where the pixels were read from (the folder actually read), for provenance.
     """
 
     name: str
@@ -116,6 +117,7 @@ class ImageDataset:
     std: tuple[float, ...]
     zca: ZCA | None
     dsa_strategy: str
+    source: str = ""
     _class_index: ClassIndex | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

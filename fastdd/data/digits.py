@@ -80,4 +80,5 @@ def load_digits(data_root: Path | None, image_size: int | None) -> RawSplits:
         test_images=images[test],
         test_labels=labels[test],
         class_names=list(CLASS_NAMES),
+        source="sklearn.datasets.load_digits (shipped with scikit-learn)",
     )

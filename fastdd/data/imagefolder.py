@@ -65,6 +65,7 @@ def load_imagefolder(data_root: Path | None, image_size: int | None) -> RawSplit
         test_images=decode_images(val_files, size),
         test_labels=torch.as_tensor(val_labels, dtype=torch.int64),
         class_names=classes,
+        source=str(data_root.resolve()),
     )
 
 

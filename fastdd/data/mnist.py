@@ -65,6 +65,7 @@ def _load_idx_dataset(name: str, folders: list[Path], class_names: list[str]) ->
         test_images=_as_images(test_images, files[2]),
         test_labels=_as_labels(test_labels, test_images.shape[0], files[3], len(class_names)),
         class_names=list(class_names),
+        source=str(files[0].parent.resolve()),
     )
 
 

@@ -22,6 +22,7 @@ class RawSplits:
         test_images: ``[M, C, H, W]``, same dtype and size as ``train_images``.
         test_labels: ``[M]`` int64.
         class_names: one name per class, in label order.
+        source: where the pixels were read from (a folder or file, or what ships them), for provenance.
     """
 
     train_images: torch.Tensor
@@ -29,6 +30,7 @@ class RawSplits:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     class_names: list[str]
+    source: str = ""
 
 
 def unit_pixels(images: torch.Tensor, image_size: int | None = None) -> torch.Tensor:

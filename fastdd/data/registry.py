@@ -112,6 +112,7 @@ def load_dataset(
         std=tuple(std),
         zca=whitening,
         dsa_strategy=spec.dsa_strategy,
+        source=raw.source,
     )
 
 

@@ -56,7 +56,8 @@ def load_svhn(data_root: Path | None, image_size: int | None) -> RawSplits:
     # torchvision's SVHN.data is already [N, C, H, W] uint8.
     images = [torch.from_numpy(np.ascontiguousarray(split.data)) for split in splits]
     labels = [torch.from_numpy(np.asarray(split.labels, dtype=np.int64)) for split in splits]
-    return RawSplits(images[0], labels[0], images[1], labels[1], [str(digit) for digit in range(10)])
+    return RawSplits(images[0], labels[0], images[1], labels[1], [str(digit) for digit in range(10)],
+                     source=str(root.resolve()))
 
 
 def _load_cifar(name: str, dataset_class: type, folder: Path, root: Path) -> RawSplits:
@@ -68,6 +69,7 @@ def _load_cifar(name: str, dataset_class: type, folder: Path, root: Path) -> Raw
         test_images=_nhwc_to_nchw(test.data),
         test_labels=torch.as_tensor(test.targets, dtype=torch.int64),
         class_names=list(train.classes),
+        source=str(folder.resolve()),
     )
 
 

@@ -221,6 +221,7 @@ class Distiller(ABC):
             "method": self.name,
             "dataset": ds.name,
             "data_root": cfg.data_root,
+            "data_source": ds.source,
             "image_size": cfg.image_size,
             "ipc": cfg.ipc,
             "num_classes": ds.num_classes,
