@@ -89,6 +89,7 @@ class Progress:
         self._last_step = now
         if description is not None:
             self.description = description
+        self.fields.pop("at", None)  # the step it was in is done
         self.fields.update({k: f"{v:.4g}" if isinstance(v, float) else str(v) for k, v in fields.items()})
         if len(self._durations) == _FIRST_STEPS:
             self._project()
@@ -104,6 +105,18 @@ class Progress:
         self.description = description
         if self._bar is not None:
             self._bar.update(self._task, description=description)
+
+    def within(self, where: str) -> None:
+        """Where the current step is (``outer step 3/10``): beside the bar, and in a plain line every ``every``
+        seconds when the output is not a terminal, so a step of minutes shows progress too."""
+        if not self.enabled:
+            return
+        self.fields["at"] = where
+        if self._bar is not None:
+            text = "  ".join(f"{k} {v}" for k, v in self.fields.items())
+            self._bar.update(self._task, fields=text)
+        elif self.clock() - self._last_line >= self.every:
+            self._line()
 
     def note(self, text: str) -> None:
         """One line above the bar (or in the log)."""

@@ -58,3 +58,29 @@ def test_disabled_or_empty_progress_shows_nothing():
 
 def test_format_seconds():
     assert [format_seconds(s) for s in (3.25, 42, 200, 7500)] == ["3.2 s", "42 s", "3 min 20 s", "2 h 05 min"]
+
+
+def test_a_long_step_shows_where_it_is_in_plain_lines():
+    clock, stream = Clock(), io.StringIO()
+    with Progress("distill dsa", 2, unit="iteration", stream=stream, every=30.0, clock=clock) as bar:
+        for outer in range(4):
+            clock.now += 20.0
+            bar.within(f"outer step {outer + 1}/4")
+        bar.advance(loss=0.5)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("distill dsa: 0/2 iterations (0 %), at outer step 2/4")
+    assert lines[1].startswith("distill dsa: 0/2 iterations (0 %), at outer step 4/4")
+    assert "at outer" not in lines[-1] and "loss 0.5" in lines[-1]
+
+
+def test_a_dsa_iteration_reports_its_steps():
+    from fastdd.data import load_dataset
+    from fastdd.distill import get_distiller
+
+    cls = get_distiller("dsa")
+    distiller = cls(cls.config_class.from_options(dict(ipc=2, width=8, batch_real=8, iterations=1), method="dsa"),
+                    load_dataset("digits"))
+    seen = []
+    distiller.on_substep = seen.append
+    distiller.step(0)
+    assert seen[0] == "outer step 1/2, group 1/10" and seen[-1] == "outer step 2/2, group 10/10"  # IPC 2: 2 steps

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -181,6 +181,14 @@ class Distiller(ABC):
         return distributed.sum_float(loss)
 
     # -- the loop body ------------------------------------------------------------------------------------------
+    # Called with where a long iteration is ("outer step 3/10, group 4/11"); set by the runner to show progress
+    # inside iterations that take minutes.
+    on_substep: Callable[[str], None] | None = None
+
+    def report_substep(self, where: str) -> None:
+        if self.on_substep is not None:
+            self.on_substep(where)
+
     def prepare(self, out: Path, *, progress: bool) -> None:
         """Called once by the runner before the first iteration (e.g. to train or load experts). No-op by default."""
 

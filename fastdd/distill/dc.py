@@ -97,8 +97,10 @@ class DC(Distiller):
         single-process gradient."""
         params = [p for p in net.parameters() if p.requires_grad]
         total = 0.0
-        for index, group in enumerate(self.matching_groups()):
+        groups = self.matching_groups()
+        for index, group in enumerate(groups):
             if distributed.owns(index):
+                self.report_substep(f"outer step {outer + 1}/{self.outer_loop}, group {index + 1}/{len(groups)}")
                 total += self._match_group(net, params, group, (iteration, outer, index))
         return self.reduce_synthetic_gradients(total)
 

@@ -133,6 +133,7 @@ def run_distillation(
     checkpoint_every, log_images_every = max(1, checkpoint_every), max(1, log_images_every)
     bar = Progress(f"distill {distiller.name}", total, completed=start, unit="iteration", enabled=progress and main,
                    hint=SHARED_CORES_HINT)
+    distiller.on_substep = bar.within
     t0 = time.perf_counter()
     with sinks:
         if main:
