@@ -29,7 +29,9 @@ def test_plain_lines_every_period_with_count_loss_rate_and_eta():
     counted = [line for line in lines if "iterations (" in line]
     # After 30, 60 and 90 s; the last is also the closing count, so it is not repeated.
     assert [line.split(",")[0] for line in counted] == [
-        "distill dsa: 3/9 iterations (33 %)", "distill dsa: 6/9 iterations (67 %)", "distill dsa: 9/9 iterations (100 %)",
+        "distill dsa: 3/9 iterations (33 %)",
+        "distill dsa: 6/9 iterations (67 %)",
+        "distill dsa: 9/9 iterations (100 %)",
     ]
     assert "loss 0.3333" in counted[0] and "10 s/iteration" in counted[0] and "ETA 1 min 00 s" in counted[0]
 
