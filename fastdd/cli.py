@@ -54,8 +54,8 @@ def _global_options(
     threads: Optional[int] = typer.Option(
         None,
         "--threads",
-        help="Torch CPU threads for the command (default: torch's, one per core); fewer when other jobs share the "
-        "cores, as threads that wait for a descheduled peer slow every step.",
+        help="Torch CPU threads for the command (default for distill, experts, evaluate, report and inspect: one per "
+        "core that other processes leave free, measured for a quarter second at start; else torch's, one per core).",
     ),
     nproc: Optional[int] = typer.Option(
         None,
