@@ -271,3 +271,27 @@ def test_the_set_records_where_its_data_was_read(tmp_path):
     assert invoke("distill", "--method", "dm", "--ipc", "1", "--out", out, *TINY).exit_code == 0
     meta = json.loads((out / SYNSET_META).read_text())
     assert meta["data_root"] is None and "load_digits" in meta["data_source"]
+
+
+def test_one_default_number_of_experts():
+    assert ExpertConfig().num_experts == TrajectoryConfig().num_experts == 5
+
+
+def test_evaluate_with_zero_runs_fails_before_any_output(tmp_path):
+    out = tmp_path / "run"
+    assert invoke("distill", "--method", "dm", "--ipc", "1", "--out", out, *TINY).exit_code == 0
+    result = invoke("evaluate", out, "--runs", "0")
+    one_sentence(result, "--runs must be at least 1")
+    assert result.stdout == ""
+
+
+def test_expert_training_and_reuse_are_announced_with_their_folder(tmp_path, capsys):
+    from fastdd.distill.experts import ensure_experts
+
+    config = ExpertConfig(num_experts=1, epochs=1, width=8, dsa=False)
+    data = load_dataset("digits")
+    folder = tmp_path / "experts"
+    ensure_experts(config, data, folder, progress=True)
+    assert f"training 1 expert(s) (digits, convnet, 1 epochs each) into {folder}" in capsys.readouterr().err
+    ensure_experts(config, data, folder, progress=True)
+    assert f"using the 1 experts cached in {folder}" in capsys.readouterr().err
