@@ -13,6 +13,8 @@ All percentages are in percent; every std is the population std, as in the paper
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -51,20 +53,20 @@ class TrainedNetwork:
         return predict_logits(self.net, images)
 
 
-class EvalMetric:
+class EvalMetric(ABC):
     """The interface the evaluation loop uses; see the module docstring."""
 
+    @abstractmethod
     def reset(self) -> None:
         """Forget the runs seen so far (called before each model's runs)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def update_from(self, trained: TrainedNetwork) -> None:
         """Feed one trained network."""
-        raise NotImplementedError
 
+    @abstractmethod
     def compute(self) -> dict[str, Any]:
         """This metric's keys of a model's result, summarised over the runs since `reset`."""
-        raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
         """This metric's keys of the evaluation's result (none by default)."""
