@@ -231,11 +231,3 @@ def from_options(cls: type, options: dict[str, Any], *, context: str) -> Any:
 def pick(section: type, config: Any) -> Any:
     """The ``section`` part of a config composed from sections: ``section(**its fields of config)``."""
     return section(**{f.name: getattr(config, f.name) for f in dataclasses.fields(section)})
-
-
-def panels(config: type) -> Iterable[tuple[str, list[dataclasses.Field]]]:
-    """The option fields of ``config`` grouped by panel, panels in order of first appearance."""
-    grouped: dict[str, list[dataclasses.Field]] = {}
-    for f in option_fields(config):
-        grouped.setdefault(info_of(f).panel, []).append(f)
-    return grouped.items()
