@@ -102,10 +102,10 @@ def test_ts_is_refused_before_training_when_a_class_has_one_image(digits, monkey
 @pytest.mark.parametrize(
     "options, fragment",
     [
-        (dict(calibration="mts", mask_ratio=1.0), "--mask-ratio must be in"),
+        (dict(calibration="mts", mask_ratio=1.0), "--mask-ratio must be less than 1"),
         (dict(train_loss="hinge"), "hinge"),
         (dict(plots="somewhere"), "needs --ood or --calibration"),
-        (dict(train_plugin="vos"), "unknown training plug-in"),
+        (dict(train_plugin="vos"), "--train-plugin must be one of oal, got 'vos'"),
         (dict(train_plugin="oal"), "needs a teacher"),
         (dict(teacher="expert"), "only used by --train-plugin oal"),
         (dict(train_plugin="oal", teacher="expert", train_loss="focal"), "cannot be combined"),

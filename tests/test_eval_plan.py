@@ -22,7 +22,7 @@ from fastdd.evaluate import (
 from fastdd.evaluate.calibration import calibration_metrics
 from fastdd.evaluate.calibration_runs import CalibrationTask
 from fastdd.evaluate.ood_sets import OodTestSet
-from fastdd.evaluate.options import EvalTask
+from fastdd.evaluate.options import EvalTask, evaluation_settings
 from fastdd.evaluate.report import prepare_report
 from fastdd.evaluate.robustness import RobustnessTests
 from fastdd.evaluate.training_objectives import TrainingObjectives
@@ -172,13 +172,13 @@ def _nothing_expensive(monkeypatch):
 @pytest.mark.parametrize(
     "options, fragment",
     [
-        (dict(ood="gaussian", scores="msp,odin"), "unknown OOD score 'odin'"),
+        (dict(ood="gaussian", scores="msp,odin"), "--score must be one of msp, mls, energy, gen, got 'odin'"),
         (dict(ood="gaussian,holdout:10"), "holdout:10 is out of range"),
         (dict(ood="digits"), "cannot be an OOD set"),
-        (dict(robustness="snow"), "unknown robustness set"),
+        (dict(robustness="snow"), "--robustness-sets must be one of .* got 'snow'"),
         (dict(calibration="ts"), "single synthetic image"),
-        (dict(calibration="mts", mask_ratio=1.0), "--mask-ratio must be in"),
-        (dict(train_loss="hinge"), "unknown training loss 'hinge'"),
+        (dict(calibration="mts", mask_ratio=1.0), "--mask-ratio must be less than 1"),
+        (dict(train_loss="hinge"), "--train-loss must be one of ce, ls, mixup, focal, got 'hinge'"),
         (dict(train_plugin="oal", teacher="expert", ood="holdout:5"), "cannot train holdout:K"),
     ],
 )
@@ -204,8 +204,10 @@ def test_too_few_test_images_for_the_clusters_is_refused_before_clustering(digit
     keep = torch.arange(5)
     small.test_images, small.test_labels = small.test_images[keep], small.test_labels[keep]
     with pytest.raises(FastddError, match="fewer than the 10 clusters"):
-        check_evaluation_options(synset, small, models=["convnet"], robustness="cluster_min")
-    checked = check_evaluation_options(synset, small, models=["convnet"], robustness="noise", ood="gaussian")
+        check_evaluation_options(synset, small, evaluation_settings(models=["convnet"], robustness="cluster_min"))
+    checked = check_evaluation_options(
+        synset, small, evaluation_settings(models=["convnet"], robustness="noise", ood="gaussian")
+    )
     assert checked.robustness == ("noise",) and [s.name for s in checked.ood] == ["gaussian"]
 
 

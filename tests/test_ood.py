@@ -294,7 +294,7 @@ def test_evaluate_holdout(digits):
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [
-        (dict(ood=["gaussian"], scores=["odin"]), "unknown OOD score"),
+        (dict(ood=["gaussian"], scores=["odin"]), "--score must be one of msp, mls, energy, gen, got 'odin'"),
         (dict(scores=["msp"]), "needs at least one --ood"),
         (dict(ood=["digits"]), "in-distribution dataset"),
         (dict(ood=["holdout:10"]), "out of range"),

@@ -13,7 +13,7 @@ from fastdd.commands.options import (
     given_options,
     with_config_options,
 )
-from fastdd.config.evaluate import EvalConfig, EvaluateConfig
+from fastdd.config.evaluate import EvaluateConfig, EvaluationSettings
 from fastdd.config.options import from_options, pick
 from fastdd.progress import SHARED_CORES_HINT, Progress
 
@@ -27,27 +27,21 @@ def evaluate(
 ) -> None:
     """Train fresh networks on a synthetic set and report accuracy, OOD detection, robustness and calibration.
 
-    The test accuracy is the mean ± std over runs; with --ood also their OOD detection (AUROC, AUPR-IN/OUT, FPR95 in TrustDD's and OpenOOD's conventions), with --robustness
-    their worst-cluster and shifted-input accuracies, and with --calibration their ECE / NLL raw, after TS and after
+    The test accuracy is the mean ± std over runs; with --ood also their OOD detection (AUROC, AUPR-IN/OUT, FPR95 in
+    TrustDD's and OpenOOD's conventions), with --robustness their worst-cluster and shifted-input accuracies, and with --calibration their ECE / NLL raw, after TS and after
     MTS."""
     from fastdd.evaluate import dataset_for_synset, plan_evaluation
     from fastdd.io import SyntheticSet, write_json
 
     settings = from_options(EvaluateConfig, given_options(config, options), context="fastdd evaluate")
-    protocol = pick(EvalConfig, settings)
     synset = SyntheticSet.load(synset_dir)
-    plan = plan_evaluation(
-        synset, dataset_for_synset(synset, data_root=settings.data_root), models=settings.models.split(","),
-        config=protocol, ood=settings.ood, scores=settings.scores, plots=settings.plots, ood_size=settings.ood_size,
-        use_outliers=settings.use_outliers, data_root=settings.data_root, robustness=settings.chosen_robustness(),
-        calibration=settings.calibration, mask_ratio=settings.mask_ratio, train_loss=settings.train_loss,
-        train_plugin=settings.train_plugin, teacher=settings.teacher,
-    )
+    plan = plan_evaluation(synset, dataset_for_synset(synset, data_root=settings.data_root),
+                           pick(EvaluationSettings, settings))
     with Progress("evaluate", plan.total_epochs, unit="epoch", enabled=not settings.quiet,
                   hint=SHARED_CORES_HINT) as progress:
         result = plan.run(lambda model, run, epoch: progress.advance(
-            description=f"evaluate {model} run {run + 1}/{protocol.runs}"))
-    print_evaluation(result, protocol.runs)
+            description=f"evaluate {model} run {run + 1}/{settings.runs}"))
+    print_evaluation(result, settings.runs)
     for path in result.get("plots", []):
         typer.echo(f"plot written to {path}")
     if settings.json_out is not None:

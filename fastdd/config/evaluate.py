@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fastdd.config.options import Section, field_error, field_of, option, redefault
+from fastdd.config.options import Section, field_error, field_of, option, pick, redefault
 from fastdd.config.run import OUTPUT, ProgressConfig
 from fastdd.config.sections import DeviceConfig, check_folder_exists
 from fastdd.config.trust import DEFAULT_MASK_RATIO
@@ -151,17 +151,29 @@ class TrainObjectiveConfig(Section):
 
 
 @dataclass
-class EvaluateConfig(ProgressConfig, TrainObjectiveConfig, CalibrationEvalConfig, RobustnessEvalConfig, OODConfig,
-                     EvalDataConfig, EvalConfig):
-    """``fastdd evaluate``: the protocol, the measurements and where results go."""
+class EvaluationSettings(TrainObjectiveConfig, CalibrationEvalConfig, RobustnessEvalConfig, OODConfig, EvalDataConfig,
+                         EvalConfig):
+    """One evaluation of a synthetic set (`fastdd.evaluate.plan_evaluation`): the protocol, the models, and the
+    measurements (OOD detection, robustness, calibration) with the plots they draw."""
 
-    json_out: str | None = option(None, "Also write the results to this JSON file.", panel=OUTPUT, flag="--json",
-                                  default_text="none")
     plots: str | None = option(
         None, "Folder for PNGs: histograms of the ID vs OOD scores (ood_MODEL_SCORE.png) with --ood; reliability "
         "diagrams (calibration_MODEL_METHOD.png) and max-logit histograms (max_logits_MODEL.png) with --calibration.",
         panel=OUTPUT, default_text="none",
     )
+
+    @property
+    def protocol(self) -> EvalConfig:
+        """The training protocol alone."""
+        return pick(EvalConfig, self)
+
+
+@dataclass
+class EvaluateConfig(ProgressConfig, EvaluationSettings):
+    """``fastdd evaluate``: one evaluation and where its results go."""
+
+    json_out: str | None = option(None, "Also write the results to this JSON file.", panel=OUTPUT, flag="--json",
+                                  default_text="none")
 
 
 @dataclass

@@ -13,7 +13,7 @@ from fastdd.evaluate.metrics import (
     RobustnessMetric,
     TrainedNetwork,
 )
-from fastdd.evaluate.options import EvalOptions, check_evaluation_options
+from fastdd.evaluate.options import EvalOptions, check_evaluation_options, evaluation_settings
 from fastdd.evaluate.plan import EvalPlan, evaluate_synthetic_set, plan_evaluation
 from fastdd.evaluate.protocol import EvalConfig, dataset_for_synset, train_on_synthetic
 from fastdd.evaluate.report import prepare_report, trust_report
@@ -35,6 +35,7 @@ __all__ = [
     "TrainedNetwork",
     "calibration_metrics",
     "check_evaluation_options",
+    "evaluation_settings",
     "cluster_accuracies",
     "dataset_for_synset",
     "ece",

@@ -8,9 +8,11 @@ every set with it before the first plan is built.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Sequence
 
 import torch
 
@@ -19,13 +21,12 @@ from fastdd.errors import FastddError
 from fastdd.evaluate.calibration_runs import check_calibration_methods, parse_calibrations
 from fastdd.evaluate.ood import SCORES
 from fastdd.evaluate.ood_sets import OodSetSpec, holdout_spec, parse_ood_sets
-from fastdd.evaluate.protocol import EvalConfig
+from fastdd.config.evaluate import EvalConfig, EvaluationSettings
 from fastdd.evaluate.robustness import CLUSTER_SETS, NUM_CLUSTERS, check_cluster_count, parse_robustness_sets
 from fastdd.io import SyntheticSet
 from fastdd.trust.masking import DEFAULT_MASK_RATIO
 from fastdd.trust.outlier_exposure import synthetic_outliers
 from fastdd.trust.outlier_loss import OutlierBatches
-from fastdd.trust.train_losses import TRAIN_LOSSES
 
 # TrustDD's default OOD score: its tables are MSP numbers, so the default output compares with the paper directly.
 DEFAULT_SCORES = ("msp",)
@@ -88,31 +89,27 @@ class EvalOptions:
     teacher: str | None
 
 
-def check_evaluation_options(
-    synset: SyntheticSet,
-    dataset: ImageDataset,
+def evaluation_settings(
     *,
-    models: list[str],
+    models: Sequence[str] | str = "convnet",
     config: EvalConfig | None = None,
-    ood: list[str] | str | None = None,
-    scores: list[str] | str | None = None,
+    ood: Sequence[str] | str | None = None,
+    scores: Sequence[str] | str | None = None,
     plots: str | Path | None = None,
     ood_size: int | None = None,
     use_outliers: bool = True,
     data_root: str | None = None,
-    robustness: list[str] | str | None = None,
-    calibration: list[str] | str | None = None,
+    robustness: Sequence[str] | str | None = None,
+    calibration: Sequence[str] | str | None = None,
     mask_ratio: float | None = None,
     train_loss: str = "ce",
     train_plugin: str | None = None,
     teacher: str | None = None,
-) -> EvalOptions:
-    """Check the options of an evaluation (`fastdd.evaluate.plan.plan_evaluation`, `evaluate_synthetic_set`) without
-    building anything expensive: no OOD image is made, no test image clustered or corrupted, no teacher loaded.
+) -> EvaluationSettings:
+    """The `EvaluationSettings` of the keyword form of `evaluate_synthetic_set` / `plan_evaluation` (lists as
+    Python lists, the protocol as an `EvalConfig`), checked as the command line's are.
 
     Args:
-        synset: the synthetic set.
-        dataset: its real dataset (`dataset_for_synset`).
         models: architectures to train.
         config: training protocol (default `EvalConfig()`).
         ood: OOD set names (`parse_ood_sets` syntax), or None for accuracy only.
@@ -122,51 +119,73 @@ def check_evaluation_options(
         ood_size: at most this many images per side and set (quick runs), or None.
         use_outliers: train with the synthetic outliers when the set has them.
         data_root: folder of the datasets named as OOD sets.
-        robustness: robustness measures among ``ROBUSTNESS_SETS`` (`parse_robustness_sets` syntax: names or
-            comma-separated names), or None for none.
-        calibration: calibration methods among ``CALIBRATIONS`` (names or comma-separated names), or None.
+        robustness: robustness measures among ``ROBUSTNESS_SETS``, or None for none.
+        calibration: calibration methods among ``CALIBRATIONS``, or None.
         mask_ratio: MTS masking ratio (default `fastdd.trust.masking.DEFAULT_MASK_RATIO`).
         train_loss: the evaluation networks' loss, one of ``TRAIN_LOSSES``.
         train_plugin: None or ``"oal"``.
         teacher: OAL's teacher: ``"expert"`` or a path (`fastdd.trust.teacher.load_teacher`).
+    Raises:
+        ConfigError: a value the option cannot take, named by its flag.
+    """
+    protocol = config or EvalConfig()
+    return EvaluationSettings(
+        **{f.name: getattr(protocol, f.name) for f in dataclasses.fields(EvalConfig)},
+        models=_joined(models), ood=_joined(ood), scores=_joined(scores), plots=None if plots is None else str(plots),
+        ood_size=ood_size, use_outliers=use_outliers, data_root=data_root, robustness=robustness is not None,
+        robustness_sets=_joined(robustness), calibration=_joined(calibration), mask_ratio=mask_ratio,
+        train_loss=train_loss, train_plugin=train_plugin, teacher=teacher,
+    )
+
+
+def _joined(value: Sequence[str] | str | None) -> str | None:
+    """A comma list from a string or a list of strings (each of which may hold commas); None for none."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else list(value)
+    return ",".join(part.strip() for item in items for part in str(item).split(",") if part.strip()) or None
+
+
+def check_evaluation_options(synset: SyntheticSet, dataset: ImageDataset, settings: EvaluationSettings) -> EvalOptions:
+    """Check an evaluation of ``synset`` against its ``dataset`` (`dataset_for_synset`) without building anything
+    expensive: no OOD image is made, no test image clustered or corrupted, no teacher loaded. ``settings`` has
+    checked its own values; this checks what needs the set and the data (OOD set names and holdout ranges, scores
+    only with OOD sets, plots only with something to draw, OAL and outlier combinations, TS on single-image
+    classes, test images enough for the clusters).
+
     Returns:
         The checked `EvalOptions` (defaults filled in, OOD sets parsed, the holdout task cut out).
     Raises:
         FastddError: one sentence naming the option (by its CLI flag) and what to do.
     """
-    config = config or EvalConfig()  # an EvalConfig checks its own fields when made
-    if ood_size is not None and ood_size < 1:
-        raise FastddError(f"--ood-size must be at least 1, got {ood_size}.")
-    specs = _check_ood_sets(ood, dataset)
-    if scores and not specs:
+    st = settings
+    specs = _check_ood_sets(st.ood, dataset)
+    if st.scores and not specs:
         raise FastddError("--score chooses OOD scores, so it needs at least one --ood set.")
-    default_scores = DEFAULT_OAL_SCORES if train_plugin == "oal" else DEFAULT_SCORES
-    score_names = check_scores(scores, default_scores) if specs else []
-    robustness_sets = parse_robustness_sets(robustness) if robustness is not None else ()
-    calibrations = parse_calibrations(calibration) if calibration is not None else ()
-    mask_ratio = DEFAULT_MASK_RATIO if mask_ratio is None else mask_ratio
-    if not 0.0 <= mask_ratio < 1.0:
-        raise FastddError(f"--mask-ratio must be in [0, 1), got {mask_ratio}.")
-    if plots is not None and not specs and not calibrations:
+    default_scores = DEFAULT_OAL_SCORES if st.train_plugin == "oal" else DEFAULT_SCORES
+    score_names = check_scores(st.scores, default_scores) if specs else []
+    chosen = st.chosen_robustness()
+    robustness_sets = parse_robustness_sets(chosen) if chosen is not None else ()
+    calibrations = parse_calibrations(st.calibration) if st.calibration is not None else ()
+    mask_ratio = DEFAULT_MASK_RATIO if st.mask_ratio is None else st.mask_ratio
+    if st.plots is not None and not specs and not calibrations:
         raise FastddError(
             "--plots draws OOD score histograms or reliability diagrams, so it needs --ood or --calibration."
         )
-    _check_training_plugin(train_loss, train_plugin, teacher, specs)
+    _check_training_plugin(st.train_loss, st.train_plugin, st.teacher, specs)
     task = evaluation_task(synset, dataset, holdout_spec(specs))
-    outliers = synthetic_outliers(synset) if use_outliers else None
-    if outliers is not None and (train_loss != "ce" or train_plugin is not None):
-        what = "--train-plugin oal" if train_plugin is not None else f"--train-loss {train_loss}"
+    outliers = synthetic_outliers(synset) if st.use_outliers else None
+    if outliers is not None and (st.train_loss != "ce" or st.train_plugin is not None):
+        what = "--train-plugin oal" if st.train_plugin is not None else f"--train-loss {st.train_loss}"
         raise FastddError(
             f"{what} trains on the synthetic images only, but this set has outlier images; pass --ignore-outliers."
         )
-    if train_plugin is None and train_loss.strip().lower() not in TRAIN_LOSSES:
-        raise FastddError(f"unknown training loss {train_loss!r}; choose from {', '.join(TRAIN_LOSSES)}.")
     check_calibration_methods(task.targets, calibrations)
     if any(name in CLUSTER_SETS for name in robustness_sets):
         check_cluster_count(task.test_images.shape[0], NUM_CLUSTERS)
     return EvalOptions(
-        synset, dataset, list(models), config, task, specs, score_names, ood_size, data_root, robustness_sets,
-        calibrations, mask_ratio, plots, outliers, train_loss, train_plugin, teacher,
+        synset, dataset, list(dict.fromkeys(st.models.split(","))), st.protocol, task, specs, score_names, st.ood_size, st.data_root,
+        robustness_sets, calibrations, mask_ratio, st.plots, outliers, st.train_loss, st.train_plugin, st.teacher,
     )
 
 

@@ -15,7 +15,8 @@ from fastdd.evaluate.calibration_runs import CalibrationTask, extra_networks_per
 from fastdd.evaluate.metrics import AccuracyMetric, CalibrationMetric, EvalMetric, OodDetectionMetric
 from fastdd.evaluate.metrics import RobustnessMetric, TrainedNetwork
 from fastdd.evaluate.ood_sets import OodTestSet, build_ood_test_set
-from fastdd.evaluate.options import EvalOptions, check_evaluation_options
+from fastdd.config.evaluate import EvaluationSettings
+from fastdd.evaluate.options import EvalOptions, check_evaluation_options, evaluation_settings
 from fastdd.evaluate.protocol import evaluation_network, train_on_synthetic
 from fastdd.evaluate.robustness import RobustnessTests, build_robustness_tests
 from fastdd.evaluate.training_objectives import TrainingObjectives
@@ -203,8 +204,12 @@ def build_plan(options: EvalOptions, *, test_data: EvalTestData | None = None) -
     return EvalPlan(o, test_data, objectives, config.lr_for(synset), strategy)
 
 
-def plan_evaluation(synset: SyntheticSet, dataset: ImageDataset, **options: Any) -> EvalPlan:
-    """Check every option (`check_evaluation_options`), then build what all networks share (`build_plan`).
+def plan_evaluation(
+    synset: SyntheticSet, dataset: ImageDataset, settings: EvaluationSettings | None = None, **keywords: Any
+) -> EvalPlan:
+    """Check ``settings`` (`check_evaluation_options`), then build what all networks share (`build_plan`). Without
+    ``settings`` they are made from ``keywords`` (`evaluation_settings`: ``models=["convnet"], config=EvalConfig(...),
+    ood=[...], ...``).
 
     The plan trains ``config.runs`` fresh networks of each of ``models`` on ``synset`` and tests them on
     ``dataset``. Each network is trained on the synthetic images, plus the synthetic outliers with TrustDD's
@@ -243,21 +248,23 @@ def plan_evaluation(synset: SyntheticSet, dataset: ImageDataset, **options: Any)
     Args:
         synset: the synthetic set.
         dataset: its real dataset (`dataset_for_synset`).
-        options: the keyword options of `check_evaluation_options` (``models`` is required; ``ood``, ``scores``,
-            ``plots``, ``ood_size``, ``use_outliers``, ``data_root``, ``robustness``, ``calibration``,
-            ``mask_ratio``, ``train_loss``, ``train_plugin``, ``teacher``), the same as `evaluate_synthetic_set`'s.
+        settings: the evaluation (`fastdd.config.evaluate.EvaluationSettings`), or None to make it from ``keywords``.
     Raises:
         FastddError: an invalid option (before anything is built), or an OOD set or teacher that cannot be loaded.
     """
-    return build_plan(check_evaluation_options(synset, dataset, **options))
+    if settings is None:
+        settings = evaluation_settings(**keywords)
+    elif keywords:
+        raise TypeError(f"plan_evaluation takes settings or keywords, not both (got {', '.join(keywords)})")
+    return build_plan(check_evaluation_options(synset, dataset, settings))
 
 
 def evaluate_synthetic_set(
-    synset: SyntheticSet, dataset: ImageDataset, *, on_epoch: EvalProgress | None = None, **options: Any
+    synset: SyntheticSet, dataset: ImageDataset, *, on_epoch: EvalProgress | None = None, **keywords: Any
 ) -> dict[str, Any]:
     """Train ``config.runs`` fresh networks of each of ``models`` on ``synset`` and test them on ``dataset``:
-    ``plan_evaluation(synset, dataset, **options).run(on_epoch)`` (see `plan_evaluation` for the protocol and
-    `fastdd.evaluate.options.check_evaluation_options` for the options, ``models`` required).
+    ``plan_evaluation(synset, dataset, **keywords).run(on_epoch)`` (see `plan_evaluation` for the protocol and
+    `fastdd.evaluate.options.evaluation_settings` for the keywords).
 
     Args:
         on_epoch: ``on_epoch(model, run, epoch)`` after every training epoch.
@@ -276,4 +283,4 @@ def evaluate_synthetic_set(
         ``ts`` also ``ece_before`` / ``nll_before`` (its networks before scaling). ``train_loss`` and
         ``train_plugin`` are always reported, and ``teacher`` with OAL.
     """
-    return plan_evaluation(synset, dataset, **options).run(on_epoch)
+    return plan_evaluation(synset, dataset, **keywords).run(on_epoch)

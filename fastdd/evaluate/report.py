@@ -19,6 +19,8 @@ failed or interrupted report leaves the folder as it was.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -37,7 +39,7 @@ from fastdd.data import ImageDataset
 from fastdd.errors import FastddError
 from fastdd.evaluate.calibration_runs import CALIBRATIONS, TS_HOLDOUT_FRACTION, parse_calibrations
 from fastdd.evaluate.ood_sets import holdout_spec, parse_ood_sets
-from fastdd.evaluate.options import EvalOptions, check_evaluation_options, evaluation_task
+from fastdd.evaluate.options import EvalOptions, check_evaluation_options, evaluation_settings, evaluation_task
 from fastdd.evaluate.plan import EvalPlan, EvalTestData, build_plan
 from fastdd.evaluate.protocol import EvalConfig, dataset_for_synset
 from fastdd.evaluate.report_render import REPORT_JSON, SUMMARY_PREFIX, render_markdown, save_summary_chart
@@ -288,15 +290,18 @@ def prepare_report(
         FastddError: see `trust_report`.
     """
     config = config or EvalConfig()  # an EvalConfig checks its own fields when made
-    if ood_size is not None and ood_size < 1:
-        raise FastddError(f"--ood-size must be at least 1, got {ood_size}.")
-    model_names = _model_names(models)
-    ood_names = _split(ood)
+    base = evaluation_settings(
+        models=models, config=config, ood=ood, scores=scores, ood_size=ood_size, use_outliers=use_outliers,
+        data_root=data_root, robustness=robustness, calibration=calibration, mask_ratio=mask_ratio,
+    )
+    model_names = list(dict.fromkeys(base.models.split(",")))
+    ood_names = base.ood.split(",") if base.ood else []
     parse_ood_sets(ood_names)  # names and folders; holdout:K ranges once the dataset is known
     if not ood_names:
         raise FastddError("the report needs at least one OOD set; pass --ood gaussian,uniform or other sets.")
-    robustness_sets = parse_robustness_sets(robustness) if robustness is not None else ()
-    calibrations = parse_calibrations(calibration)
+    chosen_robustness = base.chosen_robustness()
+    robustness_sets = parse_robustness_sets(chosen_robustness) if chosen_robustness is not None else ()
+    calibrations = parse_calibrations(base.calibration) if base.calibration else ()
     out = Path(out)
     _check_out(out, overwrite)
     named = _read_sets(synsets)
@@ -308,11 +313,10 @@ def prepare_report(
     for (name, path, synset), folder in zip(named, _unique([_folder_name(name) for name, _, _ in named])):
         dataset = _dataset_for(synset, data_root, loaded)
         chosen, notes = _calibrations_for(synset, dataset, ood_names, calibrations)
-        options = check_evaluation_options(
-            synset, dataset, models=model_names, config=config, ood=ood_names, scores=scores,
-            plots=staging / PLOTS_FOLDER / folder, ood_size=ood_size, use_outliers=use_outliers, data_root=data_root,
-            robustness=list(robustness_sets) or None, calibration=list(chosen) or None, mask_ratio=mask_ratio,
+        settings = dataclasses.replace(
+            base, plots=str(staging / PLOTS_FOLDER / folder), calibration=",".join(chosen) or None
         )
+        options = check_evaluation_options(synset, dataset, settings)
         info = {**_set_info(name, path, synset), "calibration": list(chosen), "notes": notes}
         checked.append((name, folder, path, options, info))
 
@@ -324,7 +328,7 @@ def prepare_report(
         shared.setdefault(key, plan.test_data)
         sets.append(ReportSet(name, folder, path, options.synset, options.dataset, options.calibration, plan, info))
     return ReportPlan(
-        out=out, sets=sets, models=model_names, config=config, ood=ood_names, scores=_split(scores),
+        out=out, sets=sets, models=model_names, config=config, ood=ood_names, scores=base.scores.split(",") if base.scores else [],
         robustness=robustness_sets, calibration=calibrations, mask_ratio=mask_ratio, ood_size=ood_size,
         data_root=data_root, use_outliers=use_outliers, overwrite=overwrite, staging=staging,
     )
@@ -357,23 +361,6 @@ def distillation_seconds(folder: str | Path) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------------------- inputs
-
-
-def _split(value: Sequence[str] | str | None) -> list[str]:
-    items = [value] if isinstance(value, str) else list(value or [])
-    return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
-
-
-def _model_names(models: Sequence[str] | str) -> list[str]:
-    from fastdd.models import MODELS
-
-    names = list(dict.fromkeys(_split(models)))
-    if not names:
-        raise FastddError(f"no model was named; choose from {', '.join(MODELS)}.")
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
-        raise FastddError(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}.")
-    return names
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
