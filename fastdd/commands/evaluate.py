@@ -28,8 +28,8 @@ def evaluate(
     """Train fresh networks on a synthetic set and report accuracy, OOD detection, robustness and calibration.
 
     The test accuracy is the mean ± std over runs; with --ood also their OOD detection (AUROC, AUPR-IN/OUT, FPR95 in
-    TrustDD's and OpenOOD's conventions), with --robustness their worst-cluster and shifted-input accuracies, and with --calibration their ECE / NLL raw, after TS and after
-    MTS."""
+    TrustDD's and OpenOOD's conventions), with --robustness their worst-cluster and shifted-input accuracies, and with
+    --calibration their ECE / NLL raw, after TS and after MTS."""
     from fastdd.evaluate import dataset_for_synset, plan_evaluation
     from fastdd.io import SyntheticSet, write_json
 

@@ -21,7 +21,9 @@ from fastdd.progress import SHARED_CORES_HINT, Progress
 @user_errors
 @with_config_options(InspectConfig)
 def inspect_command(
-    synset_dirs: list[Path] = typer.Argument(..., metavar="SYNSET_DIRS...", help="Folders written by `fastdd distill`."),
+    synset_dirs: list[Path] = typer.Argument(
+        ..., metavar="SYNSET_DIRS...", help="Folders written by `fastdd distill`."
+    ),
     config: Optional[Path] = config_file_option(),
     **options: Any,
 ) -> None:

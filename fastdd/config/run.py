@@ -57,8 +57,9 @@ class DistillRunConfig(ProcessesConfig, LoggingConfig, ProgressConfig):
     checkpoint_every: int = option(100, "Write checkpoint.pt and the synthetic set every K iterations.",
                                    panel=OUTPUT, at_least=1)
     checkpoint_minutes: float = option(
-        DEFAULT_CHECKPOINT_MINUTES, "Also checkpoint when this many minutes have passed since the last checkpoint (and after a first "
-        "iteration of a minute or more), so slow runs always have something recent to --resume.", panel=OUTPUT,
+        DEFAULT_CHECKPOINT_MINUTES, "Also checkpoint when this many minutes have passed since the last checkpoint "
+        "(and after a first iteration of a minute or more), so slow runs always have something recent to --resume.",
+        panel=OUTPUT,
         above=0,
     )
     resume: bool = option(False, "Continue the run saved in --out.", panel=OUTPUT, flag="--resume/--no-resume")

@@ -184,8 +184,9 @@ def check_evaluation_options(synset: SyntheticSet, dataset: ImageDataset, settin
     if any(name in CLUSTER_SETS for name in robustness_sets):
         check_cluster_count(task.test_images.shape[0], NUM_CLUSTERS)
     return EvalOptions(
-        synset, dataset, list(dict.fromkeys(st.models.split(","))), st.protocol, task, specs, score_names, st.ood_size, st.data_root,
-        robustness_sets, calibrations, mask_ratio, st.plots, outliers, st.train_loss, st.train_plugin, st.teacher,
+        synset, dataset, list(dict.fromkeys(st.models.split(","))), st.protocol, task, specs, score_names, st.ood_size,
+        st.data_root, robustness_sets, calibrations, mask_ratio, st.plots, outliers, st.train_loss, st.train_plugin,
+        st.teacher,
     )
 
 

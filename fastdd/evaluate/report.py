@@ -328,7 +328,8 @@ def prepare_report(
         shared.setdefault(key, plan.test_data)
         sets.append(ReportSet(name, folder, path, options.synset, options.dataset, options.calibration, plan, info))
     return ReportPlan(
-        out=out, sets=sets, models=model_names, config=config, ood=ood_names, scores=base.scores.split(",") if base.scores else [],
+        out=out, sets=sets, models=model_names, config=config, ood=ood_names,
+        scores=base.scores.split(",") if base.scores else [],
         robustness=robustness_sets, calibration=calibrations, mask_ratio=mask_ratio, ood_size=ood_size,
         data_root=data_root, use_outliers=use_outliers, overwrite=overwrite, staging=staging,
     )
