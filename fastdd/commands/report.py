@@ -13,7 +13,7 @@ from fastdd.commands.options import (
     given_options,
     with_config_options,
 )
-from fastdd.config.evaluate import EvalConfig, ReportConfig
+from fastdd.config.evaluate import EvaluationSettings, ReportConfig
 from fastdd.config.options import from_options, pick
 from fastdd.progress import SHARED_CORES_HINT, Progress
 
@@ -29,20 +29,13 @@ def report(
 ) -> None:
     """Evaluate synthetic sets of one dataset under one protocol into a side-by-side trust report.
 
-    The report holds accuracy,
-    OOD detection (AUROC / FPR95 per OOD set and mean), robustness (cluster_min, noise, blur, invert), calibration
-    (ECE raw / TS / MTS), size and distillation time, mean ± std over runs."""
+    The report holds accuracy, OOD detection (AUROC / FPR95 per OOD set and mean), robustness (cluster_min, noise,
+    blur, invert), calibration (ECE raw / TS / MTS), size and distillation time, mean ± std over runs."""
     from fastdd.evaluate.report import REPORT_MD, prepare_report
 
     settings = from_options(ReportConfig, given_options(config, options), context="fastdd report")
-    protocol = pick(EvalConfig, settings)
-    out = Path(settings.out)
-    plan = prepare_report(
-        [str(folder) for folder in synset_dirs], out=out, models=settings.models, config=protocol,
-        ood=settings.ood, scores=settings.scores, robustness=settings.chosen_robustness(),
-        calibration=settings.calibration, mask_ratio=settings.mask_ratio, ood_size=settings.ood_size,
-        data_root=settings.data_root, use_outliers=settings.use_outliers, overwrite=settings.overwrite,
-    )
+    plan = prepare_report([str(folder) for folder in synset_dirs], out=Path(settings.out),
+                          overwrite=settings.overwrite, settings=pick(EvaluationSettings, settings))
     for report_set in plan.sets:
         for note in report_set.info["notes"]:
             typer.echo(f"note: {report_set.name}: {note}")
@@ -50,10 +43,10 @@ def report(
                   hint=SHARED_CORES_HINT) as progress:
 
         def on_epoch(name: str, model: str, run: int, epoch: int) -> None:
-            progress.advance(description=f"report {name} {model} run {run + 1}/{protocol.runs}")
+            progress.advance(description=f"report {name} {model} run {run + 1}/{settings.runs}")
 
         result = plan.run(on_epoch)
     for entry in result["sets"]:
         for model, res in entry["results"]["models"].items():
             typer.echo(f"{entry['name']} ({model}): acc {res['acc']['mean']:.2f} ± {res['acc']['std']:.2f} %")
-    typer.echo(f"report written to {out / REPORT_MD} ({len(result['plots'])} plots)")
+    typer.echo(f"report written to {Path(settings.out) / REPORT_MD} ({len(result['plots'])} plots)")

@@ -229,5 +229,6 @@ def from_options(cls: type, options: dict[str, Any], *, context: str) -> Any:
 
 
 def pick(section: type, config: Any) -> Any:
-    """The ``section`` part of a config composed from sections: ``section(**its fields of config)``."""
-    return section(**{f.name: getattr(config, f.name) for f in dataclasses.fields(section)})
+    """The ``section`` part of a config composed from sections: ``section(**its fields of config)``; a field the
+    config does not have keeps the section's default."""
+    return section(**{f.name: getattr(config, f.name) for f in dataclasses.fields(section) if hasattr(config, f.name)})

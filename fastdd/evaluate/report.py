@@ -39,6 +39,7 @@ from fastdd.data import ImageDataset
 from fastdd.errors import FastddError
 from fastdd.evaluate.calibration_runs import CALIBRATIONS, TS_HOLDOUT_FRACTION, parse_calibrations
 from fastdd.evaluate.ood_sets import holdout_spec, parse_ood_sets
+from fastdd.config.evaluate import EvaluationSettings
 from fastdd.evaluate.options import EvalOptions, check_evaluation_options, evaluation_settings, evaluation_task
 from fastdd.evaluate.plan import EvalPlan, EvalTestData, build_plan
 from fastdd.evaluate.protocol import EvalConfig, dataset_for_synset
@@ -52,6 +53,11 @@ REPORT_MD = "report.md"
 PLOTS_FOLDER = "plots"
 DEFAULT_REPORT_OOD = ("gaussian", "uniform")  # built offline for every dataset
 DEFAULT_REPORT_SCORES = ("msp", "energy")
+# What a report measures when not told otherwise: everything (its keyword form; ReportConfig's defaults match).
+REPORT_DEFAULTS: dict[str, Any] = {
+    "ood": DEFAULT_REPORT_OOD, "scores": DEFAULT_REPORT_SCORES, "robustness": ROBUSTNESS_SETS,
+    "calibration": CALIBRATIONS,
+}
 
 # on_epoch(set name, model, run, epoch) after every training epoch of every network
 ReportProgress = Callable[[str, str, int, int], None]
@@ -198,18 +204,10 @@ def trust_report(
     synsets: Mapping[str, SyntheticSet | str | Path] | Sequence[str | Path],
     *,
     out: str | Path,
-    models: Sequence[str] | str = ("convnet",),
-    config: EvalConfig | None = None,
-    ood: Sequence[str] | str = DEFAULT_REPORT_OOD,
-    scores: Sequence[str] | str = DEFAULT_REPORT_SCORES,
-    robustness: Sequence[str] | str | None = ROBUSTNESS_SETS,
-    calibration: Sequence[str] | str = CALIBRATIONS,
-    mask_ratio: float | None = None,
-    ood_size: int | None = None,
-    data_root: str | None = None,
-    use_outliers: bool = True,
     overwrite: bool = False,
     on_epoch: ReportProgress | None = None,
+    settings: EvaluationSettings | None = None,
+    **keywords: Any,
 ) -> dict[str, Any]:
     """Evaluate synthetic sets of one dataset under one protocol and write a side-by-side trust report into ``out``.
 
@@ -226,18 +224,12 @@ def trust_report(
         synsets: folders written by ``fastdd distill`` (named by their folder name, deduplicated with ``-2``, ``-3``,
             ...), or a mapping from names to sets or folders.
         out: the report folder; refused when it exists and is not empty, unless ``overwrite``.
-        models: architectures (cross-architecture when several), default ``convnet``.
-        config: the training protocol (default `EvalConfig()`: 5 runs, the papers' epochs).
-        ood: OOD sets (`fastdd.evaluate.ood_sets.parse_ood_sets` syntax), default gaussian and uniform noise.
-        scores: OOD scores, default msp and energy.
-        robustness: robustness measures (default all of ``ROBUSTNESS_SETS``), or None for none.
-        calibration: calibration methods among ``CALIBRATIONS`` (default all three).
-        mask_ratio: MTS masking ratio (default 0.3).
-        ood_size: at most this many images per side and OOD set, or None.
-        data_root: the dataset folder (default: the one each set was distilled from), also for OOD datasets.
-        use_outliers: train on the outlier images of TrustDD sets (as ``fastdd evaluate`` does by default).
         overwrite: replace an earlier report in ``out`` (its report.json, report.md, summary PNGs and plots/).
         on_epoch: ``on_epoch(set name, model, run, epoch)`` after every training epoch.
+        settings: the evaluation of every set (`fastdd.config.evaluate.EvaluationSettings`; its ``plots`` is
+            ignored), or None to make it from ``keywords`` as `fastdd.evaluate.options.evaluation_settings` does,
+            with the report's defaults: OOD sets gaussian and uniform noise, scores msp and energy, every robustness
+            measure, calibration none, ts and mts.
 
     Returns:
         The content of report.json: ``{"format", "fastdd_version", "created", "machine": {"platform", "machine",
@@ -254,11 +246,7 @@ def trust_report(
         FastddError: a missing or unreadable set, sets of different datasets, an existing non-empty ``out`` without
             ``overwrite``, or an invalid option; all before any training.
     """
-    plan = prepare_report(
-        synsets, out=out, models=models, config=config, ood=ood, scores=scores, robustness=robustness,
-        calibration=calibration, mask_ratio=mask_ratio, ood_size=ood_size, data_root=data_root,
-        use_outliers=use_outliers, overwrite=overwrite,
-    )
+    plan = prepare_report(synsets, out=out, overwrite=overwrite, settings=settings, **keywords)
     return plan.run(on_epoch)
 
 
@@ -266,17 +254,9 @@ def prepare_report(
     synsets: Mapping[str, SyntheticSet | str | Path] | Sequence[str | Path],
     *,
     out: str | Path,
-    models: Sequence[str] | str = ("convnet",),
-    config: EvalConfig | None = None,
-    ood: Sequence[str] | str = DEFAULT_REPORT_OOD,
-    scores: Sequence[str] | str = DEFAULT_REPORT_SCORES,
-    robustness: Sequence[str] | str | None = ROBUSTNESS_SETS,
-    calibration: Sequence[str] | str = CALIBRATIONS,
-    mask_ratio: float | None = None,
-    ood_size: int | None = None,
-    data_root: str | None = None,
-    use_outliers: bool = True,
     overwrite: bool = False,
+    settings: EvaluationSettings | None = None,
+    **keywords: Any,
 ) -> ReportPlan:
     """Check every input of `trust_report` (same arguments), load the sets and their dataset, and build each set's
     evaluation plan once; train nothing and write nothing.
@@ -289,11 +269,11 @@ def prepare_report(
     Raises:
         FastddError: see `trust_report`.
     """
-    config = config or EvalConfig()  # an EvalConfig checks its own fields when made
-    base = evaluation_settings(
-        models=models, config=config, ood=ood, scores=scores, ood_size=ood_size, use_outliers=use_outliers,
-        data_root=data_root, robustness=robustness, calibration=calibration, mask_ratio=mask_ratio,
-    )
+    if settings is None:
+        settings = evaluation_settings(**{**REPORT_DEFAULTS, **keywords})
+    elif keywords:
+        raise TypeError(f"prepare_report takes settings or keywords, not both (got {', '.join(keywords)})")
+    base, config = settings, settings.protocol
     model_names = list(dict.fromkeys(base.models.split(",")))
     ood_names = base.ood.split(",") if base.ood else []
     parse_ood_sets(ood_names)  # names and folders; holdout:K ranges once the dataset is known
@@ -311,7 +291,7 @@ def prepare_report(
     loaded: dict[tuple, ImageDataset] = {}
     checked: list[tuple[str, str, str | None, EvalOptions, dict[str, Any]]] = []
     for (name, path, synset), folder in zip(named, _unique([_folder_name(name) for name, _, _ in named])):
-        dataset = _dataset_for(synset, data_root, loaded)
+        dataset = _dataset_for(synset, base.data_root, loaded)
         chosen, notes = _calibrations_for(synset, dataset, ood_names, calibrations)
         settings = dataclasses.replace(
             base, plots=str(staging / PLOTS_FOLDER / folder), calibration=",".join(chosen) or None
@@ -330,8 +310,8 @@ def prepare_report(
     return ReportPlan(
         out=out, sets=sets, models=model_names, config=config, ood=ood_names,
         scores=base.scores.split(",") if base.scores else [],
-        robustness=robustness_sets, calibration=calibrations, mask_ratio=mask_ratio, ood_size=ood_size,
-        data_root=data_root, use_outliers=use_outliers, overwrite=overwrite, staging=staging,
+        robustness=robustness_sets, calibration=calibrations, mask_ratio=base.mask_ratio, ood_size=base.ood_size,
+        data_root=base.data_root, use_outliers=base.use_outliers, overwrite=overwrite, staging=staging,
     )
 
 
