@@ -22,6 +22,7 @@ from fastdd.evaluate import (
 from fastdd.evaluate.calibration import calibration_metrics
 from fastdd.evaluate.calibration_runs import CalibrationTask
 from fastdd.evaluate.ood_sets import OodTestSet
+from fastdd.config.evaluate import CalibrationEvalConfig
 from fastdd.evaluate.options import EvalTask, evaluation_settings
 from fastdd.evaluate.report import prepare_report
 from fastdd.evaluate.robustness import RobustnessTests
@@ -91,7 +92,7 @@ def test_calibration_metric_of_raw_logits():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
     labels = torch.tensor([0, 1, 1])
     task = EvalTask(None, torch.zeros(2, 1, 1, 1), torch.tensor([0, 1]), torch.zeros(3, 1, 1, 1), labels, None)
-    metric = CalibrationMetric(CalibrationTask.create(task, ("none",), seed=0, mask_ratio=0.3))
+    metric = CalibrationMetric(CalibrationTask.create(task, ("none",), seed=0, settings=CalibrationEvalConfig(mask_ratio=0.3)))
     metric.update(None, logits, None)  # raw networks: neither the network nor a retrainer is needed
     metric.update(None, logits * 2, None)
     none = metric.compute()["calibration"]["none"]
@@ -99,7 +100,8 @@ def test_calibration_metric_of_raw_logits():
     for name in ("ece", "nll", "acc"):
         assert none[name]["runs"] == [row[name] for row in expected]
     assert none["temperature"]["runs"] == [1.0, 1.0]
-    assert metric.describe() == {"calibration": ["none"], "mask_ratio": 0.3}
+    assert metric.describe() == {"calibration": ["none"], "mask_ratio": 0.3, "mask_unit": "pixel", "mts_fit": "fastdd",
+                                 "ece_bins": 15}
 
 
 # ------------------------------------------------------------------------------------------------------ the plan

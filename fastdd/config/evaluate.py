@@ -134,6 +134,18 @@ class CalibrationEvalConfig(Section):
         None, "Fraction of pixels MTS masks (0 = temperature scaling on S).", panel=CALIBRATION, at_least=0, below=1,
         default_text=str(DEFAULT_MASK_RATIO),
     )
+    mask_unit: str = option(
+        "pixel", "What MTS masks: pixel (exactly round(r*H*W) pixels per image, all channels) or element (every value "
+        "of every channel independently with probability r, as the calibration authors' rand_like(x) > r).",
+        panel=CALIBRATION, choices=("pixel", "element"),
+    )
+    mts_fit: str = option(
+        "fastdd", "How MTS fits T: fastdd (L-BFGS with line search on log T from 1, T kept in [0.01, 100]) or authors "
+        "(their code: T from 1.5, L-BFGS lr 0.01, at most 50 iterations, no line search).", panel=CALIBRATION,
+        choices=("fastdd", "authors"),
+    )
+    ece_bins: int = option(15, "Equal-width confidence bins of the ECE (the calibration authors use 10).",
+                           panel=CALIBRATION, at_least=1)
 
 
 @dataclass

@@ -55,8 +55,10 @@ def nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(F.cross_entropy(logits.detach().to(torch.float64), labels.detach().to(logits.device)))
 
 
-def calibration_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> dict[str, float]:
-    """ECE, NLL and accuracy of ``logits / temperature`` (15-bin ECE).
+def calibration_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, *, n_bins: int = 15
+) -> dict[str, float]:
+    """ECE (``n_bins`` bins), NLL and accuracy of ``logits / temperature``.
 
     Args:
         logits: ``[N, K]`` floating-point logits.
@@ -70,7 +72,7 @@ def calibration_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature:
     scaled = logits.detach().to(torch.float64) / temperature
     correct = scaled.argmax(dim=1) == labels.to(scaled.device)
     return {
-        "ece": 100.0 * ece(scaled, labels),
+        "ece": 100.0 * ece(scaled, labels, n_bins=n_bins),
         "nll": nll(scaled, labels),
         "acc": 100.0 * float(correct.to(torch.float64).mean()),
     }

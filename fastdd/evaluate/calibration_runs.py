@@ -10,10 +10,19 @@ from typing import Any, Callable
 
 import torch
 
+from fastdd.config.evaluate import CalibrationEvalConfig
 from fastdd.errors import FastddError
-from fastdd.evaluate.calibration import calibration_metrics, save_max_logit_histogram, save_reliability_diagram
+from fastdd.evaluate.calibration import (
+    calibration_metrics,
+    save_max_logit_histogram,
+    save_reliability_diagram,
+)
 from fastdd.training import predict_logits
-from fastdd.trust.temperature import fit_temperature, masked_temperature, per_class_holdout
+from fastdd.trust.temperature import (
+    fit_temperature,
+    masked_temperature,
+    per_class_holdout,
+)
 
 CALIBRATIONS = ("none", "ts", "mts")
 # Guo et al.'s TS fits on a held-out split; the 004 paper's TS baseline holds out 10 % of the distilled set.
@@ -69,7 +78,7 @@ class CalibrationTask:
         labels: ``[K]`` their hard labels (the argmax of soft labels).
         test_images: ``[M, C, H, W]`` the test images the metrics use (those of the accuracy).
         test_labels: ``[M]`` their labels.
-        mask_ratio: MTS's masking ratio.
+        settings: the calibration options (MTS's mask ratio, filled in, mask unit and fit; the ECE's bins).
         mts_generator: draws MTS's validation masks.
         ts_generator: draws TS's per-class splits and trains the TS networks.
     """
@@ -79,12 +88,14 @@ class CalibrationTask:
     labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
-    mask_ratio: float
+    settings: CalibrationEvalConfig
     mts_generator: torch.Generator
     ts_generator: torch.Generator
 
     @classmethod
-    def create(cls, task: Any, methods: tuple[str, ...], *, seed: int, mask_ratio: float) -> "CalibrationTask":
+    def create(
+        cls, task: Any, methods: tuple[str, ...], *, seed: int, settings: CalibrationEvalConfig
+    ) -> "CalibrationTask":
         """For a protocol task (its ``images``, ``targets``, ``test_images``, ``test_labels``), with fresh generators
         derived from ``seed``. `check_calibration_methods` is the check to make before (TS needs two images per
         class)."""
@@ -96,7 +107,7 @@ class CalibrationTask:
             labels,
             task.test_images,
             task.test_labels,
-            mask_ratio,
+            settings,
             _generator(seed, "mts"),
             _generator(seed, "ts"),
         )
@@ -119,15 +130,15 @@ class CalibrationTask:
         rows: dict[str, dict[str, float]] = {}
         scaled: dict[str, torch.Tensor] = {"raw": test_logits}
         if "none" in self.methods:
-            rows["none"] = {**calibration_metrics(test_logits, self.test_labels), "temperature": 1.0}
+            rows["none"] = {**self._metrics(test_logits), "temperature": 1.0}
             scaled["none"] = test_logits
         if "ts" in self.methods:
             train_idx, val_idx = per_class_holdout(self.labels, TS_HOLDOUT_FRACTION, generator=self.ts_generator)
             ts_net = train_subset(train_idx, self.ts_generator)
             temperature = fit_temperature(predict_logits(ts_net, self.images[val_idx]), self.labels[val_idx])
             ts_logits = predict_logits(ts_net, self.test_images)
-            before = calibration_metrics(ts_logits, self.test_labels)
-            after = calibration_metrics(ts_logits, self.test_labels, temperature=temperature)
+            before = self._metrics(ts_logits)
+            after = self._metrics(ts_logits, temperature)
             rows["ts"] = {
                 **after, "temperature": temperature, "ece_before": before["ece"], "nll_before": before["nll"]
             }
@@ -138,18 +149,24 @@ class CalibrationTask:
                 net,
                 self.images,
                 self.labels,
-                ratio=self.mask_ratio,
+                ratio=self.settings.mask_ratio,
                 generator=self.mts_generator,
                 repeats=MTS_MASKS_PER_IMAGE,
+                unit=self.settings.mask_unit,
+                fit=self.settings.mts_fit,
             )
-            metrics = calibration_metrics(test_logits, self.test_labels, temperature=temperature)
+            metrics = self._metrics(test_logits, temperature)
             rows["mts"] = {**metrics, "temperature": temperature}
             scaled["mts"] = test_logits / temperature
         return rows, scaled
 
+    def _metrics(self, logits: torch.Tensor, temperature: float = 1.0) -> dict[str, float]:
+        return calibration_metrics(logits, self.test_labels, temperature, n_bins=self.settings.ece_bins)
+
 
 def save_calibration_plots(
-    pooled: dict[str, list[torch.Tensor]], test_labels: torch.Tensor, folder: Path, *, model: str, title: str
+    pooled: dict[str, list[torch.Tensor]], test_labels: torch.Tensor, folder: Path, *, model: str, title: str,
+    n_bins: int = 15,
 ) -> list[str]:
     """Write ``calibration_<model>_<method>.png`` (reliability diagram of the runs' pooled, temperature-scaled test
     logits) per method and ``max_logits_<model>.png`` (histogram of the raw networks' max test logits).
@@ -168,7 +185,7 @@ def save_calibration_plots(
         labels = test_labels.repeat(len(parts))
         # The runs' predictions pooled into one diagram, so its ECE is the pooled ECE, not the tables' mean of the
         # per-run ECEs; the title says so.
-        save_reliability_diagram(torch.cat(parts), labels, path,
+        save_reliability_diagram(torch.cat(parts), labels, path, n_bins=n_bins,
                                  title=f"{title}, {method} ({len(parts)} runs pooled; tables: mean of per-run ECE)")
         paths.append(str(path))
     max_logits = {

@@ -234,8 +234,11 @@ class CalibrationMetric(EvalMetric):
         }
 
     def describe(self) -> dict[str, Any]:
-        return {"calibration": list(self.task.methods), "mask_ratio": self.task.mask_ratio}
+        s = self.task.settings
+        return {"calibration": list(self.task.methods), "mask_ratio": s.mask_ratio, "mask_unit": s.mask_unit,
+                "mts_fit": s.mts_fit, "ece_bins": s.ece_bins}
 
     def save_plots(self, folder: Path, *, model: str, title: str) -> list[str]:
         """Reliability diagrams per method and the max-logit histogram (`save_calibration_plots`)."""
-        return save_calibration_plots(self.pooled, self.task.test_labels, folder, model=model, title=title)
+        return save_calibration_plots(self.pooled, self.task.test_labels, folder, model=model, title=title,
+                                      n_bins=self.task.settings.ece_bins)

@@ -16,13 +16,22 @@ from typing import Sequence
 
 import torch
 
+from fastdd.config.evaluate import CalibrationEvalConfig, EvalConfig, EvaluationSettings
+from fastdd.config.options import pick
 from fastdd.data import ImageDataset
 from fastdd.errors import FastddError
-from fastdd.evaluate.calibration_runs import check_calibration_methods, parse_calibrations
+from fastdd.evaluate.calibration_runs import (
+    check_calibration_methods,
+    parse_calibrations,
+)
 from fastdd.evaluate.ood import SCORES
 from fastdd.evaluate.ood_sets import OodSetSpec, holdout_spec, parse_ood_sets
-from fastdd.config.evaluate import EvalConfig, EvaluationSettings
-from fastdd.evaluate.robustness import CLUSTER_SETS, NUM_CLUSTERS, check_cluster_count, parse_robustness_sets
+from fastdd.evaluate.robustness import (
+    CLUSTER_SETS,
+    NUM_CLUSTERS,
+    check_cluster_count,
+    parse_robustness_sets,
+)
 from fastdd.io import SyntheticSet
 from fastdd.trust.masking import DEFAULT_MASK_RATIO
 from fastdd.trust.outlier_exposure import synthetic_outliers
@@ -62,7 +71,7 @@ class EvalOptions:
         data_root: folder of the datasets named as OOD sets.
         robustness: the robustness measures, in the order of ``ROBUSTNESS_SETS`` (empty for none).
         calibration: the calibration methods, in the order of ``CALIBRATIONS`` (empty for none).
-        mask_ratio: MTS's masking ratio (the default filled in).
+        calibration_settings: MTS's mask ratio (the default filled in), mask unit and fit, the ECE's bins.
         plots: the folder of the plots, or None.
         outliers: the synthetic outliers the networks train with (images and loss weight), or None.
         train_loss: the networks' loss (one of ``TRAIN_LOSSES``).
@@ -81,7 +90,7 @@ class EvalOptions:
     data_root: str | None
     robustness: tuple[str, ...]
     calibration: tuple[str, ...]
-    mask_ratio: float
+    calibration_settings: CalibrationEvalConfig
     plots: str | Path | None
     outliers: OutlierBatches | None
     train_loss: str
@@ -167,7 +176,9 @@ def check_evaluation_options(synset: SyntheticSet, dataset: ImageDataset, settin
     chosen = st.chosen_robustness()
     robustness_sets = parse_robustness_sets(chosen) if chosen is not None else ()
     calibrations = parse_calibrations(st.calibration) if st.calibration is not None else ()
-    mask_ratio = DEFAULT_MASK_RATIO if st.mask_ratio is None else st.mask_ratio
+    calibration_settings = pick(CalibrationEvalConfig, st)
+    if calibration_settings.mask_ratio is None:
+        calibration_settings.mask_ratio = DEFAULT_MASK_RATIO
     if st.plots is not None and not specs and not calibrations:
         raise FastddError(
             "--plots draws OOD score histograms or reliability diagrams, so it needs --ood or --calibration."
@@ -185,8 +196,8 @@ def check_evaluation_options(synset: SyntheticSet, dataset: ImageDataset, settin
         check_cluster_count(task.test_images.shape[0], NUM_CLUSTERS)
     return EvalOptions(
         synset, dataset, list(dict.fromkeys(st.models.split(","))), st.protocol, task, specs, score_names, st.ood_size,
-        st.data_root, robustness_sets, calibrations, mask_ratio, st.plots, outliers, st.train_loss, st.train_plugin,
-        st.teacher,
+        st.data_root, robustness_sets, calibrations, calibration_settings, st.plots, outliers, st.train_loss,
+        st.train_plugin, st.teacher,
     )
 
 

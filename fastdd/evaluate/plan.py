@@ -99,7 +99,7 @@ class EvalPlan:
         if data.robustness is not None:
             metrics.append(RobustnessMetric(data.robustness))
         if o.calibration:
-            task = CalibrationTask.create(o.task, o.calibration, seed=o.config.seed, mask_ratio=o.mask_ratio)
+            task = CalibrationTask.create(o.task, o.calibration, seed=o.config.seed, settings=o.calibration_settings)
             metrics.append(CalibrationMetric(task))
         return metrics
 

@@ -5,6 +5,10 @@ every pixel is a cell). A mask zeroes exactly ``round(ratio * cells)`` cells per
 uniformly without replacement and independently per image, and shared by all channels of the image. Images are
 normalised with the dataset's mean and std, so the masked value 0 is the dataset's mean colour. When ``patch`` does not
 divide ``H`` or ``W``, the cells of the last row / column are cut off at the border.
+
+The calibration authors' code masks differently: every value of every channel independently, kept when a uniform draw
+exceeds the ratio (``rand_like(x) > r``), so the count of masked values varies per image (:func:`element_mask`,
+``unit="element"``; the default ``unit="pixel"`` is the exact count above).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from fastdd.config.trust import DEFAULT_MASK_RATIO  # noqa: F401  (MTS and MDT read it here)
 
 DEFAULT_MASK_PATCH: int = 1
+MASK_UNITS = ("pixel", "element")
 
 
 def mask_like(
@@ -77,6 +82,40 @@ def random_mask(images: torch.Tensor, ratio: float, *, generator: torch.Generato
         return images
     mask = mask_like(images.shape, ratio, generator=generator, patch=patch, device=images.device)
     return images * mask.to(images.dtype)
+
+
+def element_mask(images: torch.Tensor, ratio: float, *, generator: torch.Generator) -> torch.Tensor:
+    """``images`` with every value (each channel of each pixel) zeroed independently with probability ``ratio``: kept
+    where a uniform draw in ``[0, 1)`` exceeds ``ratio``, as the calibration authors' ``rand_like(x) > r``.
+
+    ``ratio = 0`` returns ``images`` itself and draws nothing. Differentiable with respect to ``images``.
+
+    Args:
+        images: ``[N, C, H, W]`` floating-point images (normalised).
+        ratio: probability of zeroing a value, in ``[0, 1)``.
+        generator: the source of the uniform draws (one per value, on the generator's device).
+    Returns:
+        ``[N, C, H, W]`` masked images, same dtype and device as ``images``.
+    """
+    if not images.is_floating_point():
+        raise TypeError(f"images must be floating point, got {images.dtype}")
+    _check(images.shape, ratio, 1)
+    if ratio == 0:
+        return images
+    keep = torch.rand(images.shape, generator=generator, device=generator.device) > ratio
+    return images * keep.to(device=images.device, dtype=images.dtype)
+
+
+def mask_images(
+    images: torch.Tensor, ratio: float, *, generator: torch.Generator, unit: str = "pixel", patch: int = 1
+) -> torch.Tensor:
+    """``images`` under a fresh random mask of ``unit`` ``"pixel"`` (:func:`random_mask`, exact count, shared over
+    channels) or ``"element"`` (:func:`element_mask`, each value independently)."""
+    if unit == "pixel":
+        return random_mask(images, ratio, generator=generator, patch=patch)
+    if unit == "element":
+        return element_mask(images, ratio, generator=generator)
+    raise ValueError(f"unit must be one of {', '.join(MASK_UNITS)}, got {unit!r}")
 
 
 def _check(shape: Sequence[int], ratio: float, patch: int) -> tuple[int, int, int]:

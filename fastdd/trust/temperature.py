@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdd.errors import FastddError
-from fastdd.trust.masking import random_mask
+from fastdd.trust.masking import mask_images
 
 # The fitted temperature is kept in [T_MIN, T_MAX]. When every validation image is already classified right with a
 # margin (a net scored on the images it was trained on), the NLL keeps falling as T -> 0 and has no minimum; the
@@ -43,6 +43,21 @@ def hard_labels(labels: torch.Tensor) -> torch.Tensor:
     return labels.long()
 
 
+def _checked_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, class indices)`` as float64 / int64 CPU tensors, after checking shapes, range and finiteness."""
+    if logits.dim() != 2 or logits.shape[0] < 1 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating-point [N, K] tensor with N >= 1, got {tuple(logits.shape)}")
+    targets = hard_labels(labels).detach().cpu()
+    if targets.shape != logits.shape[:1]:
+        raise ValueError(f"labels must hold {logits.shape[0]} entries, got shape {tuple(labels.shape)}")
+    if int(targets.min()) < 0 or int(targets.max()) >= logits.shape[1]:
+        raise ValueError(f"labels must lie in [0, {logits.shape[1]}), got [{int(targets.min())}, {int(targets.max())}]")
+    z = logits.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(z).all()):
+        raise ValueError(f"logits hold {int((~torch.isfinite(z)).sum())} non-finite values")
+    return z, targets
+
+
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The temperature ``T`` minimising the mean NLL of ``labels`` under ``softmax(logits / T)``.
 
@@ -55,17 +70,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     Returns:
         the fitted temperature ``T > 0``.
     """
-    if logits.dim() != 2 or logits.shape[0] < 1 or not logits.is_floating_point():
-        raise ValueError(f"logits must be a floating-point [N, K] tensor with N >= 1, got {tuple(logits.shape)}")
-    targets = hard_labels(labels).detach().cpu()
-    if targets.shape != logits.shape[:1]:
-        raise ValueError(f"labels must hold {logits.shape[0]} entries, got shape {tuple(labels.shape)}")
-    if int(targets.min()) < 0 or int(targets.max()) >= logits.shape[1]:
-        raise ValueError(f"labels must lie in [0, {logits.shape[1]}), got [{int(targets.min())}, {int(targets.max())}]")
-    z = logits.detach().to("cpu", torch.float64)
-    if not bool(torch.isfinite(z).all()):
-        raise ValueError(f"logits hold {int((~torch.isfinite(z)).sum())} non-finite values")
-
+    z, targets = _checked_logits(logits, labels)
     low, high = math.log(T_MIN), math.log(T_MAX)
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS(
@@ -86,6 +91,46 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
     optimizer.step(closure)
     return float(torch.exp(log_t.detach().clamp(low, high)))
+
+
+# The calibration authors' fit (ModelWithTemperature.set_temperature of their mtt-distillation fork): T itself starts
+# at 1.5 and L-BFGS runs with lr 0.01, at most 50 iterations and no line search, so it often stops short of the
+# minimum, pulled toward 1.5.
+AUTHORS_START, AUTHORS_LR, AUTHORS_MAX_ITER = 1.5, 0.01, 50
+TEMPERATURE_FITS = ("fastdd", "authors")
+
+
+def fit_temperature_authors(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature as the calibration authors fit it: ``T`` from 1.5, L-BFGS (lr 0.01, at most 50 iterations,
+    no line search) on the mean NLL of ``softmax(logits / T)``, without bounds. Computed in float64 on the CPU.
+
+    Args:
+        logits: ``[N, K]`` floating-point logits, ``N >= 1``, finite.
+        labels: ``[N]`` class indices in ``[0, K)`` (or ``[N, K]`` soft labels, scaled against their argmax).
+    Returns:
+        the temperature where the optimiser stopped.
+    """
+    z, targets = _checked_logits(logits, labels)
+    temperature = torch.full((), AUTHORS_START, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([temperature], lr=AUTHORS_LR, max_iter=AUTHORS_MAX_ITER)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(z / temperature, targets)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(temperature.detach())
+
+
+def fit_temperature_with(fit: str, logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """:func:`fit_temperature` (``fit="fastdd"``) or :func:`fit_temperature_authors` (``fit="authors"``)."""
+    if fit == "fastdd":
+        return fit_temperature(logits, labels)
+    if fit == "authors":
+        return fit_temperature_authors(logits, labels)
+    raise ValueError(f"fit must be one of {', '.join(TEMPERATURE_FITS)}, got {fit!r}")
 
 
 def per_class_holdout(
@@ -160,6 +205,8 @@ def masked_temperature(
     patch: int = 1,
     per_class: int | None = None,
     repeats: int = 1,
+    unit: str = "pixel",
+    fit: str = "fastdd",
 ) -> float:
     """Masked Temperature Scaling: the temperature fitted on randomly masked images of the net's own training set.
 
@@ -179,6 +226,9 @@ def masked_temperature(
         patch: mask cell side in pixels (1 = pixel masking).
         per_class: validation images per class, or None for every image of S once.
         repeats: masks drawn per validation image, ``>= 1`` (more masks, less noise in ``T``).
+        unit: ``"pixel"`` (exact count, shared over channels) or ``"element"`` (each value independently, the
+            calibration authors' masks); see :func:`fastdd.trust.masking.mask_images`.
+        fit: ``"fastdd"`` (:func:`fit_temperature`) or ``"authors"`` (:func:`fit_temperature_authors`).
     Returns:
         the fitted temperature ``T > 0``.
     """
@@ -196,9 +246,9 @@ def masked_temperature(
     idx = per_class_sample(targets, per_class, generator=generator)
     inputs, targets = images[idx.to(images.device)], targets[idx.to(targets.device)]
     if ratio > 0:
-        inputs = random_mask(inputs.repeat(repeats, 1, 1, 1), ratio, generator=generator, patch=patch)
+        inputs = mask_images(inputs.repeat(repeats, 1, 1, 1), ratio, generator=generator, unit=unit, patch=patch)
         targets = targets.repeat(repeats)
-    return fit_temperature(predict_logits(net, inputs), targets)
+    return fit_temperature_with(fit, predict_logits(net, inputs), targets)
 
 
 def _random_order_by_class(targets: torch.Tensor, generator: torch.Generator) -> dict[int, torch.Tensor]:
