@@ -90,9 +90,9 @@ def test_plan_masks_have_the_exact_count_and_change_every_step():
     assert plain.masks == [None] * 5
 
 
-@pytest.mark.parametrize("syn_steps,batch_syn", [(3, None), (4, 3)])
-def test_exact_equals_unrolled_with_masks(problem, syn_steps, batch_syn):
-    options = dict(syn_steps=syn_steps, batch_syn=batch_syn, augment=STRATEGY, input_mask=mask_sampler(0.3))
+@pytest.mark.parametrize("syn_steps,batch_syn,unit", [(3, None, "pixel"), (4, 3, "pixel"), (3, 2, "element")])
+def test_exact_equals_unrolled_with_masks(problem, syn_steps, batch_syn, unit):
+    options = dict(syn_steps=syn_steps, batch_syn=batch_syn, augment=STRATEGY, input_mask=mask_sampler(0.3, unit=unit))
     loss_u, img_u, lr_u = run(problem, "unrolled", **options)
     loss_e, img_e, lr_e = run(problem, "exact", **options)
     assert relative_error(loss_e, loss_u) <= 1e-12
@@ -186,6 +186,17 @@ def test_settings_record_mdt_only_when_on(digits):
     cls = get_distiller("dsa").config_class
     assert "mdt" not in cls().to_dict() and "mask_ratio" not in cls().to_dict()
     assert cls(mdt=True).to_dict()["mask_ratio"] == DEFAULT_MASK_RATIO
+    # The mask unit only when it is not the default, so MDT runs from before the option still resume.
+    assert "mask_unit" not in cls(mdt=True).to_dict() and "mask_unit" not in cls(mask_unit="element").to_dict()
+    assert cls(mdt=True, mask_unit="element").to_dict()["mask_unit"] == "element"
+
+
+def test_element_masks_in_the_student_plan_are_per_channel():
+    plan = plan_student(10, (8, 8), syn_steps=3, batch_syn=4, augment=None,
+                        input_mask=mask_sampler(0.5, unit="element"), generator=torch.Generator().manual_seed(2),
+                        device=torch.device("cpu"), channels=3)
+    assert [m.shape for m in plan.masks] == [(4, 3, 8, 8), (4, 3, 8, 8), (2, 3, 8, 8)]
+    assert not torch.equal(plan.masks[0][:, 0], plan.masks[0][:, 1])
 
 
 @pytest.mark.parametrize("net_data", [None, "real"])
@@ -212,10 +223,15 @@ def test_cli_distill_with_mdt_records_it(tmp_path):
     assert result.exit_code == 0, result.output
     hyper = json.loads((tmp_path / "synset.json").read_text())["hyperparameters"]
     assert hyper["mdt"] is True and hyper["mask_ratio"] == 0.25
+    element = tmp_path / "element"
+    result = runner.invoke(app, ["distill", *CLI_DC, "--mdt", "--mask-unit", "element", "--out", str(element)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((element / "synset.json").read_text())["hyperparameters"]["mask_unit"] == "element"
 
 
 @pytest.mark.parametrize("args,fragment", [
     (["--method", "dc", "--mask-ratio", "0.2"], "--mdt"),
+    (["--method", "dc", "--mask-unit", "element"], "--mdt"),
     (["--method", "dm", "--mdt"], "does not apply to dm"),
 ])
 def test_cli_refusals_are_one_sentence(tmp_path, args, fragment):

@@ -74,8 +74,9 @@ class DistillConfig(
         Raises:
             ConfigError: an option that does not apply to ``method``, or a value it cannot take.
         """
-        if options.get("mask_ratio") is not None and not options.get("mdt"):
-            raise field_error(field_of(cls, "mask_ratio"), "sets the masking of --mdt; add --mdt or drop it")
+        for name in ("mask_ratio", "mask_unit"):
+            if options.get(name) is not None and not options.get("mdt"):
+                raise field_error(field_of(cls, name), "sets the masking of --mdt; add --mdt or drop it")
         return from_options(cls, options, context=f"method {method!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,7 +84,9 @@ class DistillConfig(
         values = dataclasses.asdict(self)
         if not values["mdt"]:
             # So a run without MDT keeps the settings record of versions before MDT (and resumes their checkpoints).
-            del values["mdt"], values["mask_ratio"]
+            del values["mdt"], values["mask_ratio"], values["mask_unit"]
+        elif values["mask_unit"] == "pixel":
+            del values["mask_unit"]  # likewise for MDT runs from before the option
         return values
 
     def resolved(self) -> "DistillConfig":

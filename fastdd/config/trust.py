@@ -84,3 +84,8 @@ class MDTConfig(Section):
         DEFAULT_MASK_RATIO, "--mdt: share of each image's pixels zeroed, in [0, 1) (as --mask-ratio of MTS).",
         panel=TRUST, at_least=0, below=1,
     )
+    mask_unit: str = option(
+        "pixel", "--mdt: what is masked: pixel (exactly round(r*H*W) pixels per image, all channels) or element (every "
+        "value of every channel independently with probability r, as the calibration authors' masks).",
+        panel=TRUST, choices=("pixel", "element"),
+    )

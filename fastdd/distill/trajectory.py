@@ -87,11 +87,13 @@ def plan_student(
     generator: torch.Generator | None,
     device: torch.device,
     input_mask: InputMask | None = None,
+    channels: int = 1,
 ) -> StudentPlan:
     """Draw the minibatches (chunks of fresh permutations, as MTT does), their augmentation parameters and masks.
 
     The draws alternate per step: permutation (when the previous one is used up), then that step's augmentation, then
-    its mask from ``input_mask`` (``[b, 1, H, W]``). Without ``input_mask`` no mask is drawn (``masks`` holds None).
+    its mask from ``input_mask``, asked for images of shape ``[b, channels, H, W]`` (it returns ``[b, 1, H, W]`` for
+    a mask shared over channels). Without ``input_mask`` no mask is drawn (``masks`` holds None).
     """
     batch = num_images if batch_syn is None else batch_syn
     if not 1 <= batch <= num_images:
@@ -109,7 +111,8 @@ def plan_student(
         idx = chunks.pop(0)
         batches.append(idx.to(device))
         params.append(sampler(idx.numel(), generator) if sampler is not None else None)
-        masks.append(None if input_mask is None else input_mask((idx.numel(), 1, *image_size), generator, device))
+        shape = (idx.numel(), channels, *image_size)
+        masks.append(None if input_mask is None else input_mask(shape, generator, device))
     return StudentPlan(batches, params, masks)
 
 
@@ -255,6 +258,7 @@ def match_gradients(
         generator=generator,
         device=images.device,
         input_mask=input_mask,
+        channels=images.shape[1],
     )
     plan.masks = [None if m is None else m.to(images.dtype) for m in plan.masks]
     targets = [_step_targets(labels, idx, unlabelled, step_loss) for idx in plan.batches]

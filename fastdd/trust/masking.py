@@ -102,8 +102,18 @@ def element_mask(images: torch.Tensor, ratio: float, *, generator: torch.Generat
     _check(images.shape, ratio, 1)
     if ratio == 0:
         return images
-    keep = torch.rand(images.shape, generator=generator, device=generator.device) > ratio
-    return images * keep.to(device=images.device, dtype=images.dtype)
+    keep = element_mask_like(images.shape, ratio, generator=generator, device=images.device)
+    return images * keep.to(images.dtype)
+
+
+def element_mask_like(
+    shape: Sequence[int], ratio: float, *, generator: torch.Generator, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """The {0, 1} float32 mask of :func:`element_mask` for images of ``shape`` ``[N, C, H, W]``: ``[N, C, H, W]``,
+    1 where a uniform draw (on the generator's device) exceeds ``ratio``."""
+    _check(shape, ratio, 1)
+    keep = torch.rand(tuple(shape), generator=generator, device=generator.device) > ratio
+    return keep.to(device=device if device is not None else keep.device, dtype=torch.float32)
 
 
 def mask_images(

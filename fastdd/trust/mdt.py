@@ -9,20 +9,23 @@ from torch import Tensor
 
 from fastdd.config import MDTConfig, pick
 from fastdd.errors import FastddError
-from fastdd.trust.masking import DEFAULT_MASK_PATCH, mask_like, random_mask
+from fastdd.trust.masking import DEFAULT_MASK_PATCH, element_mask_like, mask_images, mask_like
 from fastdd.trust.plugins import TrustPlugin
 
 MaskSampler = Callable[[tuple[int, ...], torch.Generator, torch.device], Tensor]
 """``sampler(shape, generator, device) -> [N, 1, H, W]`` {0, 1} mask for a batch of ``shape`` ``[N, C, H, W]``."""
 
 
-def mask_sampler(ratio: float, patch: int = DEFAULT_MASK_PATCH) -> MaskSampler | None:
-    """MDT's masks as a :data:`MaskSampler` (:func:`fastdd.trust.masking.mask_like` at ``ratio``), or None at ratio 0
+def mask_sampler(ratio: float, patch: int = DEFAULT_MASK_PATCH, unit: str = "pixel") -> MaskSampler | None:
+    """MDT's masks as a :data:`MaskSampler` (:func:`fastdd.trust.masking.mask_like` at ``ratio``, ``[N, 1, H, W]``;
+    with ``unit="element"`` :func:`~fastdd.trust.masking.element_mask_like`, ``[N, C, H, W]``), or None at ratio 0
     (no masking and no draws)."""
     if ratio == 0:
         return None
 
     def sample(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
+        if unit == "element":
+            return element_mask_like(shape, ratio, generator=generator, device=device)
         return mask_like(shape, ratio, generator=generator, patch=patch, device=device)
 
     return sample
@@ -75,10 +78,10 @@ class MaskedDistillation(TrustPlugin):
         """``x`` ``[N, C, H, W]`` times a fresh ``[N, 1, H, W]`` mask from ``generator`` (differentiable in ``x``)."""
         if self.ratio == 0:
             return x
-        return random_mask(x, self.ratio, generator=generator, patch=self.patch)
+        return mask_images(x, self.ratio, generator=generator, unit=self.config.mask_unit, patch=self.patch)
 
     def synthetic_training_options(self) -> dict[str, Any]:
         return {} if self.ratio == 0 else {"input_transform": self.on_synthetic_batch}
 
     def student_options(self) -> dict[str, Any]:
-        return {"input_mask": mask_sampler(self.ratio, self.patch)}
+        return {"input_mask": mask_sampler(self.ratio, self.patch, self.config.mask_unit)}
