@@ -19,6 +19,7 @@ from fastdd.config.options import (
     field_of,
     from_options,
     option,
+    recorded_settings,
     redefault,
 )
 from fastdd.config.sections import (
@@ -81,12 +82,11 @@ class DistillConfig(
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain values; the MDT fields only when ``mdt`` is on (absent means off)."""
-        values = dataclasses.asdict(self)
+        values = recorded_settings(self)
         if not values["mdt"]:
             # So a run without MDT keeps the settings record of versions before MDT (and resumes their checkpoints).
-            del values["mdt"], values["mask_ratio"], values["mask_unit"]
-        elif values["mask_unit"] == "pixel":
-            del values["mask_unit"]  # likewise for MDT runs from before the option
+            del values["mdt"], values["mask_ratio"]
+            values.pop("mask_unit", None)
         return values
 
     def resolved(self) -> "DistillConfig":

@@ -38,6 +38,8 @@ class OptionInfo:
         flag: the flag (default ``--field-name``); for a bool ``"--on/--off"``.
         default_text: how ``--help`` shows a default of None (e.g. "by IPC"); None shows nothing.
         split: a string field that takes a comma-separated list (``--ood a,b`` or repeated ``--ood a --ood b``).
+        recorded_at_default: False for an option added after runs were recorded: a run's settings record omits it
+            while it has its default, so the runs recorded before it still resume.
     """
 
     help: str
@@ -50,6 +52,7 @@ class OptionInfo:
     flag: str | None = None
     default_text: str | None = None
     split: bool = False
+    recorded_at_default: bool = True
 
 
 _INFO = "fastdd"
@@ -226,6 +229,15 @@ def from_options(cls: type, options: dict[str, Any], *, context: str) -> Any:
         raise ConfigError(f"option(s) {flags} do not apply to {context}; it accepts: "
                           f"{', '.join(sorted('--' + k.replace('_', '-') for k in known))}.")
     return check_config(cls(**{k: v for k, v in options.items() if v is not None}))
+
+
+def recorded_settings(config: Any) -> dict[str, Any]:
+    """``dataclasses.asdict(config)`` without the options that are not recorded at their default."""
+    values = dataclasses.asdict(config)
+    for f in option_fields(config):
+        if not info_of(f).recorded_at_default and values[f.name] == f.default:
+            del values[f.name]
+    return values
 
 
 def pick(section: type, config: Any) -> Any:

@@ -66,6 +66,16 @@ class RobustConfig(Section):
         "embed", "--robust: distances for the clusters, 'embed' (the current network's features) or 'pixel'.",
         panel=TRUST, choices=CLUSTER_SPACES,
     )
+    cvar_tail: str = option(
+        "upper", "--robust: which losses a cluster's CVaR averages: upper (fastdd's: its ceil(alpha*n) largest, "
+        "differentiable) or lower (the group-robust authors' released code: the trimmed mean of its int(alpha*n) "
+        "smallest, at least one; made differentiable here, where their code detaches it).", panel=TRUST,
+        choices=("upper", "lower"), recorded_at_default=False,
+    )
+    robust_assign: str = option(
+        "class", "--robust: the synthetic images a real image may join: those of its own class (fastdd's) or of "
+        "all classes (the authors' code).", panel=TRUST, choices=("class", "all"), recorded_at_default=False,
+    )
 
 
 @dataclass
@@ -87,5 +97,5 @@ class MDTConfig(Section):
     mask_unit: str = option(
         "pixel", "--mdt: what is masked: pixel (exactly round(r*H*W) pixels per image, all channels) or element (every "
         "value of every channel independently with probability r, as the calibration authors' masks).",
-        panel=TRUST, choices=("pixel", "element"),
+        panel=TRUST, choices=("pixel", "element"), recorded_at_default=False,
     )

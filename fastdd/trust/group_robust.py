@@ -45,6 +45,8 @@ class GroupRobust(TrustPlugin):
             clusters_per_class=config.clusters if config.clusters is not None else default_clusters(ipc),
             alpha=config.cvar_alpha,
             space=config.cluster_space,
+            tail=config.cvar_tail,
+            within_class=config.robust_assign == "class",
         )
 
     @classmethod

@@ -16,6 +16,7 @@ The heavy pieces are fused ops: :func:`fastdd.ops.nearest_synthetic` (class-rest
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -105,9 +106,11 @@ def cluster_centres(
 
 
 def assign_clusters(
-    real_features: Tensor, real_labels: Tensor, centre_features: Tensor, centre_labels: Tensor
+    real_features: Tensor, real_labels: Tensor, centre_features: Tensor, centre_labels: Tensor, *,
+    within_class: bool = True,
 ) -> Tensor:
-    """Cluster of every real sample: its nearest centre among the centres of its own class.
+    """Cluster of every real sample: its nearest centre among the centres of its own class (``within_class``), or
+    among all centres (the group-robust authors' code: ``--robust-assign all``).
 
     Args:
         real_features: ``[N, D]`` real samples, in the same space as the centres.
@@ -117,18 +120,56 @@ def assign_clusters(
         centre_labels: ``[K]`` int64 class of each centre; every class in ``real_labels`` needs one.
 
     Returns:
-        ``[N]`` int64 index of the nearest same-class centre (lowest index on ties) = the global cluster id in
+        ``[N]`` int64 index of the nearest (same-class) centre (lowest index on ties) = the global cluster id in
         ``[0, K)``. No gradient.
     """
+    groups = dict(point_groups=real_labels, center_groups=centre_labels) if within_class else {}
     with torch.no_grad():
-        index, _ = nearest_synthetic(
-            real_features.detach(), centre_features.detach(), point_groups=real_labels, center_groups=centre_labels
-        )
+        index, _ = nearest_synthetic(real_features.detach(), centre_features.detach(), **groups)
     return index
 
 
-def robust_loss(logits: Tensor, targets: Tensor, assign: Tensor, num_clusters: int, alpha: float) -> Tensor:
-    """``CE.mean() + mean_g CVaR_alpha(CE of g) + max_g CVaR_alpha(CE of g)`` over the non-empty clusters.
+# alpha * n that is an integer up to rounding (0.3 * 10 = 2.9999999999999996) counts as that integer.
+_TAIL_TOLERANCE = 1e-9
+CVAR_TAILS = ("upper", "lower")
+
+
+def lower_tail_size(count: int, alpha: float) -> int:
+    """``int(alpha * count)`` (up to rounding), at least 1: how many of a cluster's smallest losses the authors'
+    trimmed mean keeps."""
+    return min(count, max(1, math.floor(alpha * count + _TAIL_TOLERANCE)))
+
+
+def cluster_trimmed_mean(losses: Tensor, assign: Tensor, num_clusters: int, alpha: float) -> Tensor:
+    """Per cluster, the mean of its :func:`lower_tail_size` smallest losses (the lower-tail CVaR of the group-robust
+    authors' released code, differentiable here); 0 for an empty cluster.
+
+    Args:
+        losses: ``[N]`` floating-point per-sample losses.
+        assign: ``[N]`` int64 cluster of each sample, in ``[0, num_clusters)``.
+        num_clusters: G.
+        alpha: level in (0, 1].
+    Returns:
+        ``[G]``; the gradient is ``1 / k_g`` on the kept losses of cluster ``g`` (the lower sample index first
+        among equal losses), 0 elsewhere.
+    """
+    values = []
+    for g in range(num_clusters):
+        members = losses[assign == g]
+        if members.numel() == 0:
+            values.append(losses.new_zeros(()))
+            continue
+        kept = members.sort(stable=True).values[: lower_tail_size(members.numel(), alpha)]
+        values.append(kept.mean())
+    return torch.stack(values)
+
+
+def robust_loss(
+    logits: Tensor, targets: Tensor, assign: Tensor, num_clusters: int, alpha: float, *, tail: str = "upper"
+) -> Tensor:
+    """``CE.mean() + mean_g CVaR_alpha(CE of g) + max_g CVaR_alpha(CE of g)`` over the non-empty clusters; with
+    ``tail="lower"`` the CVaR of a cluster is :func:`cluster_trimmed_mean` (the authors' form) instead of the upper
+    tail of ``fastdd.ops.group_cvar_loss``.
 
     Args:
         logits: ``[N, num_classes]``.
@@ -141,7 +182,13 @@ def robust_loss(logits: Tensor, targets: Tensor, assign: Tensor, num_clusters: i
         0-d tensor, differentiable w.r.t. ``logits`` through both terms.
     """
     per_sample = F.cross_entropy(logits, targets, reduction="none")
-    return per_sample.mean() + group_cvar_loss(per_sample, assign, num_clusters, alpha)
+    if tail == "upper":
+        return per_sample.mean() + group_cvar_loss(per_sample, assign, num_clusters, alpha)
+    if tail != "lower":
+        raise ValueError(f"tail must be one of {', '.join(CVAR_TAILS)}, got {tail!r}")
+    present = torch.bincount(assign, minlength=num_clusters) > 0
+    cvar = cluster_trimmed_mean(per_sample, assign, num_clusters, alpha)[present]
+    return per_sample.mean() + cvar.mean() + cvar.max()
 
 
 def logits_and_embedding(net: torch.nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -175,12 +222,16 @@ class RobustObjective:
         alpha: CVaR level.
         space: ``"pixel"`` (flattened model-space images) or ``"embed"`` (the network's ``embed()`` in eval mode,
             without gradient, at the moment of the assignment).
+        tail: ``"upper"`` (fastdd's CVaR) or ``"lower"`` (the authors' trimmed mean), see :func:`robust_loss`.
+        within_class: a real image joins the nearest centre of its own class (True) or of any class.
     """
 
     num_classes: int
     clusters_per_class: int
     alpha: float = DEFAULT_CVAR_ALPHA
     space: str = "embed"
+    tail: str = "upper"
+    within_class: bool = True
 
     @property
     def num_clusters(self) -> int:
@@ -210,11 +261,12 @@ class RobustObjective:
         else:
             synthetic_features = self._embed(net, synthetic.detach())
         centres = cluster_centres(synthetic_features, synthetic_labels, self.num_classes, self.clusters_per_class)
-        return assign_clusters(real_features, real_labels, synthetic_features[centres], synthetic_labels[centres])
+        return assign_clusters(real_features, real_labels, synthetic_features[centres], synthetic_labels[centres],
+                               within_class=self.within_class)
 
     def loss(self, logits: Tensor, targets: Tensor, assign: Tensor) -> Tensor:
         """:func:`robust_loss` with this objective's cluster count and alpha: logits ``[N, K]`` -> 0-d."""
-        return robust_loss(logits, targets, assign, self.num_clusters, self.alpha)
+        return robust_loss(logits, targets, assign, self.num_clusters, self.alpha, tail=self.tail)
 
     @staticmethod
     def _embed(net: torch.nn.Module, images: Tensor) -> Tensor:
