@@ -71,9 +71,15 @@ def test_element_masks_are_differentiable():
 
 
 def test_masked_temperature_uses_the_unit_and_the_fit():
+    g = torch.Generator().manual_seed(3)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5)).double()
-    images = torch.randn(20, 3, 4, 4, dtype=torch.float64)
+    images = torch.randn(20, 3, 4, 4, generator=g, dtype=torch.float64)
     labels = torch.arange(5).repeat(4)
+    with torch.no_grad():  # a net that fits its images with a margin: masks then change its confidence
+        net[1].weight.copy_(torch.randn(5, 48, generator=g, dtype=torch.float64))
+        net[1].bias.zero_()
+        for c in range(5):
+            net[1].weight[c] += 2.0 * images[labels == c].flatten(1).mean(dim=0)
     kwargs = dict(ratio=0.4, repeats=2)
     pixel = masked_temperature(net, images, labels, generator=torch.Generator().manual_seed(0), **kwargs)
     element = masked_temperature(net, images, labels, generator=torch.Generator().manual_seed(0), unit="element",
@@ -84,7 +90,8 @@ def test_masked_temperature_uses_the_unit_and_the_fit():
     masked = element_mask(images.repeat(2, 1, 1, 1), 0.4, generator=g)
     with torch.no_grad():
         by_hand = fit_temperature_authors(net(masked), labels.repeat(2))
-    assert pixel != element and authors == pytest.approx(by_hand, rel=1e-12)
+    assert 0.01 < pixel < 100 and 0.01 < element < 100 and pixel != element
+    assert authors == pytest.approx(by_hand, rel=1e-12)
 
 
 def test_ece_bins():
