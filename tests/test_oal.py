@@ -344,3 +344,28 @@ def test_load_teacher_refuses_what_it_cannot_use(digits, experts_folder, tmp_pat
         load_teacher("expert", synset_meta=meta, shape=shape)
     with pytest.raises(FastddError, match="dataset"):
         load_teacher(str(experts_folder), synset_meta={**meta, "dataset": "fashionmnist"}, shape=shape)
+
+
+@pytest.mark.parametrize("kl", ["student-teacher", "teacher-student"])
+def test_oal_kl_direction(kl):
+    """``teacher-student`` is the authors' ``KLDivLoss(log_softmax(student), softmax(teacher))`` (batch mean);
+    ``student-teacher`` the paper's KL(student || teacher)."""
+    teacher, student = _nets()
+    objective = _objective(teacher, student, kl=kl)
+    images, labels = _real(9)
+    objective(student.train(), images[:8], labels[:8], seeded(10))
+    with torch.no_grad():
+        s_logits, t_logits = student(images[:8]), teacher(images[:8])
+    if kl == "teacher-student":
+        expected = torch.nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s_logits, 1), F.softmax(t_logits, 1))
+    else:
+        expected = (F.softmax(s_logits, 1) * (F.log_softmax(s_logits, 1) - F.log_softmax(t_logits, 1))).sum(1).mean()
+    assert float(objective.last_parts["kl_logits"]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_oal_kl_is_an_evaluate_option():
+    from fastdd.config.evaluate import EvaluateConfig
+
+    assert EvaluateConfig().oal_kl == "student-teacher"
+    with pytest.raises(FastddError, match="--oal-kl must be one of student-teacher, teacher-student"):
+        EvaluateConfig(oal_kl="both")

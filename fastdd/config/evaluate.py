@@ -160,6 +160,11 @@ class TrainObjectiveConfig(Section):
         None, "OAL's teacher: 'expert' (the experts folder the set was distilled from), an experts folder, an expert "
         "file or a model checkpoint (.safetensors, .pt).", panel=TRAINING, default_text="none",
     )
+    oal_kl: str = option(
+        "student-teacher", "OAL's distillation direction: student-teacher (KL(student || teacher), the paper's "
+        "equation as written) or teacher-student (KL(teacher || student), what the authors' code computes).",
+        panel=TRAINING, choices=("student-teacher", "teacher-student"),
+    )
 
 
 @dataclass

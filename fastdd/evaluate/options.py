@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from fastdd.config.evaluate import CalibrationEvalConfig, EvalConfig, EvaluationSettings
+from fastdd.config.evaluate import CalibrationEvalConfig, EvalConfig, EvaluationSettings, TrainObjectiveConfig
 from fastdd.config.options import pick
 from fastdd.data import ImageDataset
 from fastdd.errors import FastddError
@@ -74,9 +74,8 @@ class EvalOptions:
         calibration_settings: MTS's mask ratio (the default filled in), mask unit and fit, the ECE's bins.
         plots: the folder of the plots, or None.
         outliers: the synthetic outliers the networks train with (images and loss weight), or None.
-        train_loss: the networks' loss (one of ``TRAIN_LOSSES``).
-        train_plugin: None or ``"oal"``.
-        teacher: OAL's teacher, or None.
+        training: the networks' training objective (``train_loss``, or ``train_plugin`` with ``teacher`` and
+            ``oal_kl``).
     """
 
     synset: SyntheticSet
@@ -93,9 +92,7 @@ class EvalOptions:
     calibration_settings: CalibrationEvalConfig
     plots: str | Path | None
     outliers: OutlierBatches | None
-    train_loss: str
-    train_plugin: str | None
-    teacher: str | None
+    training: TrainObjectiveConfig
 
 
 def evaluation_settings(
@@ -196,8 +193,8 @@ def check_evaluation_options(synset: SyntheticSet, dataset: ImageDataset, settin
         check_cluster_count(task.test_images.shape[0], NUM_CLUSTERS)
     return EvalOptions(
         synset, dataset, list(dict.fromkeys(st.models.split(","))), st.protocol, task, specs, score_names, st.ood_size,
-        st.data_root, robustness_sets, calibrations, calibration_settings, st.plots, outliers, st.train_loss,
-        st.train_plugin, st.teacher,
+        st.data_root, robustness_sets, calibrations, calibration_settings, st.plots, outliers,
+        pick(TrainObjectiveConfig, st),
     )
 
 

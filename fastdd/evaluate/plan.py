@@ -175,12 +175,13 @@ class EvalPlan:
             "seed": o.config.seed,
             "outliers": 0 if o.outliers is None else int(o.outliers.images.shape[0]),
             "holdout": o.task.holdout,
-            "train_loss": o.train_loss,
-            "train_plugin": o.train_plugin,
+            "train_loss": o.training.train_loss,
+            "train_plugin": o.training.train_plugin,
             "models": results,
         }
-        if o.train_plugin == "oal":
-            report["teacher"] = o.teacher
+        if o.training.train_plugin == "oal":
+            report["teacher"] = o.training.teacher
+            report["oal_kl"] = o.training.oal_kl
         for metric in metrics:
             report.update(metric.describe())
         if o.plots is not None:
@@ -195,8 +196,7 @@ def build_plan(options: EvalOptions, *, test_data: EvalTestData | None = None) -
     o = options
     synset, dataset, config = o.synset, o.dataset, o.config
     objectives = TrainingObjectives.create(
-        o.train_loss, o.train_plugin, o.teacher, synset=synset, dataset=dataset, task=o.task, seed=config.seed,
-        device=config.device,
+        o.training, synset=synset, dataset=dataset, task=o.task, seed=config.seed, device=config.device
     )
     if test_data is None:
         test_data = build_test_data(o)

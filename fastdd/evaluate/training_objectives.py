@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import torch
 
+from fastdd.config.evaluate import TrainObjectiveConfig
 from fastdd.training import TrainObjective
 from fastdd.trust.train_losses import train_objective
 
@@ -28,9 +29,7 @@ class TrainingObjectives:
     @classmethod
     def create(
         cls,
-        train_loss: str,
-        train_plugin: str | None,
-        teacher: str | None,
+        objective: TrainObjectiveConfig,
         *,
         synset: Any,
         dataset: Any,
@@ -38,27 +37,29 @@ class TrainingObjectives:
         seed: int,
         device: str,
     ) -> "TrainingObjectives":
-        """For the protocol's task (``task.shape`` gives the number of classes). With ``train_plugin="oal"`` this
-        loads the teacher and computes OAL's boundary outliers once, from the teacher's features of real training
+        """For the protocol's task (``task.shape`` gives the number of classes) and the ``objective`` section (its
+        ``train_loss``, or ``train_plugin`` with ``teacher`` and ``oal_kl``). With ``train_plugin="oal"`` this loads
+        the teacher and computes OAL's boundary outliers once, from the teacher's features of real training
         images drawn by a generator seeded by ``(seed, "oal")``.
 
         Raises:
             FastddError: an unknown loss, or a teacher that cannot be loaded.
         """
         num_classes = task.shape.num_classes
-        if train_plugin == "oal":
+        if objective.train_plugin == "oal":
             from fastdd.trust.oal import OutlierBank
             from fastdd.trust.teacher import load_teacher
 
-            teacher_net = load_teacher(teacher, synset_meta=synset.meta, shape=task.shape, device=device)
+            teacher_net = load_teacher(objective.teacher, synset_meta=synset.meta, shape=task.shape, device=device)
             generator = torch.Generator()
             generator.manual_seed(zlib.crc32(f"{seed}/oal".encode()))
             bank = OutlierBank.from_real(
-                teacher_net, dataset.train_images, dataset.train_labels, num_classes=num_classes, generator=generator
+                teacher_net, dataset.train_images, dataset.train_labels, num_classes=num_classes, generator=generator,
+                kl=objective.oal_kl,
             )
             return cls("oal", lambda net, gen: bank.objective(net, generator=gen))
-        loss = train_objective(train_loss, num_classes=num_classes)
-        return cls(train_loss, lambda net, gen: loss)
+        loss = train_objective(objective.train_loss, num_classes=num_classes)
+        return cls(objective.train_loss, lambda net, gen: loss)
 
     def build(self, net: torch.nn.Module, generator: torch.Generator) -> TrainObjective | None:
         """The objective for the fresh network ``net`` (its own trainable parts initialised from ``generator``)."""

@@ -86,6 +86,9 @@ def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
 
 
+KL_DIRECTIONS = ("student-teacher", "teacher-student")
+
+
 def _kl(p_logits: Tensor, q_logits: Tensor) -> Tensor:
     """``mean_b KL(softmax(p_logits_b) || softmax(q_logits_b))``: the first argument's distribution first."""
     log_p = F.log_softmax(p_logits, dim=1)
@@ -110,6 +113,9 @@ class OALObjective(nn.Module):
         club_hidden: the CLUB networks' ``hidden`` (each head has half as many units).
         extra_outliers, extra_dim: the optional second outlier source (:data:`ExtraOutlierSource`) and the size w
             of its embeddings; the gamma term exists only when a source is given.
+        kl: the direction of both IDKD terms: ``"student-teacher"`` (``KL(student || teacher)``, the paper's eq. 4
+            as written) or ``"teacher-student"`` (``KL(teacher || student)``, what the authors' code computes with
+            ``KLDivLoss(log_softmax(student), softmax(teacher))``).
         generator: source of the initial parameters of phi, proj and q (PyTorch's default laws), which are built
             on the generator's device; move the objective with ``.to(device)`` before its first call.
 
@@ -137,8 +143,12 @@ class OALObjective(nn.Module):
         extra_outliers: ExtraOutlierSource | None = None,
         extra_dim: int | None = None,
         generator: torch.Generator | None = None,
+        kl: str = "student-teacher",
     ) -> None:
         super().__init__()
+        if kl not in KL_DIRECTIONS:
+            raise ValueError(f"OALObjective expects kl in {', '.join(KL_DIRECTIONS)}, got {kl!r}")
+        self.kl = kl
         if outliers.dim() != 2 or outliers.shape[0] == 0:
             raise ValueError(f"OALObjective expects outliers [L, D] with L >= 1, got {tuple(outliers.shape)}")
         if min(a1, a2, beta, gamma) < 0 or q_steps < 0 or not q_lr > 0:
@@ -177,6 +187,10 @@ class OALObjective(nn.Module):
         """The CLUB networks' parameters (trained by the objective's own Adam, never by the model loss)."""
         return [p for club in self._clubs() for p in club.parameters()]
 
+    def _idkd(self, student: Tensor, teacher: Tensor) -> Tensor:
+        """One IDKD term in this objective's KL direction (both arguments are logits)."""
+        return _kl(student, teacher) if self.kl == "student-teacher" else _kl(teacher, student)
+
     def forward(self, net: nn.Module, inputs: Tensor, targets: Tensor, generator: torch.Generator) -> Tensor:
         """The OAL loss of one minibatch.
 
@@ -195,11 +209,11 @@ class OALObjective(nn.Module):
         if self.a1 > 0 or self.a2 > 0:
             teacher_logits, teacher_features = self._teacher(inputs, logits.shape[1])
             if self.a1 > 0:
-                kl_logits = _kl(logits, teacher_logits)
+                kl_logits = self._idkd(logits, teacher_logits)
                 loss = loss + self.a1 * kl_logits
                 parts["kl_logits"] = kl_logits.detach()
             if self.a2 > 0:
-                kl_features = _kl(features, self.phi(teacher_features))
+                kl_features = self._idkd(features, self.phi(teacher_features))
                 loss = loss + self.a2 * kl_features
                 parts["kl_features"] = kl_features.detach()
         batch = inputs.shape[0]
