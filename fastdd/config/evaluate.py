@@ -127,7 +127,7 @@ class CalibrationEvalConfig(Section):
     calibration: str | None = option(
         None, "Calibration methods, comma separated or repeated: none (raw networks), ts (one more network per run "
         "trained on 90 % of S per class, temperature fitted on the other 10 %), mts (masked temperature scaling: "
-        "temperature fitted on all of S, each image under 10 random pixel masks). Reports ECE (15 bins), NLL, "
+        "temperature fitted on all of S, each image under 10 random masks). Reports ECE (--ece-bins bins), NLL, "
         "temperature and accuracy.", panel=CALIBRATION, choices=_calibrations, split=True, default_text="none",
     )
     mask_ratio: float | None = option(
