@@ -6,7 +6,6 @@ A method config changes defaults with :func:`~fastdd.config.options.redefault` a
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -63,10 +62,6 @@ class DistillConfig(
     """
 
     method: ClassVar[str] = ""
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
     def from_options(cls, options: dict[str, Any], *, method: str) -> "DistillConfig":

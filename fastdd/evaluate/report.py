@@ -1,7 +1,7 @@
 """The trust report: several synthetic sets evaluated under one protocol and compared side by side.
 
 `trust_report` trains and scores networks on each synthetic set with one `fastdd.evaluate.plan.EvalPlan` per set (the
-same `EvalConfig` and options for all, the test side built once for the sets of one dataset) and writes into one
+same `EvaluationSettings` for all, the test side built once for the sets of one dataset) and writes into one
 folder:
 
 * ``report.json``: the protocol, the machine, and per set its metadata (method, IPC, trust flags, size, distillation
@@ -42,7 +42,7 @@ from fastdd.evaluate.ood_sets import holdout_spec, parse_ood_sets
 from fastdd.config.evaluate import EvaluationSettings
 from fastdd.evaluate.options import EvalOptions, check_evaluation_options, evaluation_settings, evaluation_task
 from fastdd.evaluate.plan import EvalPlan, EvalTestData, build_plan
-from fastdd.evaluate.protocol import EvalConfig, dataset_for_synset
+from fastdd.evaluate.protocol import dataset_for_synset
 from fastdd.evaluate.report_render import REPORT_JSON, SUMMARY_PREFIX, render_markdown, save_summary_chart
 from fastdd.evaluate.robustness import ROBUSTNESS_SETS, parse_robustness_sets
 from fastdd.io import METRICS, SYNSET_TENSORS, SyntheticSet, atomic_write, write_json
@@ -98,16 +98,10 @@ class ReportPlan:
 
     out: Path
     sets: list[ReportSet]
+    settings: EvaluationSettings  # the evaluation of every set (each set's plan varies only plots and calibration)
     models: list[str]
-    config: EvalConfig
-    ood: list[str]
-    scores: list[str]
     robustness: tuple[str, ...]
     calibration: tuple[str, ...]
-    mask_ratio: float | None
-    ood_size: int | None
-    data_root: str | None
-    use_outliers: bool
     overwrite: bool
     staging: Path
 
@@ -164,26 +158,26 @@ class ReportPlan:
                 "python": platform.python_version(),
                 "torch": torch.__version__,
                 "torch_threads": torch.get_num_threads(),
-                "device": self.config.device,
+                "device": self.settings.device,
             },
             "dataset": first["dataset"],
             "protocol": {
                 "models": list(self.models),
-                "runs": self.config.runs,
-                "epochs": self.config.epochs_or_default(),
-                "lr": self.config.lr,
-                "dsa": self.config.dsa,
-                "seed": self.config.seed,
-                "batch_size": self.config.batch_size,
+                "runs": self.settings.runs,
+                "epochs": self.settings.epochs_or_default(),
+                "lr": self.settings.lr,
+                "dsa": self.settings.dsa,
+                "seed": self.settings.seed,
+                "batch_size": self.settings.batch_size,
                 "ood": list(first["ood_sets"]),
-                "ood_size": self.ood_size,
+                "ood_size": self.settings.ood_size,
                 "scores": list(first["scores"]),
                 "robustness": list(self.robustness),
                 "calibration": list(self.calibration),
-                "mask_ratio": self.mask_ratio if self.mask_ratio is not None else DEFAULT_MASK_RATIO,
-                "use_outliers": self.use_outliers,
+                "mask_ratio": DEFAULT_MASK_RATIO if self.settings.mask_ratio is None else self.settings.mask_ratio,
+                "use_outliers": self.settings.use_outliers,
                 "holdout": first["holdout"],
-                "data_root": self.data_root,
+                "data_root": self.settings.data_root,
             },
             "sets": entries,
         }
@@ -211,9 +205,8 @@ def trust_report(
 ) -> dict[str, Any]:
     """Evaluate synthetic sets of one dataset under one protocol and write a side-by-side trust report into ``out``.
 
-    Each set is evaluated by one call of `evaluate_synthetic_set` with the same ``config`` and options (so its numbers
-    are exactly those of ``fastdd evaluate`` with the same options), with OOD sets ``ood``, OOD ``scores``,
-    ``robustness`` measures and ``calibration`` methods. Temperature scaling (``ts``) holds out synthetic images of
+    Each set is evaluated by one plan with the same ``settings`` (so its numbers are exactly those of ``fastdd
+    evaluate`` with the same options): OOD sets, OOD scores, robustness measures and calibration methods. Temperature scaling (``ts``) holds out synthetic images of
     every class, so a set with a class of a single image (IPC 1) is evaluated without ``ts`` and the report says so
     in that set's ``notes``; the other sets keep it.
 
@@ -273,7 +266,7 @@ def prepare_report(
         settings = evaluation_settings(**{**REPORT_DEFAULTS, **keywords})
     elif keywords:
         raise TypeError(f"prepare_report takes settings or keywords, not both (got {', '.join(keywords)})")
-    base, config = settings, settings.protocol
+    base = settings
     model_names = list(dict.fromkeys(base.models.split(",")))
     ood_names = base.ood.split(",") if base.ood else []
     parse_ood_sets(ood_names)  # names and folders; holdout:K ranges once the dataset is known
@@ -308,10 +301,8 @@ def prepare_report(
         shared.setdefault(key, plan.test_data)
         sets.append(ReportSet(name, folder, path, options.synset, options.dataset, options.calibration, plan, info))
     return ReportPlan(
-        out=out, sets=sets, models=model_names, config=config, ood=ood_names,
-        scores=base.scores.split(",") if base.scores else [],
-        robustness=robustness_sets, calibration=calibrations, mask_ratio=base.mask_ratio, ood_size=base.ood_size,
-        data_root=base.data_root, use_outliers=base.use_outliers, overwrite=overwrite, staging=staging,
+        out=out, sets=sets, settings=base, models=model_names, robustness=robustness_sets, calibration=calibrations,
+        overwrite=overwrite, staging=staging,
     )
 
 
