@@ -123,8 +123,22 @@ class GradientMatchingConfig(DistillConfig):
         "the synthetic set), dm per iteration.", panel=METHOD, at_least=1, default_text="by budget",
     )
 
+    robust_schedule: str = option(
+        "fastdd", "dc/dsa: how the matching network trains on real data between image updates. fastdd: --net-steps "
+        "steps on un-augmented minibatches of --robust-batch real images per class. official (the group-robust "
+        "authors' code): --outer-loop 2 and --inner-loop 2 unless given, and --inner-loop epochs, in shuffled "
+        "minibatches of --batch-train each augmented again (dsa), over every class's augmented matching batch plus "
+        "a fresh batch of --batch-real real images; implies --net-data real, with or without --robust.",
+        panel=METHOD, choices=("fastdd", "official"), recorded_at_default=False,
+    )
+
     def check_fields(self) -> None:
         _check_net_data(self, DC_NET_DATA, "the synthetic images")
+        if self.robust_schedule == "official" and self.net_data not in (None, "real"):
+            raise ConfigError(
+                f"--robust-schedule official trains the matching network on real images, not {self.net_data!r}; "
+                f"drop --net-data (config field net_data)."
+            )
 
 
 @dataclass

@@ -8,12 +8,16 @@ from fastdd.distill import distributed
 from fastdd.config import GradientMatchingConfig
 from fastdd.distill.base import Distiller
 from fastdd.distill.gradient_distance import gradient_distance
+from fastdd.ops import AugmentParams
 from fastdd.training import train_epoch
 from fastdd.trust.plugins import MatchingGroup
 
 # (outer_loop, inner_loop) of the reference implementation.
 LOOPS_BY_IPC = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
 _BN_SAMPLES_PER_CLASS = 32
+# (outer_loop, inner_loop) of the group-robust authors' distill_rdd.py (Mming11/RobustDatasetDistillation), whatever
+# the IPC.
+OFFICIAL_LOOPS = (2, 2)
 
 
 def loops_for_ipc(ipc: int) -> tuple[int, int]:
@@ -53,6 +57,7 @@ class DC(Distiller):
     With ``net_data`` "real" (the default when a plug-in needs it) the network update between image updates is
     :meth:`Distiller.train_network_on_real`: ``net_steps`` steps (default :func:`real_steps_for`, the same image
     budget as the ``inner_loop`` epochs on S) on un-augmented minibatches of ``robust_batch`` real images per class.
+    With ``robust_schedule`` "official" it is the group-robust authors' schedule instead (:meth:`_train_official`).
     """
 
     name = "dc"
@@ -61,8 +66,10 @@ class DC(Distiller):
 
     def __init__(self, config: GradientMatchingConfig, dataset) -> None:
         super().__init__(config, dataset)
-        self.net_data = config.net_data or ("real" if self.plugins.needs_real_network else "synthetic")
-        default_outer, default_inner = loops_for_ipc(config.ipc)
+        self.official_schedule = config.robust_schedule == "official"
+        needs_real = self.plugins.needs_real_network or self.official_schedule
+        self.net_data = config.net_data or ("real" if needs_real else "synthetic")
+        default_outer, default_inner = OFFICIAL_LOOPS if self.official_schedule else loops_for_ipc(config.ipc)
         self.outer_loop = config.outer_loop or default_outer
         self.inner_loop = config.inner_loop if config.inner_loop is not None else default_inner
         self.net_steps = config.net_steps
@@ -111,9 +118,7 @@ class DC(Distiller):
         the synthetic batch through the plug-ins (``on_synthetic_batch``), gradients of the group's loss compared.
         The real batch, the augmentation and the plug-ins' draws come from ``("real" | "augment" | "mask",
         iteration, outer, group)``."""
-        real = group.draw_real(self.config.batch_real, self.draws("real", *position))
-        aug = self.augment_params(1, self.draws("augment", *position))
-        real = self.augment(real, aug)
+        real, aug = self._matched_real(group, position)
         syn = self.plugins.on_synthetic_batch(self.augment(group.synthetic, aug), self.draws("mask", *position))
         g_real = torch.autograd.grad(group.loss(net(real)), params)
         g_real = [g.detach() for g in g_real]
@@ -121,6 +126,53 @@ class DC(Distiller):
         distance = gradient_distance(g_syn, g_real, self.config.dis_metric)
         distance.backward()
         return distance.item()
+
+    def _matched_real(
+        self, group: MatchingGroup, position: tuple[int, int, int]
+    ) -> tuple[torch.Tensor, AugmentParams | None]:
+        """The real batch ``group`` is matched against at ``position`` (iteration, outer, group), augmented, and its
+        shared augmentation. A pure function of the position, so any rank can rebuild any group's batch."""
+        real = group.draw_real(self.config.batch_real, self.draws("real", *position))
+        aug = self.augment_params(1, self.draws("augment", *position))
+        return self.augment(real, aug), aug
+
+    def _train_official(
+        self, net: torch.nn.Module, net_optimizer: torch.optim.Optimizer, iteration: int, outer: int
+    ) -> float:
+        """The group-robust authors' network update (``--robust-schedule official``); returns the mean loss.
+
+        Their distill_rdd.py trains the network, between the two image updates, for ``inner_loop`` epochs on a set
+        made of every class's augmented matching batch (``batch_real`` images) and a fresh batch of ``batch_real``
+        real images of the class, in shuffled minibatches of ``batch_train`` that are augmented again per image
+        (DSA; dc does not augment), with plain SGD at ``lr_net``: at 256 images per class, 10 classes and 2 epochs,
+        40 steps. The loss of a minibatch is the plug-ins' (:meth:`~fastdd.trust.plugins.Plugins.network_loss`:
+        cross-entropy, or ``--robust``'s objective, whose clusters are formed in the minibatch). Draws: the fresh
+        batch of class ``c`` from ``("net_real", iteration, outer, c)``, the order of epoch ``e`` from
+        ``("net_order", iteration, outer, e)``, minibatch ``b``'s augmentation from ``("net_augment", iteration,
+        outer, e, b)`` and the plug-ins' rows from ``("net_extra", iteration, outer, e, b)``."""
+        cfg = self.config
+        images, labels = [], []
+        with torch.no_grad():
+            for c, group in enumerate(self.matching_groups()[: self.dataset.num_classes]):
+                matched, _ = self._matched_real(group, (iteration, outer, c))
+                fresh = self.real_batch(c, cfg.batch_real, self.draws("net_real", iteration, outer, c))
+                images += [matched, fresh]
+                labels.append(torch.full((matched.shape[0] + fresh.shape[0],), c, device=self.device))
+        images, labels = torch.cat(images), torch.cat(labels)
+        net.train()
+        total, steps = 0.0, 0
+        for epoch in range(self.inner_loop):
+            order = torch.randperm(len(images), generator=self.draws("net_order", iteration, outer, epoch))
+            for b, index in enumerate(order.to(self.device).split(cfg.batch_train)):
+                aug = self.augment_params(len(index), self.draws("net_augment", iteration, outer, epoch, b))
+                batch = self.augment(images[index], aug)
+                extra = self.draws("net_extra", iteration, outer, epoch, b)
+                loss = self.plugins.network_loss(net, batch, labels[index], extra, self.images, self.labels)
+                net_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                net_optimizer.step()
+                total, steps = total + loss.item(), steps + 1
+        return total / max(steps, 1)
 
     def _train_on_synthetic(
         self, net: torch.nn.Module, net_optimizer: torch.optim.Optimizer, iteration: int, outer: int
@@ -155,7 +207,10 @@ class DC(Distiller):
             self.optimizer.step()
             if outer == self.outer_loop - 1:
                 break
-            if self.net_data == "real":
+            if self.official_schedule:
+                net_loss_sum += self._train_official(net, net_optimizer, iteration, outer)
+                net_updates += 1
+            elif self.net_data == "real":
                 net_loss_sum += self.train_network_on_real(net, net_optimizer, self.net_steps, (iteration, outer))
                 net_updates += 1
             else:

@@ -26,7 +26,9 @@ were):
 - ``("batchnorm", iteration, outer)``: dc's real images that set the batchnorm statistics.
 - ``("inner", iteration, outer, epoch)``: an inner-loop epoch on the synthetic set (order, augmentation, masks).
 - ``("net_real", iteration, [update,] step)``, ``("net_extra", ...)``: a network step's real batch, and the rows the
-  plug-ins add to it (TrustDD's real outliers).
+  plug-ins add to it (TrustDD's real outliers); with dc's ``--robust-schedule official``: ``("net_real", iteration,
+  outer, class)`` the fresh real batch of a class, ``("net_order", iteration, outer, epoch)`` an epoch's order,
+  ``("net_augment" | "net_extra", iteration, outer, epoch, batch)`` a minibatch's augmentation and extra rows.
 - ``("student", iteration, student)``: a student's expert and start epoch; ``("plan", iteration, student)``: its
   minibatches, augmentations and masks.
 """
