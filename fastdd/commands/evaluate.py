@@ -94,4 +94,7 @@ def print_evaluation(result: dict[str, Any], runs: int) -> None:
                          f"{metrics[c]['std']:.{2 if c in ('acc', 'ece') else 3}f}" for c in columns]
                 extra = (f"  (before scaling: ece {metrics['ece_before']['mean']:.2f} %, nll "
                          f"{metrics['nll_before']['mean']:.3f})" if "ece_before" in metrics else "")
+                if "mask_ratio" in metrics:
+                    extra += (f"  (ratio chosen on held-out real images: {metrics['mask_ratio']['mean']:.2f} ± "
+                              f"{metrics['mask_ratio']['std']:.2f})")
                 typer.echo(f"  {method:<8}" + "".join(f"  {cell:>17}" for cell in cells) + extra)

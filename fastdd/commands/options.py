@@ -20,6 +20,7 @@ from fastdd.config.options import (
     choices_of,
     field_types,
     info_of,
+    normalize_choice,
     option_fields,
 )
 from fastdd.errors import FastddError
@@ -68,9 +69,28 @@ def typer_parameter(f: dataclasses.Field, annotation: Any, owners: dict[str, dat
         metavar = "[" + "|".join(choices) + "]"
     elif choices:
         help_text += f" Choices: {', '.join(choices)}."
+    if info.words:
+        metavar = f"<{expected.__name__}|{'|'.join(info.words)}>"
+        default = typer.Option(None, flag, help=help_text, rich_help_panel=info.panel, show_default=False,
+                               metavar=metavar, parser=_number_or_word(expected, info.words))
+        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Optional[str])
     default = typer.Option(None, flag, help=help_text, rich_help_panel=info.panel, show_default=False, metavar=metavar)
     kind = list[str] if info.split else expected
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Optional[kind])
+
+
+def _number_or_word(kind: type, words: tuple[str, ...]) -> Callable[[str], Any]:
+    """The parser of a number option that also takes ``words``: the word (normalised) or the number."""
+
+    def parse(text: str) -> Any:
+        if normalize_choice(text) in words:
+            return normalize_choice(text)
+        try:
+            return kind(text)
+        except ValueError:
+            raise typer.BadParameter(f"must be a number or {' or '.join(words)}, got {text!r}.") from None
+
+    return parse
 
 
 def union_fields(configs: dict[str, type], exclude: Iterable[str] = ()) -> list[tuple[dataclasses.Field, Any, dict]]:

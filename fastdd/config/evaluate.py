@@ -11,6 +11,9 @@ from fastdd.config.run import OUTPUT, ProgressConfig
 from fastdd.config.sections import DeviceConfig, check_folder_exists
 from fastdd.config.trust import DEFAULT_MASK_RATIO
 
+# --mask-ratio auto: real training images held out to choose the ratio on, by default.
+DEFAULT_CALIBRATION_VAL = 500
+
 PROTOCOL, OOD, ROBUSTNESS, CALIBRATION, TRAINING, DATA = (
     "Protocol", "OOD detection", "Robustness", "Calibration", "Training objective", "Data",
 )
@@ -131,8 +134,14 @@ class CalibrationEvalConfig(Section):
         "temperature and accuracy.", panel=CALIBRATION, choices=_calibrations, split=True, default_text="none",
     )
     mask_ratio: float | None = option(
-        None, "Fraction of pixels MTS masks (0 = temperature scaling on S).", panel=CALIBRATION, at_least=0, below=1,
-        default_text=str(DEFAULT_MASK_RATIO),
+        None, "Fraction of pixels MTS masks (0 = temperature scaling on S), or auto: per network, the ratio of "
+        "0.1, 0.2, ..., 0.9 whose temperature gives the lowest ECE on --calibration-val held-out real training images "
+        "(never the test set).", panel=CALIBRATION, at_least=0, below=1, default_text=str(DEFAULT_MASK_RATIO),
+        words=("auto",),
+    )
+    calibration_val: int | None = option(
+        None, "--mask-ratio auto: real training images held out, drawn at random from the training split, to choose "
+        "the ratio on.", panel=CALIBRATION, at_least=1, default_text=str(DEFAULT_CALIBRATION_VAL),
     )
     mask_unit: str = option(
         "pixel", "What MTS masks: pixel (exactly round(r*H*W) pixels per image, all channels) or element (every value "
@@ -146,6 +155,10 @@ class CalibrationEvalConfig(Section):
     )
     ece_bins: int = option(15, "Equal-width confidence bins of the ECE (the calibration authors use 10).",
                            panel=CALIBRATION, at_least=1)
+
+    def check_fields(self) -> None:
+        if self.calibration_val is not None and self.mask_ratio != "auto":
+            raise field_error(field_of(self, "calibration_val"), "only applies with --mask-ratio auto")
 
 
 @dataclass

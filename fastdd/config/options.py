@@ -40,6 +40,7 @@ class OptionInfo:
         split: a string field that takes a comma-separated list (``--ood a,b`` or repeated ``--ood a --ood b``).
         recorded_at_default: False for an option added after runs were recorded: a run's settings record omits it
             while it has its default, so the runs recorded before it still resume.
+        words: a number field that also takes these words in place of a number (``--mask-ratio auto``).
     """
 
     help: str
@@ -53,6 +54,7 @@ class OptionInfo:
     default_text: str | None = None
     split: bool = False
     recorded_at_default: bool = True
+    words: tuple[str, ...] = ()
 
 
 _INFO = "fastdd"
@@ -146,6 +148,10 @@ def _check_value(f: dataclasses.Field, expected: type, value: Any) -> Any:
     """``value`` checked against the field's type and :class:`OptionInfo`; returns it normalised (choices' spelling,
     ints given as floats); raises ConfigError naming the field."""
     info = info_of(f)
+    if info.words and isinstance(value, str):
+        if normalize_choice(value) in info.words:
+            return normalize_choice(value)
+        raise field_error(f, f"must be a number or {' or '.join(info.words)}, got {value!r}")
     if expected is bool:
         if not isinstance(value, bool):
             raise field_error(f, f"must be true or false, got {value!r}")

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from fastdd.config.evaluate import CalibrationEvalConfig
+from fastdd.config.evaluate import DEFAULT_CALIBRATION_VAL, CalibrationEvalConfig
 from fastdd.errors import FastddError
 from fastdd.evaluate.calibration import (
     calibration_metrics,
@@ -31,6 +31,8 @@ TS_HOLDOUT_FRACTION = 0.1
 # a 100-image set swings with the draw (examples/mts_mask_ratio_sweep.py: at r = 0.1 one mask gave T 0.035 and NLL
 # 1.55 on digits, ten masks T 0.36 and NLL 0.11).
 MTS_MASKS_PER_IMAGE = 10
+# --mask-ratio auto chooses among the ratios the calibration authors sweep (DongyaoZhu/mtt-distillation: 0.1..0.9).
+AUTO_MASK_RATIOS = tuple(round(0.1 * k, 1) for k in range(1, 10))
 
 # train_subset(indices into S, generator) -> a fresh network trained on those synthetic images
 SubsetTrainer = Callable[[torch.Tensor, torch.Generator], torch.nn.Module]
@@ -81,6 +83,8 @@ class CalibrationTask:
         settings: the calibration options (MTS's mask ratio, filled in, mask unit and fit; the ECE's bins).
         mts_generator: draws MTS's validation masks.
         ts_generator: draws TS's per-class splits and trains the TS networks.
+        val_images: ``[V, C, H, W]`` held-out real training images (``--mask-ratio auto``), else None.
+        val_labels: ``[V]`` their labels, else None.
     """
 
     methods: tuple[str, ...]
@@ -91,16 +95,30 @@ class CalibrationTask:
     settings: CalibrationEvalConfig
     mts_generator: torch.Generator
     ts_generator: torch.Generator
+    val_images: torch.Tensor | None = None
+    val_labels: torch.Tensor | None = None
 
     @classmethod
     def create(
-        cls, task: Any, methods: tuple[str, ...], *, seed: int, settings: CalibrationEvalConfig
+        cls, task: Any, methods: tuple[str, ...], *, seed: int, settings: CalibrationEvalConfig,
+        train_images: torch.Tensor | None = None, train_labels: torch.Tensor | None = None,
     ) -> "CalibrationTask":
         """For a protocol task (its ``images``, ``targets``, ``test_images``, ``test_labels``), with fresh generators
-        derived from ``seed``. `check_calibration_methods` is the check to make before (TS needs two images per
+        derived from ``seed``. With ``--mask-ratio auto`` and MTS, ``train_images`` / ``train_labels`` (the real
+        training split, ``[N, C, H, W]`` / ``[N]``) give the held-out images (`calibration_validation_split`; only
+        the task's classes). `check_calibration_methods` is the check to make before (TS needs two images per
         class)."""
         targets = task.targets
         labels = targets.argmax(dim=1) if targets.dim() == 2 else targets
+        val_images = val_labels = None
+        if "mts" in methods and settings.mask_ratio == "auto":
+            if train_images is None or train_labels is None:
+                raise ValueError("--mask-ratio auto needs the real training images to hold some out")
+            count = settings.calibration_val or DEFAULT_CALIBRATION_VAL
+            classes = task.shape.num_classes if hasattr(task, "shape") else int(labels.max()) + 1
+            val_images, val_labels = calibration_validation_split(
+                train_images, train_labels, count, classes=classes, generator=_generator(seed, "validation")
+            )
         return cls(
             methods,
             task.images,
@@ -110,6 +128,8 @@ class CalibrationTask:
             settings,
             _generator(seed, "mts"),
             _generator(seed, "ts"),
+            val_images,
+            val_labels,
         )
 
     def run(
@@ -145,23 +165,68 @@ class CalibrationTask:
             scaled["ts"] = ts_logits / temperature
             scaled["ts_raw"] = ts_logits
         if "mts" in self.methods:
-            temperature = masked_temperature(
-                net,
-                self.images,
-                self.labels,
-                ratio=self.settings.mask_ratio,
-                generator=self.mts_generator,
-                repeats=MTS_MASKS_PER_IMAGE,
-                unit=self.settings.mask_unit,
-                fit=self.settings.mts_fit,
-            )
+            chosen: dict[str, float] = {}
+            if self.settings.mask_ratio == "auto":
+                ratio, temperature, _ = self.choose_mask_ratio(net)
+                chosen = {"mask_ratio": ratio}
+            else:
+                temperature = self._mts_temperature(net, self.settings.mask_ratio)
             metrics = self._metrics(test_logits, temperature)
-            rows["mts"] = {**metrics, "temperature": temperature}
+            rows["mts"] = {**metrics, "temperature": temperature, **chosen}
             scaled["mts"] = test_logits / temperature
         return rows, scaled
 
+    def _mts_temperature(self, net: torch.nn.Module, ratio: float) -> float:
+        return masked_temperature(
+            net,
+            self.images,
+            self.labels,
+            ratio=ratio,
+            generator=self.mts_generator,
+            repeats=MTS_MASKS_PER_IMAGE,
+            unit=self.settings.mask_unit,
+            fit=self.settings.mts_fit,
+        )
+
+    def choose_mask_ratio(self, net: torch.nn.Module) -> tuple[float, float, dict[float, float]]:
+        """``--mask-ratio auto``: fit MTS at each of ``AUTO_MASK_RATIOS`` (masks from ``mts_generator``, in that
+        order) and keep the ratio whose temperature gives the lowest ECE on the held-out real images; the test
+        images are never read here.
+
+        Returns:
+            ``(ratio, temperature, validation ECE % by ratio)``; ties go to the smaller ratio.
+        """
+        if self.val_images is None or self.val_labels is None:
+            raise ValueError("--mask-ratio auto needs held-out real images (CalibrationTask.create makes them)")
+        val_logits = predict_logits(net, self.val_images)
+        best: tuple[float, float, float] | None = None
+        by_ratio: dict[float, float] = {}
+        for ratio in AUTO_MASK_RATIOS:
+            temperature = self._mts_temperature(net, ratio)
+            ece = calibration_metrics(val_logits, self.val_labels, temperature, n_bins=self.settings.ece_bins)["ece"]
+            by_ratio[ratio] = ece
+            if best is None or ece < best[0]:
+                best = (ece, ratio, temperature)
+        assert best is not None
+        return best[1], best[2], by_ratio
+
     def _metrics(self, logits: torch.Tensor, temperature: float = 1.0) -> dict[str, float]:
         return calibration_metrics(logits, self.test_labels, temperature, n_bins=self.settings.ece_bins)
+
+
+def calibration_validation_split(
+    images: torch.Tensor, labels: torch.Tensor, count: int, *, classes: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` real training images (and labels) of the classes below ``classes``, drawn uniformly at random
+    without replacement (all of them when there are fewer): ``--mask-ratio auto``'s held-out split.
+
+    Args:
+        images: ``[N, C, H, W]`` the real training images.
+        labels: ``[N]`` their labels.
+    """
+    pool = torch.nonzero(labels < classes).flatten()
+    picked = pool[torch.randperm(len(pool), generator=generator)[:count]]
+    return images[picked], labels[picked]
 
 
 def save_calibration_plots(

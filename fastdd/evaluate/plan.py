@@ -99,7 +99,10 @@ class EvalPlan:
         if data.robustness is not None:
             metrics.append(RobustnessMetric(data.robustness))
         if o.calibration:
-            task = CalibrationTask.create(o.task, o.calibration, seed=o.config.seed, settings=o.calibration_settings)
+            task = CalibrationTask.create(
+                o.task, o.calibration, seed=o.config.seed, settings=o.calibration_settings,
+                train_images=o.dataset.train_images, train_labels=o.dataset.train_labels,
+            )
             metrics.append(CalibrationMetric(task))
         return metrics
 
