@@ -124,7 +124,8 @@ def differences_table(
                 cells.append("-")
                 continue
             mean, low, high = paired_difference(arms[arm][m], arms[reference][m])
-            cells.append(f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] {verdict(low, high, better.get(m, 1))}")
+            interval = f"[{low:+.{digits}f}, {high:+.{digits}f}]"
+            cells.append(f"{mean:+.{digits}f} {interval} {verdict(low, high, better.get(m, 1))}")
         lines.append(f"| {arm} - {reference} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
