@@ -89,7 +89,6 @@ def main() -> None:
         "mts-auto-authors": arm("auto-authors", "mts"),
         f"oracle (test), r {oracle_ratio}": arm(f"oracle-{oracle_ratio}", "mts"),
     }
-    oracle = f"oracle (test), r {oracle_ratio}"
     metrics = ["ece", "nll", "acc", "temperature", "ratio"]
     pairs = [(a, "raw") for a in arms if a != "raw"] + [
         ("mts-auto", "mts-fastdd (r 0.3)"), ("mts-authors (r 0.3)", "mts-fastdd (r 0.3)"),
