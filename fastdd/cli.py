@@ -17,6 +17,7 @@ from fastdd.commands.inspect import inspect_command
 from fastdd.commands.processes import GLOBAL_OPTIONS
 from fastdd.commands.report import report
 from fastdd.commands.show import show
+from fastdd.commands.teacher import teacher
 
 app = typer.Typer(
     name="fastdd",
@@ -37,7 +38,7 @@ def _help_of(command: Callable) -> tuple[str, str]:
 
 for _name, _command in (
     ("distill", distill), ("experts", experts), ("evaluate", evaluate), ("report", report), ("show", show),
-    ("inspect", inspect_command), ("export", export), ("info", info),
+    ("inspect", inspect_command), ("export", export), ("teacher", teacher), ("info", info),
 ):
     _help, _short = _help_of(_command)
     app.command(_name, help=_help, short_help=_short)(_command)
@@ -45,7 +46,7 @@ for _name, _command in (
 # Commands that can run as several processes (`--nproc N`, or under torchrun).
 DISTRIBUTED_COMMANDS = ("distill", "experts")
 # Commands whose work is long torch computation (they pick their threads from the free cores).
-COMPUTING_COMMANDS = ("distill", "experts", "evaluate", "report", "inspect")
+COMPUTING_COMMANDS = ("distill", "experts", "evaluate", "report", "inspect", "teacher")
 
 
 @app.callback()
@@ -54,8 +55,9 @@ def _global_options(
     threads: Optional[int] = typer.Option(
         None,
         "--threads",
-        help="Torch CPU threads for the command (default for distill, experts, evaluate, report and inspect: one per "
-        "core that other processes leave free, measured for a quarter second at start; else torch's, one per core).",
+        help="Torch CPU threads for the command (default for distill, experts, evaluate, report, inspect and teacher: "
+        "one per core that other processes leave free, measured for a quarter second at start; else torch's, one per "
+        "core).",
     ),
     nproc: Optional[int] = typer.Option(
         None,

@@ -101,7 +101,7 @@ def _brute_kth(queries, bank, k, exclude_self=False):
     return dist.sort(dim=1).values[:, k - 1]
 
 
-@pytest.mark.parametrize("k", [1, 2, 5, 13])
+@pytest.mark.parametrize("k", [1, 2, 5, 8, 9, 13])
 @pytest.mark.parametrize("chunk", [None, 3])
 def test_knn_distances_match_a_brute_force_sort(k, chunk):
     g = seeded(3)

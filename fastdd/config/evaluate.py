@@ -173,10 +173,26 @@ class TrainObjectiveConfig(Section):
         None, "OAL's teacher: 'expert' (the experts folder the set was distilled from), an experts folder, an expert "
         "file or a model checkpoint (.safetensors, .pt).", panel=TRAINING, default_text="none",
     )
+    init: str | None = option(
+        None, "Start every evaluation network from this trained network instead of random weights (the fine-tune "
+        "setting of OAL's paper): a folder from `fastdd teacher`, or anything --teacher takes; it must be the "
+        "evaluation model with the same classes.", panel=TRAINING, default_text="random weights",
+    )
     oal_kl: str = option(
         "student-teacher", "OAL's distillation direction: student-teacher (KL(student || teacher), the paper's "
         "equation as written) or teacher-student (KL(teacher || student), what the authors' code computes).",
         panel=TRAINING, choices=("student-teacher", "teacher-student"),
+    )
+    oal_recipe: str = option(
+        "fastdd", "OAL's parts: fastdd (phi and the outlier projection Linear-ReLU-Linear; CLUB's q trained by its own "
+        "Adam steps on its likelihood; boundary outliers searched once over all classes) or authors (their code: phi "
+        "BatchNorm-Linear-ReLU-BatchNorm, q reads the outliers unprojected and trains in the network's optimiser on "
+        "the loss, lr 1e-4; outliers searched per class: k 300, 50 anchors, 1,500 candidates each, 2 kept, 1,000 per "
+        "class, scaled to the class's mean feature norm).", panel=TRAINING, choices=("fastdd", "authors"),
+    )
+    oal_beta: float = option(
+        0.1, "OAL's MICL weight (beta); 0 trains with the distillation terms only (IDKD).", panel=TRAINING,
+        at_least=0,
     )
 
 

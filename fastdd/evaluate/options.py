@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from fastdd.config.evaluate import CalibrationEvalConfig, EvalConfig, EvaluationSettings, TrainObjectiveConfig
-from fastdd.config.options import pick
+from fastdd.config.options import flag_of, pick
 from fastdd.data import ImageDataset
 from fastdd.errors import FastddError
 from fastdd.evaluate.calibration_runs import (
@@ -74,8 +74,8 @@ class EvalOptions:
         calibration_settings: MTS's mask ratio (the default filled in), mask unit and fit, the ECE's bins.
         plots: the folder of the plots, or None.
         outliers: the synthetic outliers the networks train with (images and loss weight), or None.
-        training: the networks' training objective (``train_loss``, or ``train_plugin`` with ``teacher`` and
-            ``oal_kl``).
+        training: the networks' training objective (``train_loss``, or ``train_plugin`` with ``teacher`` and the
+            ``oal_*`` options), and ``init``.
     """
 
     synset: SyntheticSet
@@ -181,6 +181,12 @@ def check_evaluation_options(synset: SyntheticSet, dataset: ImageDataset, settin
             "--plots draws OOD score histograms or reliability diagrams, so it needs --ood or --calibration."
         )
     _check_training_plugin(st.train_loss, st.train_plugin, st.teacher, specs)
+    if st.train_plugin != "oal":
+        changed = [flag_of(f) for f in dataclasses.fields(TrainObjectiveConfig)
+                   if f.name.startswith("oal_") and getattr(st, f.name) != f.default]
+        if changed:
+            verb = "applies" if len(changed) == 1 else "apply"
+            raise FastddError(f"{', '.join(changed)} only {verb} with --train-plugin oal.")
     task = evaluation_task(synset, dataset, holdout_spec(specs))
     outliers = synthetic_outliers(synset) if st.use_outliers else None
     if outliers is not None and (st.train_loss != "ce" or st.train_plugin is not None):

@@ -74,6 +74,8 @@ class EvalPlan:
         objectives: builds each network's training objective (OAL's teacher and outlier bank already made).
         lr: the learning rate of every network.
         dsa_strategy: the DSA augmentation while training, or None.
+        initial_state: ``--init``'s weights, loaded into every fresh network (after its random initialisation
+            is drawn, so the other draws stay those of a run without it), or None.
     """
 
     options: EvalOptions
@@ -81,6 +83,7 @@ class EvalPlan:
     objectives: TrainingObjectives
     lr: float
     dsa_strategy: str | None
+    initial_state: dict[str, torch.Tensor] | None = None
 
     @property
     def total_epochs(self) -> int:
@@ -144,6 +147,8 @@ class EvalPlan:
         def train(images: torch.Tensor, targets: torch.Tensor, gen: torch.Generator, outliers: bool) -> torch.nn.Module:
             o = self.options
             net = evaluation_network(task.shape, model, o.synset.meta, generator=gen, device=o.config.device)
+            if self.initial_state is not None:
+                net.load_state_dict(self.initial_state)
             callback = (lambda epoch: on_epoch(model, run, epoch)) if on_epoch else None
             return train_on_synthetic(
                 images,
@@ -185,6 +190,10 @@ class EvalPlan:
         if o.training.train_plugin == "oal":
             report["teacher"] = o.training.teacher
             report["oal_kl"] = o.training.oal_kl
+            report["oal_recipe"] = o.training.oal_recipe
+            report["oal_beta"] = o.training.oal_beta
+        if o.training.init is not None:
+            report["init"] = o.training.init
         for metric in metrics:
             report.update(metric.describe())
         if o.plots is not None:
@@ -204,7 +213,44 @@ def build_plan(options: EvalOptions, *, test_data: EvalTestData | None = None) -
     if test_data is None:
         test_data = build_test_data(o)
     strategy = (synset.meta.get("dsa_strategy") or dataset.dsa_strategy) if config.dsa else None
-    return EvalPlan(o, test_data, objectives, config.lr_for(synset), strategy)
+    initial = initial_state(o) if o.training.init is not None else None
+    return EvalPlan(o, test_data, objectives, config.lr_for(synset), strategy, initial)
+
+
+def initial_state(options: EvalOptions) -> dict[str, torch.Tensor]:
+    """The weights of ``--init`` (loaded as `fastdd.trust.teacher.load_teacher` loads a teacher), checked against a
+    fresh network of every evaluation model.
+
+    Raises:
+        FastddError: the network cannot be loaded, or it is not the evaluation model (architecture or classes).
+    """
+    from fastdd.errors import FastddError
+    from fastdd.trust.teacher import load_teacher
+
+    o = options
+    source = load_teacher(o.training.init, synset_meta=o.synset.meta, shape=o.task.shape)
+    state = {k: v.detach().clone() for k, v in source.state_dict().items()}
+    for model in o.models:
+        expected = evaluation_network(o.task.shape, model, o.synset.meta, generator=torch.Generator()).state_dict()
+        problem = _state_mismatch(expected, state)
+        if problem is not None:
+            raise FastddError(
+                f"--init {o.training.init} does not fit the evaluation's {model} ({problem}); pass a network of that "
+                f"architecture and these {o.task.shape.num_classes} classes (e.g. `fastdd teacher --model {model}` "
+                "with the width and depth the set was distilled with)."
+            )
+    return {k: v.to(o.config.device) for k, v in state.items()}
+
+
+def _state_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str | None:
+    """The first difference between two state dicts' names and shapes, in words, or None when they match."""
+    for name, tensor in expected.items():
+        if name not in state:
+            return f"it has no {name}"
+        if state[name].shape != tensor.shape:
+            return f"its {name} has shape {list(state[name].shape)}, the model's {list(tensor.shape)}"
+    extra = next((name for name in state if name not in expected), None)
+    return None if extra is None else f"it has {extra}, which the model has not"
 
 
 def plan_evaluation(

@@ -71,16 +71,20 @@ def train_on_synthetic(
     With ``outliers`` each minibatch also carries its share of those outlier images and the loss is TrustDD's
     integrated loss (see `fastdd.training.train_epoch`). ``objective`` replaces the
     cross-entropy (`fastdd.trust.train_losses`, `fastdd.trust.oal`); when it is an ``nn.Module`` its own trainable
-    parameters (e.g. OAL's projection networks) are trained by the same SGD optimiser.
+    parameters (e.g. OAL's projection networks) are trained by the same SGD optimiser, in the groups of its
+    ``parameter_groups(lr)`` when it has one (OAL's authors' recipe trains its CLUB networks at another rate).
     """
     device = next(net.parameters()).device
     images, targets = images.to(device), targets.to(device)
     if outliers is not None:
         outliers = outliers.to(device)
-    parameters = list(net.parameters())
-    if isinstance(objective, torch.nn.Module):
-        parameters += [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    groups: list[dict[str, Any]] = [{"params": list(net.parameters()), "lr": lr}]
+    if hasattr(objective, "parameter_groups"):
+        groups += objective.parameter_groups(lr)
+    elif isinstance(objective, torch.nn.Module):
+        groups.append({"params": [p for p in objective.parameters() if p.requires_grad], "lr": lr})
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
     epochs = config.epochs_or_default()
     decay_at = epochs // 2 + 1
     for epoch in range(epochs):

@@ -38,7 +38,7 @@ class TrainingObjectives:
         device: str,
     ) -> "TrainingObjectives":
         """For the protocol's task (``task.shape`` gives the number of classes) and the ``objective`` section (its
-        ``train_loss``, or ``train_plugin`` with ``teacher`` and ``oal_kl``). With ``train_plugin="oal"`` this loads
+        ``train_loss``, or ``train_plugin`` with ``teacher``, ``oal_kl``, ``oal_recipe`` and ``oal_beta``). With ``train_plugin="oal"`` this loads
         the teacher and computes OAL's boundary outliers once, from the teacher's features of real training
         images drawn by a generator seeded by ``(seed, "oal")``.
 
@@ -55,7 +55,7 @@ class TrainingObjectives:
             generator.manual_seed(zlib.crc32(f"{seed}/oal".encode()))
             bank = OutlierBank.from_real(
                 teacher_net, dataset.train_images, dataset.train_labels, num_classes=num_classes, generator=generator,
-                kl=objective.oal_kl,
+                kl=objective.oal_kl, recipe=objective.oal_recipe, beta=objective.oal_beta,
             )
             return cls("oal", lambda net, gen: bank.objective(net, generator=gen))
         loss = train_objective(objective.train_loss, num_classes=num_classes)

@@ -51,7 +51,7 @@ def knn_distances(
     kernel), square-rooted. That op returns only the first neighbour and cannot skip a query's own row, so the other
     cases compare a chunk of queries with the whole bank by ``torch.cdist`` (which uses the matrix-product expansion
     for large inputs: fast, and accurate enough to rank neighbours at the distances that matter here) and take the
-    ``k`` smallest per row with ``topk(largest=False)``. At most one ``[chunk, n]`` distance matrix exists at a time.
+    ``k``-th smallest per row with ``topk``. At most one ``[chunk, n]`` distance matrix exists at a time.
 
     Args:
         queries: ``[m, D]`` floating point.
@@ -94,8 +94,17 @@ def knn_distances(
         if exclude_self:
             local = torch.arange(block.shape[0], device=dist.device)
             dist[local, start + local] = float("inf")
-        out[start : start + block.shape[0]] = dist.topk(k, dim=1, largest=False).values[:, -1]
+        out[start : start + block.shape[0]] = _kth_smallest(dist, k)
     return out
+
+
+def _kth_smallest(rows: Tensor, k: int) -> Tensor:
+    """The ``k``-th smallest value of every row; from the top (the ``(n - k + 1)``-th largest) when ``k`` is past
+    the middle, where ``topk`` is several times faster (the same order statistic, so the same value)."""
+    n = rows.shape[1]
+    if k > n // 2 + 1:
+        return rows.topk(n - k + 1, dim=1, largest=True).values[:, -1]
+    return rows.topk(k, dim=1, largest=False).values[:, -1]
 
 
 def _normalized(features: Tensor, name: str) -> Tensor:
@@ -188,6 +197,53 @@ def boundary_outliers(
     return torch.cat(kept)
 
 
+def per_class_boundary_outliers(
+    features: Tensor,
+    labels: Tensor,
+    *,
+    num_classes: int,
+    generator: torch.Generator,
+    count: int,
+    k: int = DEFAULT_K,
+    num_anchors: int = DEFAULT_NUM_ANCHORS,
+    samples_per_anchor: int = DEFAULT_SAMPLES_PER_ANCHOR,
+    keep: int = DEFAULT_KEEP,
+    sigma: float = DEFAULT_SIGMA,
+) -> Tensor:
+    """OAL's authors' per-class outliers: for each class, :func:`boundary_outliers` of that class's features alone,
+    repeated (fresh candidates around the same anchors) until ``count`` are found, then scaled by the norm of the
+    class's mean feature, so that they lie at the scale of the features rather than on the unit sphere (their code
+    multiplies each class's outliers by the norm of a class anchor; the class mean is our reading of it).
+
+    Args:
+        features: ``[n, D]`` ID features; labels: ``[n]`` their classes.
+        num_classes: classes ``0 .. num_classes - 1`` (each needs at least 2 features).
+        generator: source of every candidate, class by class in order.
+        count: outliers per class.
+        k, num_anchors, samples_per_anchor, keep, sigma: as :func:`boundary_outliers`, per class.
+
+    Returns:
+        ``[num_classes * count, D]``, class-major.
+    """
+    if count < 1:
+        raise ValueError(f"per_class_boundary_outliers expects count >= 1, got {count}")
+    out = []
+    for c in range(num_classes):
+        members = features[labels == c]
+        if members.shape[0] < 2:
+            raise ValueError(f"per_class_boundary_outliers needs at least 2 features of class {c}, got "
+                             f"{members.shape[0]}")
+        per_round = min(num_anchors, members.shape[0]) * keep
+        rounds = -(-count // per_round)
+        found = torch.cat([
+            boundary_outliers(members, generator=generator, k=k, num_anchors=num_anchors,
+                              samples_per_anchor=samples_per_anchor, keep=keep, sigma=sigma)
+            for _ in range(rounds)
+        ])[:count]
+        out.append(found * members.mean(dim=0).norm())
+    return torch.cat(out)
+
+
 __all__ = [
     "DEFAULT_K",
     "DEFAULT_KEEP",
@@ -197,4 +253,5 @@ __all__ = [
     "boundary_anchor_indices",
     "boundary_outliers",
     "knn_distances",
+    "per_class_boundary_outliers",
 ]

@@ -46,6 +46,7 @@ from fastdd.trust.boundary_outliers import (
     DEFAULT_SAMPLES_PER_ANCHOR,
     DEFAULT_SIGMA,
     boundary_outliers,
+    per_class_boundary_outliers,
 )
 from fastdd.trust.club import CLUB
 
@@ -58,6 +59,17 @@ DEFAULT_Q_LR = 1e-4
 DEFAULT_HIDDEN = 512
 DEFAULT_CLUB_HIDDEN = 512
 DEFAULT_PER_CLASS = 1000
+
+RECIPES = ("fastdd", "authors")
+# The authors' recipe (HengGao12/OAML, generative_ood_distill_trainer.py): the CLUB networks sit in the model's SGD
+# optimiser with this learning rate; the outliers are searched per class with these settings (their file names:
+# "noise_0.07_select_50_KNN_300"; 1,500 Gaussian candidates per anchor, 2 kept) and 1,000 are kept per class.
+AUTHORS_CLUB_LR = 1e-4
+AUTHORS_K = 300
+AUTHORS_NUM_ANCHORS = 50
+AUTHORS_SAMPLES_PER_ANCHOR = 1500
+AUTHORS_KEEP = 2
+AUTHORS_OUTLIERS_PER_CLASS = 1000
 
 ExtraOutlierSource = Callable[[int, torch.Generator], Tensor]
 """``source(n, generator) -> [n, w]`` outlier embeddings (no gradient needed), drawn from ``generator``."""
@@ -84,6 +96,11 @@ def logits_and_features(net: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
 
 def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+
+
+def _authors_phi(in_dim: int, out_dim: int) -> nn.Sequential:
+    """The authors' feature adapter (their ``DT``): BatchNorm -> Linear -> ReLU -> BatchNorm."""
+    return nn.Sequential(nn.BatchNorm1d(in_dim), nn.Linear(in_dim, out_dim), nn.ReLU(), nn.BatchNorm1d(out_dim))
 
 
 KL_DIRECTIONS = ("student-teacher", "teacher-student")
@@ -118,6 +135,11 @@ class OALObjective(nn.Module):
             ``KLDivLoss(log_softmax(student), softmax(teacher))``).
         generator: source of the initial parameters of phi, proj and q (PyTorch's default laws), which are built
             on the generator's device; move the objective with ``.to(device)`` before its first call.
+        recipe: ``"fastdd"`` (as above) or ``"authors"`` (their code): phi is BatchNorm -> Linear -> ReLU ->
+            BatchNorm, there is no ``proj`` (q reads the outliers themselves, ``x_dim`` = their size), and q is
+            trained by the model loss in the model's optimiser at ``AUTHORS_CLUB_LR`` (:meth:`parameter_groups`),
+            without its own likelihood steps, so ``q_steps`` and ``q_lr`` are unused. The second MICL term keeps
+            fastdd's form.
 
     Attributes:
         last_parts: after each call, the parts of the loss as detached 0-d tensors: ``ce``, ``kl_logits``,
@@ -144,11 +166,15 @@ class OALObjective(nn.Module):
         extra_dim: int | None = None,
         generator: torch.Generator | None = None,
         kl: str = "student-teacher",
+        recipe: str = "fastdd",
     ) -> None:
         super().__init__()
         if kl not in KL_DIRECTIONS:
             raise ValueError(f"OALObjective expects kl in {', '.join(KL_DIRECTIONS)}, got {kl!r}")
-        self.kl = kl
+        if recipe not in RECIPES:
+            raise ValueError(f"OALObjective expects recipe in {', '.join(RECIPES)}, got {recipe!r}")
+        self.kl, self.recipe = kl, recipe
+        authors = recipe == "authors"
         if outliers.dim() != 2 or outliers.shape[0] == 0:
             raise ValueError(f"OALObjective expects outliers [L, D] with L >= 1, got {tuple(outliers.shape)}")
         if min(a1, a2, beta, gamma) < 0 or q_steps < 0 or not q_lr > 0:
@@ -165,18 +191,21 @@ class OALObjective(nn.Module):
         device = torch.get_default_device() if generator is None else generator.device
         self.register_buffer("outliers", outliers.detach().to(device, torch.float32).clone(), persistent=False)
         with torch.device("meta"):
-            self.phi = _mlp(teacher_dim, hidden, student_dim)
-            self.proj = _mlp(outliers.shape[1], hidden, student_dim)
+            self.phi = _authors_phi(teacher_dim, student_dim) if authors else _mlp(teacher_dim, hidden, student_dim)
+            self.proj = None if authors else _mlp(outliers.shape[1], hidden, student_dim)
             self.extra_proj = _mlp(extra_dim, hidden, student_dim) if extra_outliers is not None else None
         for module in (self.phi, self.proj, self.extra_proj):
             if module is not None:
                 init_parameters(module.to_empty(device=device), generator)
-        self.club = CLUB(student_dim, student_dim, club_hidden, generator=generator)
+        club_x = outliers.shape[1] if authors else student_dim
+        self.club = CLUB(club_x, student_dim, club_hidden, generator=generator)
         self.extra_club = (
             CLUB(student_dim, student_dim, club_hidden, generator=generator) if extra_outliers is not None else None
         )
         for club in self._clubs():
             club.requires_grad_(False)
+        if authors:
+            self.club.requires_grad_(True)
         self._q_optimizers: dict[int, torch.optim.Optimizer] = {}
         self.last_parts: dict[str, Tensor] = {}
 
@@ -184,8 +213,18 @@ class OALObjective(nn.Module):
         return [c for c in (self.club, self.extra_club) if c is not None]
 
     def q_parameters(self) -> list[nn.Parameter]:
-        """The CLUB networks' parameters (trained by the objective's own Adam, never by the model loss)."""
+        """The CLUB networks' parameters (trained by the objective's own Adam, except the authors' recipe's q, which
+        the model loss trains)."""
         return [p for club in self._clubs() for p in club.parameters()]
+
+    def parameter_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The objective's trainable parameters as optimiser groups for a model optimiser of learning rate ``lr``:
+        phi and proj at ``lr``; with the authors' recipe also q at ``AUTHORS_CLUB_LR``."""
+        own = [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("club.")]
+        groups = [{"params": own, "lr": lr}]
+        if self.recipe == "authors":
+            groups.append({"params": list(self.club.parameters()), "lr": AUTHORS_CLUB_LR})
+        return groups
 
     def _idkd(self, student: Tensor, teacher: Tensor) -> Tensor:
         """One IDKD term in this objective's KL direction (both arguments are logits)."""
@@ -218,8 +257,13 @@ class OALObjective(nn.Module):
                 parts["kl_features"] = kl_features.detach()
         batch = inputs.shape[0]
         if self.beta > 0:
-            projected = self.proj(self.outliers[self._outlier_rows(batch, generator)])
-            micl, q_nll = self._micl(self.club, projected, features)
+            outliers = self.outliers[self._outlier_rows(batch, generator)]
+            if self.recipe == "authors":
+                micl = self.club.mi_upper_bound(outliers, features)
+                with torch.no_grad():
+                    q_nll = self.club.learning_loss(outliers, features)
+            else:
+                micl, q_nll = self._micl(self.club, self.proj(outliers), features)
             loss = loss + self.beta * micl
             parts.update(micl=micl.detach(), q_nll=q_nll)
         if self.gamma > 0 and self.extra_outliers is not None:
@@ -304,6 +348,7 @@ class OutlierBank:
         keep: int = DEFAULT_KEEP,
         sigma: float = DEFAULT_SIGMA,
         batch_size: int = 512,
+        recipe: str = "fastdd",
         **options: Any,
     ) -> OutlierBank:
         """Teacher features of up to ``per_class`` real images of each class ``0 .. num_classes - 1`` (drawn with
@@ -319,6 +364,11 @@ class OutlierBank:
             per_class, k, num_anchors, samples_per_anchor, keep, sigma: the outlier search
                 (:mod:`fastdd.trust.boundary_outliers`; 1,000 per class as in NPOS/OAL).
             batch_size: images per teacher forward pass.
+            recipe: ``"fastdd"`` (one search over all classes' features, as above) or ``"authors"``: the search of
+                :func:`~fastdd.trust.boundary_outliers.per_class_boundary_outliers`, class by class, with the
+                authors' settings (``AUTHORS_*``: k 300, 50 anchors, 1,500 candidates each, 2 kept, 1,000 outliers
+                per class, ``sigma``), ignoring ``k``, ``num_anchors``, ``samples_per_anchor`` and ``keep``; the
+                objectives it builds use the authors' recipe too.
             options: stored for :meth:`objective` (:class:`OALObjective` keyword arguments).
         """
         if real_images.shape[0] != real_labels.shape[0]:
@@ -340,11 +390,18 @@ class OutlierBank:
                 teacher.embed(real_images[index[i : i + batch_size].to(real_images.device)].to(device)).float()
                 for i in range(0, index.numel(), batch_size)
             ])
-        outliers = boundary_outliers(
-            features, generator=generator, k=k, num_anchors=num_anchors, samples_per_anchor=samples_per_anchor,
-            keep=keep, sigma=sigma,
-        )
-        return cls(teacher, outliers, dict(options))
+        if recipe == "authors":
+            outliers = per_class_boundary_outliers(
+                features, labels[index].to(features.device), num_classes=num_classes, generator=generator,
+                count=AUTHORS_OUTLIERS_PER_CLASS, k=AUTHORS_K, num_anchors=AUTHORS_NUM_ANCHORS,
+                samples_per_anchor=AUTHORS_SAMPLES_PER_ANCHOR, keep=AUTHORS_KEEP, sigma=sigma,
+            )
+        else:
+            outliers = boundary_outliers(
+                features, generator=generator, k=k, num_anchors=num_anchors, samples_per_anchor=samples_per_anchor,
+                keep=keep, sigma=sigma,
+            )
+        return cls(teacher, outliers, {**options, "recipe": recipe})
 
     def objective(
         self, net: nn.Module | None = None, *, generator: torch.Generator, student_dim: int | None = None

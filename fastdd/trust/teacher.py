@@ -2,6 +2,8 @@
 
 Accepted teachers:
 
+- a folder written by ``fastdd teacher`` (``network.json`` + ``network.safetensors``, :mod:`fastdd.network_files`):
+  that network, whatever its architecture.
 - ``"expert"``: the experts folder recorded in the synthetic set's metadata (``meta["experts"]``, written by the
   trajectory-matching distillers mtt and tesla); expert 0's last stored snapshot.
 - a folder holding ``experts.json``: the same, from that folder.
@@ -27,6 +29,7 @@ from torch import nn
 
 from fastdd.errors import FastddError
 from fastdd.expert_files import EXPERTS_META, FORMAT, SNAPSHOTS, load_experts, same_setting_value
+from fastdd.network_files import DATA_FIELDS, NETWORK_META, is_network_folder, load_network
 
 EXPERT_SPEC = "expert"
 
@@ -83,9 +86,13 @@ def load_teacher(
 
 def _load(path: Path, synset_meta: Mapping[str, Any], shape: Any) -> nn.Module:
     if path.is_dir():
+        if is_network_folder(path):
+            net, meta = load_network(path)
+            _check_same_data(path, meta, synset_meta, what="the network")
+            return net
         if not (path / EXPERTS_META).is_file():
-            raise FastddError(f"{path} is a folder without {EXPERTS_META}; pass --teacher an experts folder from "
-                              "`fastdd experts`, an expert file or a model checkpoint.")
+            raise FastddError(f"{path} is a folder without {EXPERTS_META} or {NETWORK_META}; pass --teacher a folder "
+                              "from `fastdd teacher` or `fastdd experts`, an expert file or a model checkpoint.")
         return _from_expert_folder(path, synset_meta, shape)
     if path.suffix == ".safetensors":
         tensors, metadata = _read_safetensors(path, synset_meta)
@@ -213,15 +220,17 @@ def _build_from_synset(synset_meta: Mapping[str, Any], shape: Any) -> nn.Module:
     )
 
 
-def _check_same_data(where: Path, expert_meta: Mapping[str, Any], synset_meta: Mapping[str, Any]) -> None:
-    """The expert must have seen the synthetic set's data: same dataset, classes, image shape, normalisation."""
-    for field in ("dataset", "num_classes", "image_shape", "mean", "std", "zca"):
+def _check_same_data(
+    where: Path, expert_meta: Mapping[str, Any], synset_meta: Mapping[str, Any], what: str = "the experts"
+) -> None:
+    """The teacher must have seen the synthetic set's data: same dataset, classes, image shape, normalisation."""
+    for field in DATA_FIELDS:
         if field not in expert_meta or field not in synset_meta:
             continue
         if not same_setting_value(expert_meta[field], synset_meta[field]):
             raise FastddError(
-                f"the experts in {where} have {field} = {expert_meta[field]!r} but the synthetic set has "
-                f"{synset_meta[field]!r}; pass --teacher a network trained on the synthetic set's data."
+                f"{what} in {where} have {field} = {expert_meta[field]!r} but the synthetic set has "
+                f"{synset_meta[field]!r}; pass a network trained on the synthetic set's data."
             )
 
 
