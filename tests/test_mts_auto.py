@@ -153,3 +153,22 @@ def test_auto_from_the_command_line(tmp_path, digits):
     assert data["mask_ratio"] == "auto"
     bad = runner.invoke(app, ["evaluate", str(tmp_path / "set"), "--mask-ratio", "half"])
     assert bad.exit_code != 0 and "must be a number or auto" in bad.output and "Traceback" not in bad.output
+
+
+def test_auto_skips_ratios_whose_fit_overshoots_and_a_fixed_ratio_says_so(digits, trained, monkeypatch):
+    """The authors' fit can end below 0 (no line search): auto skips that ratio, a fixed ratio stops with a sentence."""
+    from fastdd.errors import FastddError
+
+    net, synset = trained
+    task = auto_task(digits, synset)
+    monkeypatch.setattr(task, "_mts_temperature", lambda net, ratio: -50.5 if ratio < 0.5 else 1.0 + ratio)
+    ratio, temperature, by_ratio = task.choose_mask_ratio(net)
+    assert ratio >= 0.5 and temperature == 1.0 + ratio
+    assert all(by_ratio[r] != by_ratio[r] for r in AUTO_MASK_RATIOS if r < 0.5)  # NaN
+    monkeypatch.setattr(task, "_mts_temperature", lambda net, ratio: float("nan"))
+    with pytest.raises(FastddError, match="failed at every ratio"):
+        task.choose_mask_ratio(net)
+    task.settings = CalibrationEvalConfig(calibration="mts", mask_ratio=0.3, mts_fit="authors")
+    monkeypatch.setattr(task, "_mts_temperature", lambda net, ratio: -50.5)
+    with pytest.raises(FastddError, match="ended at T = -50.5 at --mask-ratio 0.3"):
+        task.run(net, predict_logits(net, digits.test_images), train_subset=None)

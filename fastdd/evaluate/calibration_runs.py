@@ -3,6 +3,7 @@ networks trained on a synthetic set, measured on the real test images."""
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from fastdd.trust.temperature import (
     fit_temperature,
     masked_temperature,
     per_class_holdout,
+    usable_temperature,
 )
 
 CALIBRATIONS = ("none", "ts", "mts")
@@ -171,6 +173,13 @@ class CalibrationTask:
                 chosen = {"mask_ratio": ratio}
             else:
                 temperature = self._mts_temperature(net, self.settings.mask_ratio)
+                if not usable_temperature(temperature):
+                    raise FastddError(
+                        f"MTS's temperature fit (--mts-fit {self.settings.mts_fit}) ended at T = {temperature:.4g} "
+                        f"at --mask-ratio {self.settings.mask_ratio}, which cannot scale logits (the authors' "
+                        "optimiser has no line search and overshot); use --mts-fit fastdd, another --mask-ratio, "
+                        "or --mask-ratio auto, which skips such ratios."
+                    )
             metrics = self._metrics(test_logits, temperature)
             rows["mts"] = {**metrics, "temperature": temperature, **chosen}
             scaled["mts"] = test_logits / temperature
@@ -194,7 +203,10 @@ class CalibrationTask:
         images are never read here.
 
         Returns:
-            ``(ratio, temperature, validation ECE % by ratio)``; ties go to the smaller ratio.
+            ``(ratio, temperature, validation ECE % by ratio)``; ties go to the smaller ratio. A ratio whose fit
+            gives no usable temperature (the authors' fit can overshoot below 0) is skipped: its ECE is NaN.
+        Raises:
+            FastddError: no ratio gave a usable temperature.
         """
         if self.val_images is None or self.val_labels is None:
             raise ValueError("--mask-ratio auto needs held-out real images (CalibrationTask.create makes them)")
@@ -203,11 +215,16 @@ class CalibrationTask:
         by_ratio: dict[float, float] = {}
         for ratio in AUTO_MASK_RATIOS:
             temperature = self._mts_temperature(net, ratio)
+            if not usable_temperature(temperature):
+                by_ratio[ratio] = math.nan
+                continue
             ece = calibration_metrics(val_logits, self.val_labels, temperature, n_bins=self.settings.ece_bins)["ece"]
             by_ratio[ratio] = ece
             if best is None or ece < best[0]:
                 best = (ece, ratio, temperature)
-        assert best is not None
+        if best is None:
+            raise FastddError(f"--mask-ratio auto: the temperature fit (--mts-fit {self.settings.mts_fit}) failed at "
+                              "every ratio; use --mts-fit fastdd.")
         return best[1], best[2], by_ratio
 
     def _metrics(self, logits: torch.Tensor, temperature: float = 1.0) -> dict[str, float]:

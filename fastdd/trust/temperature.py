@@ -108,7 +108,9 @@ def fit_temperature_authors(logits: torch.Tensor, labels: torch.Tensor) -> float
         logits: ``[N, K]`` floating-point logits, ``N >= 1``, finite.
         labels: ``[N]`` class indices in ``[0, K)`` (or ``[N, K]`` soft labels, scaled against their argmax).
     Returns:
-        the temperature where the optimiser stopped.
+        the temperature where the optimiser stopped. Without a line search it can overshoot past 0 (seen on
+        digits networks with element masks): a result ``<= 0`` (or not finite) is returned as it is, and callers
+        treat it as a failed fit (:func:`usable_temperature`).
     """
     z, targets = _checked_logits(logits, labels)
     temperature = torch.full((), AUTHORS_START, dtype=torch.float64, requires_grad=True)
@@ -122,6 +124,11 @@ def fit_temperature_authors(logits: torch.Tensor, labels: torch.Tensor) -> float
 
     optimizer.step(closure)
     return float(temperature.detach())
+
+
+def usable_temperature(temperature: float) -> bool:
+    """True for a temperature that can scale logits: finite and positive."""
+    return math.isfinite(temperature) and temperature > 0
 
 
 def fit_temperature_with(fit: str, logits: torch.Tensor, labels: torch.Tensor) -> float:
