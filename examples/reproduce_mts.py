@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from repro_common import arms_table, differences_table, evaluate, say, this_command, write_results
@@ -65,7 +66,9 @@ def main() -> None:
         except RuntimeError as exc:  # the authors' fit can overshoot below T = 0 on some network: say so
             if name == "base":
                 raise
-            failed[name] = str(exc).strip().splitlines()[-1]
+            last = str(exc).strip().splitlines()[-1]
+            found = re.search(r"ended at T = (\S+) at", last)
+            failed[name] = f"the fit ended at T = {found.group(1)} on a network" if found else last
             say(f"failed: {name}: {failed[name]}")
 
     def calibration(name: str) -> dict:
@@ -103,8 +106,9 @@ def main() -> None:
         ("mts-auto-authors", "mts-authors (r 0.3)"), ("mts-auto", "ts"),
     ]
     pairs = [(a, b) for a, b in pairs if a in arms and b in arms]
-    failures = ("Failed evaluations (no usable temperature on at least one network): "
-                + "; ".join(f"{k}: {v}" for k, v in failed.items())) if failed else "Every evaluation ran."
+    failures = ("Evaluations stopped because a temperature fit ended at T <= 0 (the authors' L-BFGS without line "
+                "search overshooting) on at least one network: " + "; ".join(f"{k}: {v}" for k, v in failed.items())
+                + ".") if failed else "Every evaluation ran."
     meta = results["base"]
     text = "\n\n".join([
         f"MTS on {meta['dataset']} ({meta['method']}, IPC {meta['ipc']}; set {args.synset}): {args.runs} networks x "
