@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--ece-bins", type=int, default=10)
     parser.add_argument("--calibration-val", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--oracle-ratios", type=float, nargs="+", default=RATIOS,
+                        help="ratios of the test-set oracle sweep (fewer for slow datasets)")
     parser.add_argument("--results", type=Path, default=None, help="also write the tables to this file")
     args = parser.parse_args()
 
@@ -56,7 +58,7 @@ def main() -> None:
         "auto": ["--calibration", "mts", "--mask-ratio", "auto", "--calibration-val", str(args.calibration_val)],
         "auto-authors": ["--calibration", "mts", "--mask-ratio", "auto", "--calibration-val",
                          str(args.calibration_val), *AUTHORS],
-        **{f"oracle-{r}": ["--calibration", "mts", "--mask-ratio", str(r), *AUTHORS] for r in RATIOS},
+        **{f"oracle-{r:g}": ["--calibration", "mts", "--mask-ratio", f"{r:g}", *AUTHORS] for r in args.oracle_ratios},
     }
     results, failed = {}, {}
     for name, options in calls.items():
@@ -87,8 +89,8 @@ def main() -> None:
         values["ratio"] = rows["mask_ratio"]["runs"] if "mask_ratio" in rows else []
         return values
 
-    swept = [r for r in RATIOS if f"oracle-{r}" in results]
-    oracle_means = {r: sum(calibration(f"oracle-{r}")["mts"]["ece"]["runs"]) / args.runs for r in swept}
+    swept = [r for r in args.oracle_ratios if f"oracle-{r:g}" in results]
+    oracle_means = {r: sum(calibration(f"oracle-{r:g}")["mts"]["ece"]["runs"]) / args.runs for r in swept}
     oracle_ratio = min(swept, key=lambda r: oracle_means[r]) if swept else None
     wanted = {
         "raw": ("base", "none"),
@@ -97,8 +99,9 @@ def main() -> None:
         "mts-authors (r 0.3)": ("authors", "mts"),
         "mts-auto": ("auto", "mts"),
         "mts-auto-authors": ("auto-authors", "mts"),
-        f"oracle (test), r {oracle_ratio}": (f"oracle-{oracle_ratio}", "mts"),
     }
+    if oracle_ratio is not None:
+        wanted[f"oracle (test), r {oracle_ratio:g}"] = (f"oracle-{oracle_ratio:g}", "mts")
     arms = {label: arm(*source) for label, source in wanted.items() if source[0] in results}
     metrics = ["ece", "nll", "acc", "temperature", "ratio"]
     pairs = [(a, "raw") for a in arms if a != "raw"] + [
@@ -118,12 +121,13 @@ def main() -> None:
         "Paired differences (per network), mean [95 % interval] and verdict (ECE, NLL: lower is better):",
         differences_table(arms, pairs, ["ece", "nll"], better={"ece": -1, "nll": -1}, digits=3),
         "Oracle sweep (authors' fit and masks; mean test ECE by ratio, for the oracle arm only): "
-        + ", ".join(f"{r}: {oracle_means[r]:.2f}" for r in swept) + f". The oracle chose r = {oracle_ratio} on "
+        + ", ".join(f"{r:g}: {oracle_means[r]:.2f}" for r in swept) + f". The oracle chose r = {oracle_ratio} on "
         "the test set, which no user can do: it bounds what a ratio choice could give.",
         failures,
         f"Command: `{this_command()}`; evaluations: `fastdd evaluate SET {' '.join(common)} <arm options>` "
         f"with the options of each arm: " + "; ".join(f"{k}: `{' '.join(v)}`" for k, v in list(calls.items())[:4])
-        + "; oracle: `--calibration mts --mask-ratio R " + " ".join(AUTHORS) + "` for R in 0.1..0.9.",
+        + "; oracle: `--calibration mts --mask-ratio R " + " ".join(AUTHORS) + "` for R in "
+        + ", ".join(f"{r:g}" for r in args.oracle_ratios) + ".",
     ])
     write_results(args.results, text)
     (folder / "summary.json").write_text(json.dumps({"arms": arms, "oracle_means": oracle_means}, indent=1))
