@@ -1,5 +1,5 @@
 #!/bin/bash
-cd /work/main
+cd "$(dirname "$0")/../../.."  # the repository root
 L=docs/results/repro/mdt-digits-distill.log
 fastdd --threads 1 experts --num-experts 5 --out runs/experts-digits >> $L 2>&1
 for r in 0 0.1 0.3 0.5; do
