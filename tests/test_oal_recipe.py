@@ -93,7 +93,7 @@ def test_the_evaluation_optimiser_trains_q_at_the_authors_rate():
     images, labels = torch.randn(12, 1, 8, 8, generator=seeded(5)), torch.arange(3).repeat(4)
     train_on_synthetic(images, labels, student, config=EvalConfig(epochs=1, batch_size=12), lr=0.01,
                        generator=seeded(6), dsa_strategy=None, objective=objective)
-    moved = [float((a - b.detach()).abs().max()) for a, b in zip(before, objective.club.parameters())]
+    moved = [float((a - b).detach().abs().max()) for a, b in zip(before, objective.club.parameters())]
     assert max(moved) > 0
 
 
