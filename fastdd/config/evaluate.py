@@ -170,8 +170,9 @@ class TrainObjectiveConfig(Section):
         "score is energy.", panel=TRAINING, choices=("oal",), default_text="none",
     )
     teacher: str | None = option(
-        None, "OAL's teacher: 'expert' (the experts folder the set was distilled from), an experts folder, an expert "
-        "file or a model checkpoint (.safetensors, .pt).", panel=TRAINING, default_text="none",
+        None, "OAL's teacher: a folder from `fastdd teacher`, 'expert' (the experts folder the set was distilled "
+        "from), an experts folder, an expert file or a model checkpoint (.safetensors, .pt).", panel=TRAINING,
+        default_text="none",
     )
     init: str | None = option(
         None, "Start every evaluation network from this trained network instead of random weights (the fine-tune "
