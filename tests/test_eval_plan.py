@@ -198,6 +198,31 @@ def test_a_protocol_that_cannot_run_is_refused_when_made():
         EvalConfig(lr=0.0)
 
 
+def test_keyword_form_reaches_every_evaluation_option():
+    """The library's keyword form takes what the command line takes: every field of EvaluationSettings is a
+    keyword (or the protocol's config), so an option added to the config cannot be missing from the library."""
+    import dataclasses
+    import inspect
+
+    from fastdd.config.evaluate import EvalConfig, EvaluationSettings
+    from fastdd.evaluate.options import _OTHER_SETTINGS
+
+    named = set(inspect.signature(evaluation_settings).parameters) - {"options", "config"}
+    reachable = named | _OTHER_SETTINGS | {f.name for f in dataclasses.fields(EvalConfig)} | {"robustness_sets"}
+    assert {f.name for f in dataclasses.fields(EvaluationSettings)} <= reachable
+    settings = evaluation_settings(
+        calibration="mts", mask_ratio="auto", calibration_val=40, mask_unit="element", mts_fit="authors", ece_bins=10,
+        train_plugin="oal", teacher="expert", oal_kl="teacher-student", oal_recipe="authors", oal_beta=0.0,
+    )
+    assert (settings.mask_ratio, settings.calibration_val, settings.mask_unit, settings.mts_fit, settings.ece_bins) == (
+        "auto", 40, "element", "authors", 10)
+    assert (settings.oal_kl, settings.oal_recipe, settings.oal_beta) == ("teacher-student", "authors", 0.0)
+    with pytest.raises(TypeError, match="unexpected keyword.*epochs"):
+        evaluation_settings(epochs=3)
+    with pytest.raises(FastddError, match="--mts-fit must be one of"):
+        evaluation_settings(mts_fit="scipy")
+
+
 def test_too_few_test_images_for_the_clusters_is_refused_before_clustering(digits, monkeypatch):
     _nothing_expensive(monkeypatch)
     synset = _synset(digits, ipc=1)

@@ -9,10 +9,11 @@ every set with it before the first plan is built.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -111,6 +112,7 @@ def evaluation_settings(
     train_loss: str = "ce",
     train_plugin: str | None = None,
     teacher: str | None = None,
+    **options: Any,
 ) -> EvaluationSettings:
     """The `EvaluationSettings` of the keyword form of `evaluate_synthetic_set` / `plan_evaluation` (lists as
     Python lists, the protocol as an `EvalConfig`), checked as the command line's are.
@@ -131,17 +133,31 @@ def evaluation_settings(
         train_loss: the evaluation networks' loss, one of ``TRAIN_LOSSES``.
         train_plugin: None or ``"oal"``.
         teacher: OAL's teacher: ``"expert"`` or a path (`fastdd.trust.teacher.load_teacher`).
+        options: any other field of `EvaluationSettings` by its name, as the command line's option of the same name
+            (e.g. ``mask_ratio="auto"`` with ``calibration_val``, ``mask_unit``, ``mts_fit``, ``ece_bins``,
+            ``init``, ``oal_kl``, ``oal_recipe``, ``oal_beta``).
     Raises:
         ConfigError: a value the option cannot take, named by its flag.
+        TypeError: a keyword that is no evaluation option, or a protocol field given outside ``config``.
     """
     protocol = config or EvalConfig()
+    unknown = sorted(set(options) - _OTHER_SETTINGS)
+    if unknown:
+        raise TypeError(f"evaluation_settings got unexpected keyword(s) {', '.join(unknown)}; the training protocol "
+                        "goes in config=EvalConfig(...)")
     return EvaluationSettings(
         **{f.name: getattr(protocol, f.name) for f in dataclasses.fields(EvalConfig)},
         models=_joined(models), ood=_joined(ood), scores=_joined(scores), plots=None if plots is None else str(plots),
         ood_size=ood_size, use_outliers=use_outliers, data_root=data_root, robustness=robustness is not None,
         robustness_sets=_joined(robustness), calibration=_joined(calibration), mask_ratio=mask_ratio,
-        train_loss=train_loss, train_plugin=train_plugin, teacher=teacher,
+        train_loss=train_loss, train_plugin=train_plugin, teacher=teacher, **options,
     )
+
+
+# The settings `evaluation_settings` takes unchanged through its ``options``: those it names or converts are not here.
+_OTHER_SETTINGS = frozenset(f.name for f in dataclasses.fields(EvaluationSettings)) - frozenset(
+    f.name for f in dataclasses.fields(EvalConfig)) - frozenset(inspect.signature(evaluation_settings).parameters) - {
+    "robustness_sets"}
 
 
 def _joined(value: Sequence[str] | str | None) -> str | None:
