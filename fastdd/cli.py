@@ -12,6 +12,7 @@ from fastdd.commands.errors import fail
 from fastdd.commands.evaluate import evaluate
 from fastdd.commands.experts import experts
 from fastdd.commands.export import export
+from fastdd.commands.import_set import import_set
 from fastdd.commands.info import info
 from fastdd.commands.inspect import inspect_command
 from fastdd.commands.processes import GLOBAL_OPTIONS
@@ -38,7 +39,7 @@ def _help_of(command: Callable) -> tuple[str, str]:
 
 for _name, _command in (
     ("distill", distill), ("experts", experts), ("evaluate", evaluate), ("report", report), ("show", show),
-    ("inspect", inspect_command), ("export", export), ("teacher", teacher), ("info", info),
+    ("inspect", inspect_command), ("export", export), ("import", import_set), ("teacher", teacher), ("info", info),
 ):
     _help, _short = _help_of(_command)
     app.command(_name, help=_help, short_help=_short)(_command)

@@ -1,4 +1,4 @@
-"""A synthetic set written for people and other tools: PNG grids, and the ``*_best.pt`` files of the MTT family."""
+"""A synthetic set drawn for people: PNG grids, one named row per class (files for other tools: `fastdd.interop`)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,8 @@ from typing import Sequence
 import torch
 
 from fastdd.errors import FastddError
-from fastdd.io import SyntheticSet, atomic_write, save_image_grid, synset_unit_images
+from fastdd.io import SyntheticSet, save_image_grid, synset_unit_images
 
-BEST_FILES = ("images_best.pt", "labels_best.pt", "lr_best.pt")
-# The lr written when the set learned none (the MTT code's default student lr).
-DEFAULT_EXPORT_LR = 0.01
 
 
 def save_synset_grids(synset: SyntheticSet, target: str | Path, *, scale: int | None = None,
@@ -51,14 +48,3 @@ def _class_indices(classes: Sequence[str], names: list[str]) -> list[int]:
             raise FastddError(f"--classes: the set has no class {item!r}; its classes are {', '.join(names)} "
                               f"(or indices 0 to {len(names) - 1}).")
     return sorted(set(indices))
-
-
-def export_best_files(synset: SyntheticSet, folder: str | Path) -> tuple[str, ...]:
-    """Write ``images_best.pt`` ``[K, C, H, W]``, ``labels_best.pt`` (soft labels ``[K, classes]`` when the set has
-    them, else ``[K]`` int64) and ``lr_best.pt`` (a scalar) into ``folder``, atomically; returns the file names."""
-    folder = Path(folder)
-    lr = synset.syn_lr if synset.syn_lr is not None else torch.tensor(DEFAULT_EXPORT_LR)
-    labels = synset.soft_labels if synset.soft_labels is not None else synset.labels
-    for name, tensor in zip(BEST_FILES, (synset.images, labels, lr)):
-        atomic_write(folder / name, lambda tmp, t=tensor: torch.save(t.clone(), tmp))
-    return BEST_FILES

@@ -261,8 +261,9 @@ def test_every_option_of_every_command_states_its_default_and_choices():
 def test_the_command_list_has_one_line_per_command():
     lines = [line for line in invoke("--help", env={"COLUMNS": "200"}).output.splitlines() if line.startswith("│ ")]
     commands = [line.split()[1] for line in lines if line[2] != " "]
-    assert commands[-9:] == ["distill", "experts", "evaluate", "report", "show", "inspect", "export", "teacher", "info"]
-    assert all(line[2] != " " for line in lines[-8:])  # no continuation lines
+    assert commands[-10:] == ["distill", "experts", "evaluate", "report", "show", "inspect", "export", "import",
+                              "teacher", "info"]
+    assert all(line[2] != " " for line in lines[-9:])  # no continuation lines
 
 
 def test_the_set_records_where_its_data_was_read(tmp_path):

@@ -1,4 +1,4 @@
-"""``fastdd export``: the set in the file names other dataset-distillation tools read."""
+"""``fastdd export``: the set in the layout and conventions another dataset-distillation tool reads."""
 
 from __future__ import annotations
 
@@ -20,15 +20,24 @@ from fastdd.config.options import from_options
 @user_errors
 @with_config_options(ExportConfig)
 def export(
-    synset_dir: Path = typer.Argument(..., metavar="SYNSET_DIR", help="Folder written by `fastdd distill`."),
+    synset_dir: Path = typer.Argument(..., metavar="SYNSET_DIR", help="Folder of a fastdd set (distill or import)."),
     config: Optional[Path] = config_file_option(),
     **options: Any,
 ) -> None:
-    """Write images_best.pt, labels_best.pt and lr_best.pt so other dataset-distillation tools can read the set."""
-    from fastdd.exports import export_best_files
+    """Write the set in the layout another dataset-distillation tool reads (--format; default mtt: images_best.pt,
+    labels_best.pt and, when the set learned one, lr_best.pt).
+
+    Soft labels become logits where the tool applies a softmax, the images are re-normalised to the tool's
+    statistics, and a set the tool cannot take is refused; export.json beside the files says what was written."""
+    from fastdd.errors import FastddError
+    from fastdd.interop import export_synthetic_set
     from fastdd.io import SyntheticSet
 
     settings = from_options(ExportConfig, given_options(config, options), context="fastdd export")
     target = Path(settings.out) if settings.out is not None else Path(synset_dir)
-    names = export_best_files(SyntheticSet.load(synset_dir), target)
-    typer.echo(f"{', '.join(names[:-1])} and {names[-1]} written to {target}")
+    if settings.format == "fastdd" and target.resolve() == Path(synset_dir).resolve():
+        raise FastddError(f"{synset_dir} is already a fastdd set; give --out to copy it elsewhere.")
+    written = export_synthetic_set(SyntheticSet.load(synset_dir), target, settings.format)
+    names = [str(p.relative_to(target)) for p in written]
+    shown = names if len(names) <= 4 else [*names[:2], f"... ({len(names) - 3} more)", names[-1]]
+    typer.echo(f"{settings.format}: {', '.join(shown)} written to {target}")
