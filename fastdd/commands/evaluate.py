@@ -21,15 +21,16 @@ from fastdd.progress import SHARED_CORES_HINT, Progress
 @user_errors
 @with_config_options(EvaluateConfig)
 def evaluate(
-    synset_dir: Path = typer.Argument(..., metavar="SYNSET_DIR", help="Folder written by `fastdd distill`."),
+    synset_dir: Path = typer.Argument(..., metavar="SYNSET_DIR",
+                                      help="Folder written by `fastdd distill` or `fastdd import`."),
     config: Optional[Path] = config_file_option(),
     **options: Any,
 ) -> None:
     """Train fresh networks on a synthetic set and report accuracy, OOD detection, robustness and calibration.
 
     The test accuracy is the mean ± std over runs; with --ood also their OOD detection (AUROC, AUPR-IN/OUT, FPR95 in
-    TrustDD's and OpenOOD's conventions), with --robustness their worst-cluster and shifted-input accuracies, and with
-    --calibration their ECE / NLL raw, after TS and after MTS."""
+    TrustDD's and OpenOOD's conventions), with --robustness their worst-cluster and shifted-input accuracies, with
+    --calibration their ECE / NLL raw, after TS and after MTS, and with --scores DD-Ranking's HLR, IOR and LRS."""
     from fastdd.evaluate import dataset_for_synset, plan_evaluation
     from fastdd.io import SyntheticSet, write_json
 
@@ -98,3 +99,10 @@ def print_evaluation(result: dict[str, Any], runs: int) -> None:
                     extra += (f"  (ratio chosen on held-out real images: {metrics['mask_ratio']['mean']:.2f} ± "
                               f"{metrics['mask_ratio']['std']:.2f})")
                 typer.echo(f"  {method:<8}" + "".join(f"  {cell:>17}" for cell in cells) + extra)
+        if "label_scores" in res:
+            scores = res["label_scores"]
+            typer.echo(f"  DD-Ranking scores (%, mean ± std over {runs} runs; hard labels; full-data accuracy "
+                       f"{scores['acc_full']:.2f} from {result['label_scores_protocol']['full_data'][name]})")
+            columns = ("hlr", "ior", "lrs", "acc_hard", "acc_random")
+            typer.echo("  " + "  ".join(f"{c:>15}" for c in columns))
+            typer.echo("  " + "  ".join(f"{scores[c]['mean']:.2f} ± {scores[c]['std']:.2f}".rjust(15) for c in columns))

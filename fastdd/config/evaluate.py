@@ -14,8 +14,8 @@ from fastdd.config.trust import DEFAULT_MASK_RATIO
 # --mask-ratio auto: real training images held out to choose the ratio on, by default.
 DEFAULT_CALIBRATION_VAL = 500
 
-PROTOCOL, OOD, ROBUSTNESS, CALIBRATION, TRAINING, DATA = (
-    "Protocol", "OOD detection", "Robustness", "Calibration", "Training objective", "Data",
+PROTOCOL, OOD, ROBUSTNESS, CALIBRATION, TRAINING, DATA, RANKING = (
+    "Protocol", "OOD detection", "Robustness", "Calibration", "Training objective", "Data", "DD-Ranking scores",
 )
 DEFAULT_LR = 0.01
 
@@ -198,8 +198,27 @@ class TrainObjectiveConfig(Section):
 
 
 @dataclass
-class EvaluationSettings(TrainObjectiveConfig, CalibrationEvalConfig, RobustnessEvalConfig, OODConfig, EvalDataConfig,
-                         EvalConfig):
+class LabelScoresConfig(Section):
+    label_scores: bool = option(
+        False, "DD-Ranking's label-robust scores with this protocol: HLR (full-data minus hard-label accuracy), IOR "
+        "(hard-label minus random-subset accuracy), LRS (both combined, in [0, 100]); one more network per run on "
+        "random real images (cached), one more on arg-max labels for a soft-label set.", panel=RANKING,
+        flag="--scores/--no-scores", recorded_at_default=False,
+    )
+    scores_full: str | None = option(
+        None, "A `fastdd teacher` folder of the evaluation model: its test accuracy is the full-data accuracy, and "
+        "the random-subset accuracies are cached in it.", panel=RANKING,
+        default_text="runs/teacher-DATASET-MODEL, trained there with fastdd teacher's defaults when missing",
+    )
+
+    def check_fields(self) -> None:
+        if self.scores_full is not None and not self.label_scores:
+            raise field_error(field_of(self, "scores_full"), "only applies with --scores")
+
+
+@dataclass
+class EvaluationSettings(LabelScoresConfig, TrainObjectiveConfig, CalibrationEvalConfig, RobustnessEvalConfig,
+                         OODConfig, EvalDataConfig, EvalConfig):
     """One evaluation of a synthetic set (`fastdd.evaluate.plan_evaluation`): the protocol, the models, and the
     measurements (OOD detection, robustness, calibration) with the plots they draw."""
 
@@ -224,8 +243,8 @@ class EvaluateConfig(ProgressConfig, EvaluationSettings):
 
 
 @dataclass
-class ReportConfig(ProgressConfig, CalibrationEvalConfig, RobustnessEvalConfig, OODConfig, EvalDataConfig,
-                   EvalConfig):
+class ReportConfig(ProgressConfig, LabelScoresConfig, CalibrationEvalConfig, RobustnessEvalConfig, OODConfig,
+                   EvalDataConfig, EvalConfig):
     """``fastdd report``: sets of one dataset under one protocol, side by side (every measurement on by default)."""
 
     out: str | None = option(None, "Report folder: report.md, report.json, summary_MODEL.png, plots/.",

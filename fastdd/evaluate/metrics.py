@@ -60,6 +60,9 @@ class EvalMetric(ABC):
     def reset(self) -> None:
         """Forget the runs seen so far (called before each model's runs)."""
 
+    def start_model(self, model: str) -> None:
+        """The model whose runs come next (called after `reset`; most metrics need not know)."""
+
     @abstractmethod
     def update_from(self, trained: TrainedNetwork) -> None:
         """Feed one trained network."""

@@ -17,7 +17,13 @@ from typing import Any, Sequence
 
 import torch
 
-from fastdd.config.evaluate import CalibrationEvalConfig, EvalConfig, EvaluationSettings, TrainObjectiveConfig
+from fastdd.config.evaluate import (
+    CalibrationEvalConfig,
+    EvalConfig,
+    EvaluationSettings,
+    LabelScoresConfig,
+    TrainObjectiveConfig,
+)
 from fastdd.config.options import flag_of, pick
 from fastdd.data import ImageDataset
 from fastdd.errors import FastddError
@@ -77,6 +83,7 @@ class EvalOptions:
         outliers: the synthetic outliers the networks train with (images and loss weight), or None.
         training: the networks' training objective (``train_loss``, or ``train_plugin`` with ``teacher`` and the
             ``oal_*`` options), and ``init``.
+        label_scores: DD-Ranking's scores (``label_scores``) and the full-data network folder (``scores_full``).
     """
 
     synset: SyntheticSet
@@ -94,6 +101,7 @@ class EvalOptions:
     plots: str | Path | None
     outliers: OutlierBatches | None
     training: TrainObjectiveConfig
+    label_scores: LabelScoresConfig = dataclasses.field(default_factory=LabelScoresConfig)
 
 
 def evaluation_settings(
@@ -213,11 +221,33 @@ def check_evaluation_options(synset: SyntheticSet, dataset: ImageDataset, settin
     check_calibration_methods(task.targets, calibrations)
     if any(name in CLUSTER_SETS for name in robustness_sets):
         check_cluster_count(task.test_images.shape[0], NUM_CLUSTERS)
+    models = list(dict.fromkeys(st.models.split(",")))
+    if st.label_scores:
+        _check_label_scores(st, models, task, dataset.name)
     return EvalOptions(
-        synset, dataset, list(dict.fromkeys(st.models.split(","))), st.protocol, task, specs, score_names, st.ood_size,
+        synset, dataset, models, st.protocol, task, specs, score_names, st.ood_size,
         st.data_root, robustness_sets, calibrations, calibration_settings, st.plots, outliers,
-        pick(TrainObjectiveConfig, st),
+        pick(TrainObjectiveConfig, st), pick(LabelScoresConfig, st),
     )
+
+
+def _check_label_scores(settings: EvaluationSettings, models: list[str], task: EvalTask, dataset: str) -> None:
+    from fastdd.network_files import read_network_meta
+
+    if task.holdout is not None:
+        raise FastddError("--scores compares with networks trained on all classes, so it cannot score holdout:K "
+                          "networks; drop holdout:K.")
+    if settings.scores_full is not None:
+        if len(models) > 1:
+            raise FastddError("--scores-full names the full-data network of one model, and --models lists "
+                              f"{len(models)}; score one model at a time or leave out --scores-full.")
+        meta = read_network_meta(settings.scores_full)
+        if meta.get("model") != models[0]:
+            raise FastddError(f"--scores-full {settings.scores_full} holds a {meta.get('model')}, but the evaluation "
+                              f"trains {models[0]}; pass the full-data network of {models[0]}.")
+        if meta.get("dataset") != dataset:
+            raise FastddError(f"--scores-full {settings.scores_full} was trained on {meta.get('dataset')}, not "
+                              f"{dataset}.")
 
 
 def evaluation_task(synset: SyntheticSet, dataset: ImageDataset, holdout: OodSetSpec | None) -> EvalTask:

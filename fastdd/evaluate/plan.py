@@ -4,7 +4,7 @@ feeds it to the metric objects of `fastdd.evaluate.metrics`. `evaluate_synthetic
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,8 +14,9 @@ from fastdd.data import ImageDataset
 from fastdd.evaluate.calibration_runs import CalibrationTask, extra_networks_per_run
 from fastdd.evaluate.metrics import AccuracyMetric, CalibrationMetric, EvalMetric, OodDetectionMetric
 from fastdd.evaluate.metrics import RobustnessMetric, TrainedNetwork
+from fastdd.evaluate.label_scores import LabelScoreMetric, RandomSubsetCache, full_data_network, scores_generator
 from fastdd.evaluate.ood_sets import OodTestSet, build_ood_test_set
-from fastdd.config.evaluate import EvaluationSettings
+from fastdd.config.evaluate import DEFAULT_LR, EvaluationSettings
 from fastdd.evaluate.options import EvalOptions, check_evaluation_options, evaluation_settings
 from fastdd.evaluate.protocol import evaluation_network, train_on_synthetic
 from fastdd.evaluate.robustness import RobustnessTests, build_robustness_tests
@@ -76,6 +77,8 @@ class EvalPlan:
         dsa_strategy: the DSA augmentation while training, or None.
         initial_state: ``--init``'s weights, loaded into every fresh network (after its random initialisation
             is drawn, so the other draws stay those of a run without it), or None.
+        full_data: with ``--scores``, per model the full-data test accuracy (%) and the folder of that network
+            (where the random-subset accuracies are cached); else None.
     """
 
     options: EvalOptions
@@ -84,12 +87,17 @@ class EvalPlan:
     lr: float
     dsa_strategy: str | None
     initial_state: dict[str, torch.Tensor] | None = None
+    full_data: dict[str, tuple[float, Path]] | None = None
+    _scores_progress: Callable[[int], None] | None = field(default=None, init=False, repr=False)
 
     @property
     def total_epochs(self) -> int:
-        """Training epochs of the whole evaluation (for a progress bar): per model and run one network, two with TS."""
+        """Training epochs of the whole evaluation (for a progress bar): per model and run one network, one more with
+        TS, and with --scores one on random real images (unless cached) and one on arg-max labels for soft labels."""
         o = self.options
         networks = 1 + extra_networks_per_run(o.calibration)
+        if self.full_data is not None:
+            networks += 1 + (o.task.targets.dim() == 2)
         return len(o.models) * o.config.runs * networks * o.config.epochs_or_default()
 
     def metrics(self) -> list[EvalMetric]:
@@ -107,6 +115,15 @@ class EvalPlan:
                 train_images=o.dataset.train_images, train_labels=o.dataset.train_labels,
             )
             metrics.append(CalibrationMetric(task))
+        if self.full_data is not None:
+            soft = o.task.targets.dim() == 2
+            metrics.append(LabelScoreMetric(
+                o.task.test_labels, full_accuracy={m: acc for m, (acc, _) in self.full_data.items()},
+                random_accuracy=self._random_subset_accuracy,
+                hard_label_logits=self._hard_label_logits if soft else None,
+                source={"full_data": {m: str(folder) for m, (_, folder) in self.full_data.items()},
+                        "random_lr": o.config.lr or DEFAULT_LR},
+            ))
         return metrics
 
     def run(self, on_epoch: EvalProgress | None = None) -> dict[str, Any]:
@@ -127,7 +144,9 @@ class EvalPlan:
         for model in o.models:
             for metric in metrics:
                 metric.reset()
+                metric.start_model(model)
             for run in range(o.config.runs):
+                self._scores_progress = (lambda epoch, m=model, r=run: on_epoch(m, r, epoch)) if on_epoch else None
                 trained = self._trained_network(model, run, generator, on_epoch)
                 for metric in metrics:
                     metric.update_from(trained)
@@ -168,6 +187,50 @@ class EvalPlan:
 
         net = train(task.images, task.targets, generator, True)
         return TrainedNetwork(net, predict_logits(net, task.test_images), retrain)
+
+    def _scores_network(self, model: str, kind: str, run: int, images: torch.Tensor, targets: torch.Tensor,
+                        lr: float) -> torch.nn.Module:
+        """A --scores network (``kind`` random or hard) trained with the protocol from its own generator."""
+        o = self.options
+        generator = scores_generator(o.config.seed, model, kind, run)
+        net = evaluation_network(o.task.shape, model, o.synset.meta, generator=generator, device=o.config.device)
+        if self.initial_state is not None:
+            net.load_state_dict(self.initial_state)
+        return train_on_synthetic(images, targets, net, config=o.config, lr=lr, generator=generator,
+                                  dsa_strategy=self.dsa_strategy, on_epoch=self._scores_progress,
+                                  objective=self.objectives.build(net, generator))
+
+    def _hard_label_logits(self, model: str, run: int) -> torch.Tensor:
+        task = self.options.task
+        net = self._scores_network(model, "hard", run, task.images, task.targets.argmax(dim=1), self.lr)
+        return predict_logits(net, task.test_images)
+
+    def _random_subset_accuracy(self, model: str, run: int) -> float:
+        """Test accuracy (%) of a network trained on as many random real training images per class as the set has,
+        at the protocol's lr (a random subset learned none); cached in the full-data network's folder."""
+        o = self.options
+        counts = torch.bincount(o.synset.labels, minlength=o.dataset.num_classes).tolist()
+        lr = o.config.lr or DEFAULT_LR
+        probe = evaluation_network(o.task.shape, model, o.synset.meta, generator=torch.Generator(), device="cpu")
+        description = {
+            "kind": "random-subset", "dataset": o.dataset.name, "source": o.dataset.source,
+            "zca": o.dataset.zca is not None, "image_size": list(o.dataset.image_size), "model": repr(probe),
+            "init": o.training.init, "objective": self.objectives.describe, "per_class": counts, "lr": lr,
+            "epochs": o.config.epochs_or_default(), "momentum": o.config.momentum,
+            "weight_decay": o.config.weight_decay, "batch_size": o.config.batch_size, "dsa": self.dsa_strategy,
+            "seed": o.config.seed, "run": run, "device": torch.device(o.config.device).type,
+        }
+
+        def compute() -> float:
+            generator = scores_generator(o.config.seed, model, "subset", run)
+            index = o.dataset.class_index()
+            chosen = torch.cat([index.sample(c, n, generator) for c, n in enumerate(counts) if n])
+            net = self._scores_network(model, "random", run, o.dataset.train_images[chosen],
+                                       o.dataset.train_labels[chosen], lr)
+            logits = predict_logits(net, o.task.test_images)
+            return 100.0 * float((logits.argmax(dim=1) == o.task.test_labels).float().mean())
+
+        return RandomSubsetCache(self.full_data[model][1]).get(description, compute)
 
     def _result(self, results: dict[str, Any], metrics: list[EvalMetric], plot_paths: list[str]) -> dict[str, Any]:
         o = self.options
@@ -214,7 +277,14 @@ def build_plan(options: EvalOptions, *, test_data: EvalTestData | None = None) -
         test_data = build_test_data(o)
     strategy = (synset.meta.get("dsa_strategy") or dataset.dsa_strategy) if config.dsa else None
     initial = initial_state(o) if o.training.init is not None else None
-    return EvalPlan(o, test_data, objectives, config.lr_for(synset), strategy, initial)
+    full_data = None
+    if o.label_scores.label_scores:
+        full_data = {model: full_data_network(
+            o.label_scores.scores_full, dataset=dataset.name, model=model,
+            data_root=o.data_root if o.data_root is not None else synset.meta.get("data_root"),
+            zca=dataset.zca is not None, image_size=synset.meta.get("image_size"),
+        ) for model in o.models}
+    return EvalPlan(o, test_data, objectives, config.lr_for(synset), strategy, initial, full_data)
 
 
 def initial_state(options: EvalOptions) -> dict[str, torch.Tensor]:

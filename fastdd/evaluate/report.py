@@ -178,6 +178,7 @@ class ReportPlan:
                 "use_outliers": self.settings.use_outliers,
                 "holdout": first["holdout"],
                 "data_root": self.settings.data_root,
+                "label_scores": self.settings.label_scores,
             },
             "sets": entries,
         }

@@ -38,6 +38,9 @@ def _headline_metrics(report: dict[str, Any]) -> list[tuple[str, Callable[[dict]
             columns.append((name, path("robustness", name), False))
     for method in protocol["calibration"]:
         columns.append((CALIBRATION_LABELS[method], path("calibration", method, "ece"), True))
+    if protocol.get("label_scores"):
+        columns += [("HLR", path("label_scores", "hlr"), True), ("IOR", path("label_scores", "ior"), False),
+                    ("LRS", path("label_scores", "lrs"), False)]
     return columns
 
 
@@ -90,6 +93,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- **Robustness**: {', '.join(protocol['robustness']) or 'not measured'}",
         f"- **Calibration**: {', '.join(protocol['calibration'])} (MTS mask ratio {protocol['mask_ratio']}; TS "
         "networks train on 90 % of each class)",
+        *(["- **DD-Ranking scores**: HLR = full-data minus hard-label accuracy, IOR = hard-label minus random-subset "
+           "accuracy (same protocol), LRS = their label-robust score (weight 0.5), all in %"]
+          if protocol.get("label_scores") else []),
         f"- **Machine**: {machine['platform']}, {machine['cpu_count']} CPUs, torch {machine['torch']} "
         f"({machine['torch_threads']} threads, {machine['device']}), fastdd {report['fastdd_version']}",
         f"- **Date**: {report['created']}",

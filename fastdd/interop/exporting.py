@@ -102,7 +102,7 @@ def _check_target(synset: SyntheticSet, format: str, dataset: str | None, zca: b
                               "with --format mtt or fastdd, or rank it in fastdd with `fastdd evaluate --scores`.")
         if dataset not in _CIFAR:
             raise FastddError(f"DD-Ranking evaluates CIFAR-10, CIFAR-100, Tiny ImageNet and ImageNet sets, not "
-                              f"{dataset}; export it with --format mtt or fastdd.")
+                              f"{dataset}; rank it with `fastdd evaluate --scores` (DD-Ranking's HLR, IOR and LRS).")
     if format == "dc-bench":
         if dataset not in _CIFAR:
             raise FastddError(f"DC-BENCH evaluates CIFAR-10, CIFAR-100 and Tiny ImageNet sets, not {dataset}; use "
