@@ -7,7 +7,7 @@ The Triton kernels live in the top-level ``kernels/`` folder and are installed a
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -76,20 +76,32 @@ def _extensions():
 def _build_ext():
     from torch.utils.cpp_extension import BuildExtension
 
-    return BuildExtension.with_options(no_python_abi_suffix=True)
+    class BuildAndRecordTorch(BuildExtension):
+        """Also writes ``_C_build.json`` beside ``fastdd._C``: the torch it was compiled against, so that fastdd can
+        refuse to load it under another torch (whose ABI it may not match) and fall back to its reference ops."""
+
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            import json
+
+            import torch
+
+            record = {"torch": torch.__version__, "cuda": torch.version.cuda,
+                      "cuda_kernels": any(str(s).endswith(".cu") for s in ext.sources)}
+            # Beside the library in build/ (what a wheel installs) and in the source package (what an editable or
+            # in-place build loads: setuptools copies the library there after this method).
+            folders = {os.path.dirname(self.get_ext_fullpath(ext.name)),
+                       os.path.abspath(self.get_finalized_command("build_py").get_package_dir("fastdd"))}
+            for folder in folders:
+                os.makedirs(folder, exist_ok=True)
+                with open(os.path.join(folder, "_C_build.json"), "w") as f:
+                    json.dump(record, f)
+
+    return BuildAndRecordTorch.with_options(no_python_abi_suffix=True)
 
 
 setup(
-    packages=[
-        "fastdd",
-        "fastdd.ops",
-        "fastdd.data",
-        "fastdd.models",
-        "fastdd.distill",
-        "fastdd.trust",
-        "fastdd.evaluate",
-        "fastdd.kernels",
-    ],
+    packages=[*find_packages(include=["fastdd", "fastdd.*"]), "fastdd.kernels"],
     package_dir={"fastdd.kernels": "kernels"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},

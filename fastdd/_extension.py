@@ -9,17 +9,48 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
+import warnings
+from pathlib import Path
 from types import ModuleType
 
-import torch  # noqa: F401  (loads libtorch, which fastdd._C links against)
+import torch  # loads libtorch, which fastdd._C links against
+
+from fastdd.errors import FastddWarning
+
+# Written by setup.py beside fastdd._C: the torch the extension was compiled against.
+BUILD_RECORD = Path(__file__).with_name("_C_build.json")
+REBUILD_HINT = ("rebuild it against this torch with `pip install --no-build-isolation -e .` (or `python setup.py "
+                "build_ext --inplace`)")
+
+
+def built_against() -> str | None:
+    """The torch version ``fastdd._C`` was compiled against (from its build record), or None when unrecorded."""
+    try:
+        return str(json.loads(BUILD_RECORD.read_text())["torch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @functools.cache
 def _load() -> tuple[ModuleType | None, str | None]:
+    """Import ``fastdd._C`` unless its build record names another torch (its ABI may not match: loading it could
+    fail or crash); when it is refused or fails for a reason other than not being built, say so once."""
+    recorded = built_against()
+    if recorded is not None and recorded != torch.__version__:
+        reason = f"fastdd._C was built against torch {recorded}, and this is torch {torch.__version__}"
+        warnings.warn(f"{reason}; fastdd uses its pure-PyTorch reference ops (slower); {REBUILD_HINT}.",
+                      FastddWarning, stacklevel=2)
+        return None, reason
     try:
         return importlib.import_module("fastdd._C"), None
-    except (ImportError, OSError) as error:  # not built, or built against another torch (undefined symbols)
+    except ModuleNotFoundError as error:  # not built: the references serve, `fastdd info` says why
         return None, f"{type(error).__name__}: {error}"
+    except (ImportError, OSError) as error:  # built against another torch (undefined symbols), or damaged
+        reason = f"{type(error).__name__}: {error}"
+        warnings.warn(f"fastdd._C could not be loaded ({reason.splitlines()[0]}); fastdd uses its pure-PyTorch "
+                      f"reference ops (slower); {REBUILD_HINT}.", FastddWarning, stacklevel=2)
+        return None, reason
 
 
 def has_cpp() -> bool:

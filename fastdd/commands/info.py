@@ -25,7 +25,9 @@ def info() -> None:
         except Exception as exc:  # optional pieces: report rather than fail
             rows.append((module, f"unavailable ({exc.__class__.__name__})"))
     rows.append(("cuda available", f"{torch.cuda.is_available()} ({torch.cuda.device_count()} devices)"))
-    cpp = "loaded" if _extension.has_cpp() else f"not loaded: {_extension.load_error()}"
+    built = _extension.built_against()
+    cpp = ("loaded" + (f" (built against torch {built})" if built else "") if _extension.has_cpp()
+           else f"not loaded: {_extension.load_error()}")
     rows.append(("C++ extension fastdd._C", cpp))
     rows.append(("CUDA kernels compiled", str(_extension.has_cuda_kernels())))
     rows.append(("torch threads", str(torch.get_num_threads())))
