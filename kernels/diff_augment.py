@@ -126,10 +126,11 @@ def _rotate(row, col, weight, taps, real_row, H, W, DIGIT: tl.constexpr, DTYPE: 
 def _walk(row, col, weight, taps, real_row, int_row, H, W, cut_h, cut_w, START: tl.constexpr, STOP: tl.constexpr,
           CHAIN: tl.constexpr, DIGITS: tl.constexpr, DTYPE: tl.constexpr, ALIGN: tl.constexpr):
     """Send output positions back through the geometric families STOP - 1, ..., START of the chain (color: none)."""
-    for j in tl.static_range(STOP - START):
-        i: tl.constexpr = STOP - 1 - j
-        code: tl.constexpr = (CHAIN >> (4 * i)) & 15
-        digit: tl.constexpr = (DIGITS >> i) & 1
+    # The loop variable is the family index itself: compiled Triton refuses a constexpr assigned in an unrolled
+    # loop body ("constexpr cannot be reassigned"), which the interpreter accepts.
+    for i in tl.static_range(STOP - 1, START - 1, -1):
+        code = (CHAIN >> (4 * i)) & 15
+        digit = (DIGITS >> i) & 1
         if code == _CROP:
             row, col, weight = _crop(row, col, weight, int_row, H, W)
         elif code == _CUTOUT:
