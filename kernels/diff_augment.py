@@ -335,6 +335,9 @@ def _prepare(images: Tensor, families: str, real_params: Tensor, int_params: Ten
         C=channels,
         H=height,
         W=width,
+        # A 4096-entry [BLOCK_P, TAPS] coordinate tile (one channel, one bilinear family) spills from 4 warps'
+        # registers in float64 and nearly so in float32.
+        num_warps=max(4, min(8, block_p * chain.taps // 256)),
     )
     return images, chain, kernel_real, kernel_int, block_c, block_p, common
 
