@@ -55,7 +55,8 @@ def _cluster_cvar_weight_kernel(
             other_nan[None, :] & ((~loss_nan[:, None]) | earlier)
         )
         same_cluster = (other_cluster[None, :] == cluster[:, None]) & other_ok[None, :]
-        rank += tl.sum((worse & same_cluster).to(tl.int64), axis=1)
+        # A tile adds at most BLOCK_J: int32 counts keep the [BLOCK_I, BLOCK_J] tile in half the registers.
+        rank += tl.sum((worse & same_cluster).to(tl.int32), axis=1).to(tl.int64)
     dtype = weight_ptr.dtype.element_ty
     share = 1.0 / tail.to(dtype)
     weight = tl.where(rank < tail, share, tl.zeros_like(share))
@@ -83,7 +84,8 @@ def cluster_cvar_weight(losses: Tensor, assign: Tensor, num_clusters: int, alpha
     tails = torch.ceil(sizes.double() * alpha - 1e-9).to(torch.int64).clamp(min=1)
     tails = torch.minimum(tails, sizes.clamp(min=1))
     block_i = min(64, triton.next_power_of_2(num_samples))
-    block_j = min(64, triton.next_power_of_2(num_samples))
+    # 64 x 64 tiles of pairwise tests need 255 registers a thread (and spill on sm_80); 64 x 32 ones fit easily.
+    block_j = min(32, triton.next_power_of_2(num_samples))
     grid = (triton.cdiv(num_samples, block_i),)
     _cluster_cvar_weight_kernel[grid](
         sorted_losses,

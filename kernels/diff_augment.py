@@ -126,10 +126,11 @@ def _rotate(row, col, weight, taps, real_row, H, W, DIGIT: tl.constexpr, DTYPE: 
 def _walk(row, col, weight, taps, real_row, int_row, H, W, cut_h, cut_w, START: tl.constexpr, STOP: tl.constexpr,
           CHAIN: tl.constexpr, DIGITS: tl.constexpr, DTYPE: tl.constexpr, ALIGN: tl.constexpr):
     """Send output positions back through the geometric families STOP - 1, ..., START of the chain (color: none)."""
-    for j in tl.static_range(STOP - START):
-        i: tl.constexpr = STOP - 1 - j
-        code: tl.constexpr = (CHAIN >> (4 * i)) & 15
-        digit: tl.constexpr = (DIGITS >> i) & 1
+    # The loop variable is the family index itself: compiled Triton refuses a constexpr assigned in an unrolled
+    # loop body ("constexpr cannot be reassigned"), which the interpreter accepts.
+    for i in tl.static_range(STOP - 1, START - 1, -1):
+        code = (CHAIN >> (4 * i)) & 15
+        digit = (DIGITS >> i) & 1
         if code == _CROP:
             row, col, weight = _crop(row, col, weight, int_row, H, W)
         elif code == _CUTOUT:
@@ -141,6 +142,13 @@ def _walk(row, col, weight, taps, real_row, int_row, H, W, cut_h, cut_w, START: 
         elif code == _ROTATE:
             row, col, weight = _rotate(row, col, weight, taps, real_row, H, W, digit, DTYPE, ALIGN)
     return row, col, weight
+
+
+@triton.jit
+def _image_start(image, C, pixels):
+    """Offset of image ``image`` in a [B, C, H, W] tensor, in int64: B * C * H * W may reach 2^31 (offsets inside
+    one image stay int32)."""
+    return image.to(tl.int64) * C * pixels
 
 
 @triton.jit
@@ -172,8 +180,8 @@ def _pre_color_sum_kernel(x_ptr, partial_ptr, real_ptr, int_ptr, param_stride, C
                              DIGITS, DTYPE, ALIGN)
     channel = tl.arange(0, BLOCK_C)
     ok = (channel < C)[:, None, None] & (weight != 0.0)[None, :, :]
-    offsets = image * C * pixels + channel[:, None, None] * pixels + (row * W + col)[None, :, :]
-    values = tl.load(x_ptr + offsets, mask=ok, other=0.0)
+    offsets = channel[:, None, None] * pixels + (row * W + col)[None, :, :]
+    values = tl.load(x_ptr + _image_start(image, C, pixels) + offsets, mask=ok, other=0.0)
     tl.store(partial_ptr + image * tl.num_programs(1) + tl.program_id(1), tl.sum(values * weight[None, :, :]))
 
 
@@ -199,9 +207,10 @@ def _forward_kernel(x_ptr, out_ptr, mean_ptr, real_ptr, int_ptr, param_stride, C
         row, col, weight = _walk(row, col, weight, taps, real_row, int_row, H, W, cut_h, cut_w, 0, LENGTH, CHAIN,
                                  DIGITS, DTYPE, ALIGN)
     channel = tl.arange(0, BLOCK_C)
-    base = image * C * pixels + channel[:, None] * pixels
+    image_start = _image_start(image, C, pixels)
+    base = channel[:, None] * pixels
     ok = (channel < C)[:, None, None] & (weight != 0.0)[None, :, :]
-    values = tl.load(x_ptr + base[:, :, None] + (row * W + col)[None, :, :], mask=ok, other=0.0)
+    values = tl.load(x_ptr + image_start + (base[:, :, None] + (row * W + col)[None, :, :]), mask=ok, other=0.0)
     result = tl.sum(values * weight[None, :, :], axis=2)  # [BLOCK_C, BLOCK_P]: G x
     if COLOR_AT < LENGTH:
         saturation = tl.load(real_row + 1)
@@ -212,7 +221,7 @@ def _forward_kernel(x_ptr, out_ptr, mean_ptr, real_ptr, int_ptr, param_stride, C
         pixel_mean = (tl.sum(result, axis=0) / tl.cast(C, DTYPE))[None, :]
         result = ((result - pixel_mean) * saturation + pixel_mean) * contrast + constant * ones_post[None, :]
     ok_out = (channel < C)[:, None] & (p < pixels)[None, :]
-    tl.store(out_ptr + base + p[None, :], result, mask=ok_out)
+    tl.store(out_ptr + image_start + (base + p[None, :]), result, mask=ok_out)
 
 
 @triton.jit
@@ -229,8 +238,10 @@ def _adjoint_scatter_kernel(grad_ptr, spread_ptr, ones_pre_ptr, partial_ptr, rea
     int_row = int_ptr + image * param_stride * _INT_COLUMNS
     p, taps, row, col, weight = _start(pixels, W, TAPS, BLOCK_P, DTYPE)
     channel = tl.arange(0, BLOCK_C)
-    base = image * C * pixels + channel[:, None] * pixels
-    grad = tl.load(grad_ptr + base + p[None, :], mask=(channel < C)[:, None] & (p < pixels)[None, :], other=0.0)
+    image_start = _image_start(image, C, pixels)
+    base = channel[:, None] * pixels
+    grad = tl.load(grad_ptr + image_start + (base + p[None, :]), mask=(channel < C)[:, None] & (p < pixels)[None, :],
+                   other=0.0)
     if COLOR_AT < LENGTH:
         row, col, weight = _walk(row, col, weight, taps, real_row, int_row, H, W, cut_h, cut_w, COLOR_AT + 1,
                                  LENGTH, CHAIN, DIGITS, DTYPE, ALIGN)
@@ -242,12 +253,13 @@ def _adjoint_scatter_kernel(grad_ptr, spread_ptr, ones_pre_ptr, partial_ptr, rea
         _, pre_taps, pre_row, pre_col, pre_weight = _start(pixels, W, PRE_TAPS, BLOCK_P, DTYPE)
         pre_row, pre_col, pre_weight = _walk(pre_row, pre_col, pre_weight, pre_taps, real_row, int_row, H, W, cut_h,
                                              cut_w, 0, COLOR_AT, CHAIN, PRE_DIGITS, DTYPE, ALIGN)
-        tl.atomic_add(ones_pre_ptr + image * pixels + pre_row * W + pre_col, pre_weight, mask=pre_weight != 0.0)
+        tl.atomic_add(ones_pre_ptr + _image_start(image, 1, pixels) + (pre_row * W + pre_col), pre_weight,
+                      mask=pre_weight != 0.0)
     else:
         row, col, weight = _walk(row, col, weight, taps, real_row, int_row, H, W, cut_h, cut_w, 0, LENGTH, CHAIN,
                                  DIGITS, DTYPE, ALIGN)
     ok = (channel < C)[:, None, None] & (weight != 0.0)[None, :, :]
-    targets = spread_ptr + base[:, :, None] + (row * W + col)[None, :, :]
+    targets = spread_ptr + image_start + (base[:, :, None] + (row * W + col)[None, :, :])
     tl.atomic_add(targets, grad[:, :, None] * weight[None, :, :], mask=ok)
 
 
@@ -261,16 +273,17 @@ def _adjoint_color_kernel(spread_ptr, ones_pre_ptr, dot_ptr, out_ptr, real_ptr, 
     p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     channel = tl.arange(0, BLOCK_C)
     ok = (channel < C)[:, None] & (p < pixels)[None, :]
-    offsets = image * C * pixels + channel[:, None] * pixels + p[None, :]
-    spread = tl.load(spread_ptr + offsets, mask=ok, other=0.0)
+    image_start = _image_start(image, C, pixels)
+    offsets = channel[:, None] * pixels + p[None, :]
+    spread = tl.load(spread_ptr + image_start + offsets, mask=ok, other=0.0)
     saturation = tl.load(real_row + 1)
     contrast = tl.load(real_row + 2)
     numel = tl.cast(C * pixels, DTYPE)
-    ones_pre = tl.load(ones_pre_ptr + image * pixels + p, mask=p < pixels, other=0.0)
+    ones_pre = tl.load(ones_pre_ptr + _image_start(image, 1, pixels) + p, mask=p < pixels, other=0.0)
     constant = (1.0 - contrast) / numel * tl.load(dot_ptr + image)
     pixel_mean = (tl.sum(spread, axis=0) / tl.cast(C, DTYPE))[None, :]
     result = ((spread - pixel_mean) * saturation + pixel_mean) * contrast + constant * ones_pre[None, :]
-    tl.store(out_ptr + offsets, result, mask=ok)
+    tl.store(out_ptr + image_start + offsets, result, mask=ok)
 
 
 # --------------------------------------------------------------------------------------------------- launchers
@@ -322,6 +335,9 @@ def _prepare(images: Tensor, families: str, real_params: Tensor, int_params: Ten
         C=channels,
         H=height,
         W=width,
+        # A 4096-entry [BLOCK_P, TAPS] coordinate tile (one channel, one bilinear family) spills from 4 warps'
+        # registers in float64 and nearly so in float32.
+        num_warps=max(4, min(8, block_p * chain.taps // 256)),
     )
     return images, chain, kernel_real, kernel_int, block_c, block_p, common
 

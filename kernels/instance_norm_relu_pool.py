@@ -18,10 +18,13 @@ piecewise constant, so bias has no second-order term). With u = L(gg_x) and grad
 (the q term is the derivative of rstd, the t term that of z in L). These are the formulas of the C++ ops
 ``fastdd::instance_norm_relu_pool*``, and the launchers take and return what those ops do.
 
-A map (at most a few thousand values) fits in one block of ``BLOCK`` = next power of two >= M lanes, so each
-program loads its map once, reduces it to a handful of sums and writes its outputs. Pooled outputs are computed
-per output pixel from the four input pixels of its cell, read again from memory (the cell's values live in other
-lanes of the block); the pooling adjoint reads ``grad_y`` at each input pixel's cell. The per-channel weight and
+One program handles one map, sweeping it in blocks of ``BLOCK`` lanes (the next power of two >= M, at most
+``MAX_BLOCK``): each pass accumulates its sums lane-wise over the blocks and reduces them once at the end, the last
+pass writes the outputs. The forward makes two passes (mean, then the centred variance) and an output pass, the
+backward one pass of sums and an output pass, the double backward two passes of sums and an output pass. A map of
+one block is re-read from cache; its sums equal a single reduction of the whole map. Pooled outputs are computed
+per output pixel from the four input pixels of its cell, read again from memory; the pooling adjoint reads
+``grad_y`` at each input pixel's cell. The per-channel weight and
 bias gradients are written as per-map partials [N, C] and summed over N by the launchers, deterministically.
 """
 
@@ -109,30 +112,52 @@ def _unpooled(grad_y_ptr, k, ok, W, OH, OW, POOL: tl.constexpr):
 
 
 @triton.jit
+def _normalised(x_map, at, ok, mean, rstd):
+    """z = (x - mean) * rstd at offsets ``at`` of the map, 0 outside it."""
+    return tl.where(ok, (tl.load(x_map + at, mask=ok, other=0.0) - mean) * rstd, 0.0)
+
+
+@triton.jit
+def _gated(grad_y_map, at, ok, z, w, b, W, OH, OW, POOL: tl.constexpr):
+    """grad_a = mask * pool^T(grad_y) at offsets ``at`` of the map, mask = [weight * z + bias > 0]."""
+    return tl.where(ok & (w * z + b > 0.0), _unpooled(grad_y_map, at, ok, W, OH, OW, POOL), 0.0)
+
+
+@triton.jit
 def _forward_kernel(x_ptr, weight_ptr, bias_ptr, eps_ptr, y_ptr, mean_ptr, rstd_ptr, C, H, W, OH, OW,
                     POOL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_OUT: tl.constexpr):
     map_index, c, x_base, y_base = _map_program(C, H, W, OH, OW)
     dtype = x_ptr.dtype.element_ty
+    x_map = x_ptr + x_base
     size = H * W
-    k = tl.arange(0, BLOCK)
-    ok = k < size
-    x = tl.load(x_ptr + x_base + k, mask=ok, other=0.0)
     n = tl.cast(size, dtype)
-    mean = tl.sum(x, axis=0) / n
-    centred = tl.where(ok, x - mean, 0.0)
+    k = tl.arange(0, BLOCK)
+    total = tl.zeros([BLOCK], dtype)
+    for start in range(0, size, BLOCK):
+        total += tl.load(x_map + start + k, mask=start + k < size, other=0.0)
+    mean = tl.sum(total, axis=0) / n
     # Two passes, as the C++ kernel: no cancellation in the variance.
-    rstd = 1.0 / _sqrt_rn(tl.sum(centred * centred, axis=0) / n + tl.load(eps_ptr))
+    squares = tl.zeros([BLOCK], dtype)
+    for start in range(0, size, BLOCK):
+        ok = start + k < size
+        centred = tl.where(ok, tl.load(x_map + start + k, mask=ok, other=0.0) - mean, 0.0)
+        squares += centred * centred
+    rstd = 1.0 / _sqrt_rn(tl.sum(squares, axis=0) / n + tl.load(eps_ptr))
     tl.store(mean_ptr + map_index, mean)
     tl.store(rstd_ptr + map_index, rstd)
     w = tl.load(weight_ptr + c)
     b = tl.load(bias_ptr + c)
     if POOL:
-        o = tl.arange(0, BLOCK_OUT)
-        o_ok = o < OH * OW
-        y = _pooled_activation(x_ptr + x_base, o, o_ok, OW, W, mean, rstd, w, b)
-        tl.store(y_ptr + y_base + o, y, mask=o_ok)
+        for out_start in range(0, OH * OW, BLOCK_OUT):
+            o = out_start + tl.arange(0, BLOCK_OUT)
+            o_ok = o < OH * OW
+            y = _pooled_activation(x_map, o, o_ok, OW, W, mean, rstd, w, b)
+            tl.store(y_ptr + y_base + o, y, mask=o_ok)
     else:
-        tl.store(y_ptr + y_base + k, tl.maximum(w * ((x - mean) * rstd) + b, 0.0), mask=ok)
+        for start in range(0, size, BLOCK):
+            ok = start + k < size
+            x = tl.load(x_map + start + k, mask=ok, other=0.0)
+            tl.store(y_ptr + y_base + start + k, tl.maximum(w * ((x - mean) * rstd) + b, 0.0), mask=ok)
 
 
 @triton.jit
@@ -140,23 +165,35 @@ def _backward_kernel(grad_y_ptr, x_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr
                      bias_part_ptr, C, H, W, OH, OW, POOL: tl.constexpr, BLOCK: tl.constexpr):
     map_index, c, x_base, y_base = _map_program(C, H, W, OH, OW)
     dtype = x_ptr.dtype.element_ty
+    x_map = x_ptr + x_base
+    grad_y_map = grad_y_ptr + y_base
     size = H * W
     k = tl.arange(0, BLOCK)
-    ok = k < size
     m = tl.load(mean_ptr + map_index)
     r = tl.load(rstd_ptr + map_index)
     w = tl.load(weight_ptr + c)
     b = tl.load(bias_ptr + c)
-    z = tl.where(ok, (tl.load(x_ptr + x_base + k, mask=ok, other=0.0) - m) * r, 0.0)
-    unpooled = _unpooled(grad_y_ptr + y_base, k, ok, W, OH, OW, POOL)
-    grad_a = tl.where(ok & (w * z + b > 0.0), unpooled, 0.0)
-    sum_ga = tl.sum(grad_a, axis=0)
-    sum_gaz = tl.sum(grad_a * z, axis=0)
+    ga_total = tl.zeros([BLOCK], dtype)
+    gaz_total = tl.zeros([BLOCK], dtype)
+    for start in range(0, size, BLOCK):
+        at = start + k
+        ok = at < size
+        z = _normalised(x_map, at, ok, m, r)
+        grad_a = _gated(grad_y_map, at, ok, z, w, b, W, OH, OW, POOL)
+        ga_total += grad_a
+        gaz_total += grad_a * z
+    sum_ga = tl.sum(ga_total, axis=0)
+    sum_gaz = tl.sum(gaz_total, axis=0)
     tl.store(weight_part_ptr + map_index, sum_gaz)
     tl.store(bias_part_ptr + map_index, sum_ga)
     n = tl.cast(size, dtype)
-    grad_x = (r * w) * (grad_a - sum_ga / n - z * (sum_gaz / n))
-    tl.store(grad_x_ptr + x_base + k, grad_x, mask=ok)
+    for start in range(0, size, BLOCK):
+        at = start + k
+        ok = at < size
+        z = _normalised(x_map, at, ok, m, r)
+        grad_a = _gated(grad_y_map, at, ok, z, w, b, W, OH, OW, POOL)
+        grad_x = (r * w) * (grad_a - sum_ga / n - z * (sum_gaz / n))
+        tl.store(grad_x_ptr + x_base + at, grad_x, mask=ok)
 
 
 @triton.jit
@@ -165,49 +202,94 @@ def _double_backward_kernel(grad_y_ptr, x_ptr, weight_ptr, bias_ptr, mean_ptr, r
                             POOL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_OUT: tl.constexpr):
     map_index, c, x_base, y_base = _map_program(C, H, W, OH, OW)
     dtype = x_ptr.dtype.element_ty
+    x_map = x_ptr + x_base
+    gg_x_map = gg_x_ptr + x_base
+    grad_y_map = grad_y_ptr + y_base
     size = H * W
     n = tl.cast(size, dtype)
     k = tl.arange(0, BLOCK)
-    ok = k < size
     m = tl.load(mean_ptr + map_index)
     r = tl.load(rstd_ptr + map_index)
     w = tl.load(weight_ptr + c)
     b = tl.load(bias_ptr + c)
     ggw = tl.load(gg_weight_ptr + c)
     ggb = tl.load(gg_bias_ptr + c)
-    z = tl.where(ok, (tl.load(x_ptr + x_base + k, mask=ok, other=0.0) - m) * r, 0.0)
-    g = tl.load(gg_x_ptr + x_base + k, mask=ok, other=0.0)
-    unpooled = _unpooled(grad_y_ptr + y_base, k, ok, W, OH, OW, POOL)
-    grad_a = tl.where(ok & (w * z + b > 0.0), unpooled, 0.0)
 
-    mean_gz = w * tl.sum(grad_a, axis=0) / n  # mean(grad_z)
-    mean_gzz = w * tl.sum(grad_a * z, axis=0) / n  # mean(grad_z * z)
-    sum_g = tl.sum(g, axis=0)
-    sum_gxz = tl.sum(g * z, axis=0)
+    # Pass 1: the sums over the map that the second-order terms need.
+    ga_total = tl.zeros([BLOCK], dtype)
+    gaz_total = tl.zeros([BLOCK], dtype)
+    g_total = tl.zeros([BLOCK], dtype)
+    gz_total = tl.zeros([BLOCK], dtype)
+    gga_total = tl.zeros([BLOCK], dtype)
+    for start in range(0, size, BLOCK):
+        at = start + k
+        ok = at < size
+        z = _normalised(x_map, at, ok, m, r)
+        g = tl.load(gg_x_map + at, mask=ok, other=0.0)
+        grad_a = _gated(grad_y_map, at, ok, z, w, b, W, OH, OW, POOL)
+        ga_total += grad_a
+        gaz_total += grad_a * z
+        g_total += g
+        gz_total += g * z
+        gga_total += g * grad_a
+    mean_gz = w * tl.sum(ga_total, axis=0) / n  # mean(grad_z)
+    mean_gzz = w * tl.sum(gaz_total, axis=0) / n  # mean(grad_z * z)
+    sum_g = tl.sum(g_total, axis=0)
+    sum_gxz = tl.sum(gz_total, axis=0)
     mean_g = sum_g / n
     mean_gxz = sum_gxz / n  # mean(gg_x * z)
-    q = w * tl.sum(g * grad_a, axis=0) - mean_gz * sum_g - mean_gzz * sum_gxz
+    q = w * tl.sum(gga_total, axis=0) - mean_gz * sum_g - mean_gzz * sum_gxz
 
-    u = r * (g - mean_g - z * mean_gxz)
-    tl.store(weight_part_ptr + map_index, tl.sum(u * grad_a, axis=0))
-    t = ggw * grad_a - r * (g * mean_gzz + mean_gxz * w * grad_a)
-    mean_t = tl.sum(t, axis=0) / n
-    mean_tz = tl.sum(t * z, axis=0) / n
-    grad_x = r * (t - mean_t - z * mean_tz) - (r * r * q / n) * z
-    tl.store(grad_x_ptr + x_base + k, grad_x, mask=ok)
+    # Pass 2: d/d weight, and the sums of t.
+    ua_total = tl.zeros([BLOCK], dtype)
+    t_total = tl.zeros([BLOCK], dtype)
+    tz_total = tl.zeros([BLOCK], dtype)
+    for start in range(0, size, BLOCK):
+        at = start + k
+        ok = at < size
+        z = _normalised(x_map, at, ok, m, r)
+        g = tl.load(gg_x_map + at, mask=ok, other=0.0)
+        grad_a = _gated(grad_y_map, at, ok, z, w, b, W, OH, OW, POOL)
+        u = r * (g - mean_g - z * mean_gxz)
+        ua_total += u * grad_a
+        t = ggw * grad_a - r * (g * mean_gzz + mean_gxz * w * grad_a)
+        t_total += t
+        tz_total += t * z
+    tl.store(weight_part_ptr + map_index, tl.sum(ua_total, axis=0))
+    mean_t = tl.sum(t_total, axis=0) / n
+    mean_tz = tl.sum(tz_total, axis=0) / n
+
+    # Pass 3: d/d x (and d/d grad_y without pooling), per pixel.
+    for start in range(0, size, BLOCK):
+        at = start + k
+        ok = at < size
+        z = _normalised(x_map, at, ok, m, r)
+        g = tl.load(gg_x_map + at, mask=ok, other=0.0)
+        grad_a = _gated(grad_y_map, at, ok, z, w, b, W, OH, OW, POOL)
+        t = ggw * grad_a - r * (g * mean_gzz + mean_gxz * w * grad_a)
+        grad_x = r * (t - mean_t - z * mean_tz) - (r * r * q / n) * z
+        tl.store(grad_x_ptr + x_base + at, grad_x, mask=ok)
+        if not POOL:
+            u = r * (g - mean_g - z * mean_gxz)
+            grad_grad_y = tl.where(w * z + b > 0.0, w * u + ggw * z + ggb, 0.0)
+            tl.store(grad_grad_y_ptr + y_base + at, grad_grad_y, mask=ok)
 
     if POOL:
-        o = tl.arange(0, BLOCK_OUT)
-        o_ok = o < OH * OW
-        grad_grad_y = _pooled_grad_grad_y(x_ptr + x_base, gg_x_ptr + x_base, o, o_ok, OW, W, m, r, w, b, ggw, ggb,
-                                          mean_g, mean_gxz)
-        tl.store(grad_grad_y_ptr + y_base + o, grad_grad_y, mask=o_ok)
-    else:
-        grad_grad_y = tl.where(w * z + b > 0.0, w * u + ggw * z + ggb, 0.0)
-        tl.store(grad_grad_y_ptr + y_base + k, grad_grad_y, mask=ok)
+        for out_start in range(0, OH * OW, BLOCK_OUT):
+            o = out_start + tl.arange(0, BLOCK_OUT)
+            o_ok = o < OH * OW
+            grad_grad_y = _pooled_grad_grad_y(x_map, gg_x_map, o, o_ok, OW, W, m, r, w, b, ggw, ggb, mean_g,
+                                              mean_gxz)
+            tl.store(grad_grad_y_ptr + y_base + o, grad_grad_y, mask=o_ok)
 
 
 # --------------------------------------------------------------------------------------------------- launchers
+
+
+# Lanes of one program: a larger map is swept in blocks of this many values, which bounds the registers a program
+# needs. One block of a whole 128 x 128 or 224 x 224 map spills; 4096 lanes still spill in the float64 double
+# backward on sm_90; 2048 lanes with 8 warps (8 values a thread) do not.
+MAX_BLOCK = 2048
 
 
 class _Geometry:
@@ -218,8 +300,8 @@ class _Geometry:
         self.maps = batch * channels
         self.out_height, self.out_width = (height // 2, width // 2) if pool else (height, width)
         self.sizes = {"C": channels, "H": height, "W": width, "OH": self.out_height, "OW": self.out_width}
-        self.block = triton.next_power_of_2(height * width)
-        self.block_out = triton.next_power_of_2(max(1, self.out_height * self.out_width))
+        self.block = min(triton.next_power_of_2(height * width), MAX_BLOCK)
+        self.block_out = min(triton.next_power_of_2(max(1, self.out_height * self.out_width)), self.block)
         self.num_warps = max(1, min(8, self.block // 256))
 
 

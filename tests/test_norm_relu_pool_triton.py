@@ -83,12 +83,33 @@ def test_matches_reference_to_second_order(case, dtype, generator):
 
 
 @needs_triton
+def test_maps_of_several_blocks_match_reference_to_second_order(generator, monkeypatch):
+    monkeypatch.setattr(norm_relu_pool._triton_kernels(), "MAX_BLOCK", 16)
+    for *shape, pool in [(2, 3, 9, 11, True), (1, 2, 6, 7, False)]:
+        x, weight, bias = _inputs(*shape, generator)
+        seed = int(torch.randint(1 << 30, (1,), generator=generator))
+        got, expected = (
+            _first_and_second_order(fn, x, weight, bias, torch.Generator().manual_seed(seed))
+            for fn in (_triton(pool), _reference(pool))
+        )
+        (y, grads, second), (y_ref, grads_ref, second_ref) = got, expected
+        for g, e in zip((y, *grads), (y_ref, *grads_ref)):
+            torch.testing.assert_close(g, e, atol=1e-12, rtol=1e-10)
+        for g, e in zip(second, second_ref):
+            _assert_close_or_both_zero(g, e, atol=1e-12, rtol=1e-10)
+
+
+@needs_triton
 @needs_cpp
-@pytest.mark.parametrize("case", [(2, 3, 5, 6, True), (2, 2, 3, 5, False)])
-def test_launchers_match_the_cpp_ops(case, generator):
+@pytest.mark.parametrize("case", [(2, 3, 5, 6, True), (2, 2, 3, 5, False), (1, 2, 7, 9, True)])
+@pytest.mark.parametrize("max_block", [None, 8])
+def test_launchers_match_the_cpp_ops(case, max_block, generator, monkeypatch):
     """The three launchers return what the three ``torch.ops.fastdd`` ops do, mean and rstd included, with every
-    cotangent of the double backward given or missing."""
+    cotangent of the double backward given or missing. ``max_block`` 8 sweeps each map in several blocks, the path
+    of maps larger than ``MAX_BLOCK`` (64 x 64 and up on a GPU)."""
     kernels = norm_relu_pool._triton_kernels()
+    if max_block is not None:
+        monkeypatch.setattr(kernels, "MAX_BLOCK", max_block)
     ops = torch.ops.fastdd
     *shape, pool = case
     x, weight, bias = (t.detach() for t in _inputs(*shape, generator))
