@@ -21,12 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from fastdd.errors import FastddWarning
 from fastdd.evaluate.metrics import EvalMetric, TrainedNetwork, summarize
 from fastdd.io import write_json
 
@@ -148,6 +150,9 @@ def full_data_network(
                            out=None if folder is None else str(folder), quiet=True)
     path = Path(config.output_folder())
     if not is_network_folder(path):
+        warnings.warn(f"--scores: no full-data {model} of {dataset} in {path}; training one there with fastdd "
+                      f"teacher's defaults ({config.epochs} epochs), once: later --scores runs reuse it.",
+                      FastddWarning, stacklevel=2)
         train_teacher(config, on_epoch=on_epoch)
     meta = read_network_meta(path)
     return float(meta["test_accuracy"]), path
