@@ -138,9 +138,12 @@ def _labels_for_tools(synset: SyntheticSet) -> torch.Tensor:
 
 
 def _write_image_folder(synset: SyntheticSet, folder: Path) -> list[Path]:
-    if synset.soft_labels is not None or synset.syn_lr is not None:
-        warnings.warn("an image folder holds images and hard labels only: the set's soft labels and learned lr are "
-                      "not written (use --format mtt to keep them).", FastddWarning, stacklevel=3)
+    dropped = [what for what, present in (("soft labels", synset.soft_labels is not None),
+                                          ("learned lr", synset.syn_lr is not None)) if present]
+    if dropped:
+        warnings.warn(f"an image folder holds images and hard labels only: the set's {' and '.join(dropped)} "
+                      f"{'is' if len(dropped) == 1 else 'are'} not written (use --format mtt to keep them).",
+                      FastddWarning, stacklevel=3)
     unit = synset_unit_images(synset)
     classes = int(synset.meta.get("num_classes") or int(synset.labels.max()) + 1)
     width = max(3, len(str(classes - 1)))
