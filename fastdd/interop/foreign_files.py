@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -119,21 +119,19 @@ def _read_triplet(paths: list[Path], folder_names: dict[str, tuple[str, ...]] | 
 def _read_tensor(path: Path) -> torch.Tensor:
     """The one tensor of a ``.pt``, ``.safetensors`` or ``.npy`` file."""
     suffix = path.suffix.lower()
-    try:
+
+    def load() -> Any:
         if suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            content: Any = load_file(str(path))
-        elif suffix == ".npy":
+            return load_file(str(path))
+        if suffix == ".npy":
             import numpy as np
 
-            content = torch.from_numpy(np.load(path, allow_pickle=False))
-        else:
-            content = safe_torch_load(path, path)
-    except FastddError:
-        raise
-    except Exception as exc:
-        raise FastddError(f"could not read {path}: it is damaged or not a tensor file ({_first_line(exc)}).") from exc
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        return safe_torch_load(path, path)
+
+    content = _loaded(path, load, "a tensor file")
     if isinstance(content, dict) and len(content) == 1:
         content = next(iter(content.values()))
     if not isinstance(content, torch.Tensor):
@@ -145,12 +143,7 @@ def _read_tensor(path: Path) -> torch.Tensor:
 def _read_dc(path: Path, experiment: int) -> ForeignTensors:
     if path.is_dir():
         raise FastddError(f"--format dc reads a res_*.pt file, and {path} is a folder.")
-    try:
-        content = safe_torch_load(path, path)
-    except FastddError:
-        raise
-    except Exception as exc:
-        raise FastddError(f"could not read {path}: it is damaged or not a torch file ({_first_line(exc)}).") from exc
+    content = _loaded(path, lambda: safe_torch_load(path, path), "a torch file")
     data = content.get("data") if isinstance(content, dict) else None
     if not isinstance(data, (list, tuple)) or not data:
         raise FastddError(f"{path} has no 'data' list of (images, labels) pairs: it is not a DC res_*.pt file.")
@@ -212,6 +205,16 @@ def _decode(path: Path, channels: int) -> torch.Tensor:
     pixels = torch.from_numpy(array.copy())
     pixels = pixels.unsqueeze(0) if pixels.dim() == 2 else pixels.permute(2, 0, 1)
     return pixels.to(torch.float32) / 255
+
+
+def _loaded(path: Path, load: Callable[[], Any], what: str) -> Any:
+    """``load()``, with anything but fastdd's own errors worded as one sentence naming ``path``."""
+    try:
+        return load()
+    except FastddError:
+        raise
+    except Exception as exc:
+        raise FastddError(f"could not read {path}: it is damaged or not {what} ({_first_line(exc)}).") from exc
 
 
 def _file_record(path: Path) -> dict[str, str]:
