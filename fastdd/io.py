@@ -156,8 +156,8 @@ def safe_torch_load(source: str | Path | bytes, where: str | Path) -> Any:
         )
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if "weights only" not in text.lower():
-            raise
+        if "weights only" not in text.lower() or "global" not in text.lower():
+            raise  # not a refused object (e.g. "Unsupported operand": a damaged or foreign file); the caller words it
         found = re.search(r"GLOBAL\s+([\w.]+)", text)
         named = f" ({found.group(1)})" if found else ""
         raise UnsafeFileError(

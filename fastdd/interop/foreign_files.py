@@ -214,7 +214,11 @@ def _loaded(path: Path, load: Callable[[], Any], what: str) -> Any:
     except FastddError:
         raise
     except Exception as exc:
-        raise FastddError(f"could not read {path}: it is damaged or not {what} ({_first_line(exc)}).") from exc
+        import pickle
+
+        # torch's message for an unreadable pickle suggests weights_only=False, which fastdd never does
+        reason = "its pickle is unreadable" if isinstance(exc, pickle.UnpicklingError) else _first_line(exc)
+        raise FastddError(f"could not read {path}: it is damaged or not {what} ({reason}).") from exc
 
 
 def _file_record(path: Path) -> dict[str, str]:
