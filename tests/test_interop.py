@@ -305,6 +305,10 @@ def test_pickled_objects_are_never_unpickled(tmp_path):
     (tmp_path / "evil.pt").write_bytes(pickle.dumps({"data": Payload()}, protocol=2))
     with pytest.raises(UnsafeFileError):
         import_synthetic_set("dc", [tmp_path / "evil.pt"], dataset="digits")
+    (tmp_path / "damaged.pt").write_bytes(b"not a pickle at all")
+    with pytest.raises(FastddError, match="damaged") as info:
+        import_synthetic_set("tensors", [tmp_path / "damaged.pt"], dataset="digits")
+    assert not isinstance(info.value, UnsafeFileError) and "weights_only" not in str(info.value)
 
 
 def test_targets_refuse_what_they_cannot_take(digits, cifar100, tmp_path):
