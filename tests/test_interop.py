@@ -186,6 +186,10 @@ def test_foreign_layouts_are_imported_and_evaluated(digits, tmp_path):
     torch.save(images, tmp_path / "datm" / "image_syn.pt")
     torch.save(labels.float(), tmp_path / "datm" / "label_syn.pt")
     torch.save(torch.tensor([0.03]), tmp_path / "datm" / "syn_lr.pt")
+    # DD-Ranking's names: soft labels as logits, images in a folder
+    (tmp_path / "ddr").mkdir()
+    torch.save(images, tmp_path / "ddr" / "images.pt")
+    torch.save(4.0 * torch.nn.functional.one_hot(labels, 10).float(), tmp_path / "ddr" / "labels.pt")
     # plain tensors: .npy images in [0, 1], safetensors labels
     unit = images * digits.std[0] + digits.mean[0]
     np.save(tmp_path / "images.npy", unit.numpy())
@@ -199,6 +203,7 @@ def test_foreign_layouts_are_imported_and_evaluated(digits, tmp_path):
     sets = {
         "dc": import_synthetic_set("dc", [tmp_path / "res_DC_digits.pt"], dataset="digits"),
         "mtt": import_synthetic_set("mtt", [tmp_path / "datm"], dataset="digits"),
+        "ddranking": import_synthetic_set("ddranking", [tmp_path / "ddr"], dataset="digits"),
         "tensors": import_synthetic_set("tensors", [tmp_path / "images.npy", tmp_path / "labels.safetensors"],
                                         dataset="digits", normalization="none"),
         "imagefolder": import_synthetic_set("imagefolder", [tmp_path / "pngs"], dataset="digits"),
@@ -210,11 +215,12 @@ def test_foreign_layouts_are_imported_and_evaluated(digits, tmp_path):
         assert synset.meta["imported"]["reordered_to_class_major"] is (name != "imagefolder")  # folders are sorted
     assert float(sets["mtt"].syn_lr) == pytest.approx(0.03) and sets["dc"].meta["imported"]["experiment"] == 1
     assert sets["dc"].meta["imported"]["files"]["images"]["sha256"]
-    synset = sets["mtt"]
-    synset.save(tmp_path / "imported")
-    loaded = SyntheticSet.load(tmp_path / "imported")
-    result = evaluate_synthetic_set(loaded, dataset_for_synset(loaded), config=_tiny_protocol())
-    assert 0 <= result["models"]["convnet"]["acc"]["mean"] <= 100 and result["method"] == "imported"
+    torch.testing.assert_close(sets["ddranking"].soft_labels.sum(1), torch.ones(20))
+    for name, synset in sets.items():
+        synset.save(tmp_path / f"imported-{name}")
+        loaded = SyntheticSet.load(tmp_path / f"imported-{name}")
+        result = evaluate_synthetic_set(loaded, dataset_for_synset(loaded), config=_tiny_protocol())
+        assert 0 <= result["models"]["convnet"]["acc"]["mean"] <= 100 and result["method"] == "imported", name
 
 
 def _tiny_protocol():
