@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch_device import on_input_device
+
 # Family codes of the constexpr chain (4 bits per family, first family in the lowest bits).
 _COLOR = tl.constexpr(1)
 _CROP = tl.constexpr(2)
@@ -342,6 +344,7 @@ def _prepare(images: Tensor, families: str, real_params: Tensor, int_params: Ten
     return images, chain, kernel_real, kernel_int, block_c, block_p, common
 
 
+@on_input_device
 def diff_augment_forward(images: Tensor, families: str, real_params: Tensor, int_params: Tensor,
                          cutout_size: list[int], align_corners: bool, with_offset: bool = True) -> Tensor:
     """A(images) (``with_offset=False``: its linear part): images [B, C, H, W] float32/float64 -> [B, C, H, W].
@@ -373,6 +376,7 @@ def diff_augment_forward(images: Tensor, families: str, real_params: Tensor, int
     return out
 
 
+@on_input_device
 def diff_augment_adjoint(grad: Tensor, families: str, real_params: Tensor, int_params: Tensor,
                          cutout_size: list[int], align_corners: bool) -> Tensor:
     """A^T(grad), the gradient of ``diff_augment_forward`` w.r.t. its images: grad [B, C, H, W] -> [B, C, H, W]."""
