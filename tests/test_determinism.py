@@ -52,3 +52,30 @@ def test_deterministic_mode_reaches_the_triton_adjoint(monkeypatch, generator):
         (ordered,) = torch.autograd.grad(diff_augment(x, params, backend="triton").sum(), x)
     assert calls == [False, True]
     torch.testing.assert_close(ordered, plain, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("flag", [[], ["--deterministic"]])
+def test_commands_run_in_the_mode_they_are_given(flag, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fastdd.cli import app
+    from fastdd.distill import experts_job, job
+
+    seen = []
+
+    def recording(real):
+        def call(*args, **kwargs):
+            seen.append(deterministic_enabled())
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(job, "run_distillation", recording(job.run_distillation))
+    monkeypatch.setattr(experts_job, "train_experts", recording(experts_job.train_experts))
+    tiny = ["--width", "8", "--quiet", *flag]
+    runner = CliRunner()
+    result = runner.invoke(app, ["distill", "--method", "dm", "--ipc", "1", "--iterations", "1", "--batch-real", "16",
+                                 "--out", str(tmp_path / "dm"), *tiny])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["experts", "--num-experts", "1", "--epochs", "1", "--out", str(tmp_path / "e"), *tiny])
+    assert result.exit_code == 0, result.output
+    assert seen == [bool(flag)] * 2 and not deterministic_enabled()
