@@ -10,6 +10,7 @@ import os
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0+PTX"
 
 
 def _want_cuda() -> bool:
@@ -48,7 +49,9 @@ def _extensions():
     define_macros = []
     if _want_cuda():
         includes, libs = _nvidia_dirs()
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # Binaries for T4 (sm_75), A100 (sm_80) and H100 (sm_90), plus sm_90 PTX that the driver compiles for
+        # newer cards (Blackwell); without PTX a card newer than the list gets no kernel at all.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         return [
             CUDAExtension(
                 "fastdd._C",

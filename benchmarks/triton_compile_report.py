@@ -215,14 +215,16 @@ def _augment_case(name: str, tier: str, shape: tuple[int, ...], families: str, s
         cutout = [shape[2] // 2, shape[3] // 2]
         return diff_augment.diff_augment_forward(images, families, real, ints, cutout, align_corners, with_offset)
 
-    def adjoint(dtype):
+    def adjoint(dtype, deterministic=False):
         grad = torch.empty(shape, dtype=dtype)
         real, ints = _augment_params(1 if shared else shape[0], dtype)
         return diff_augment.diff_augment_adjoint(grad, families, real, ints, [shape[2] // 2, shape[3] // 2],
-                                                 align_corners)
+                                                 align_corners, deterministic)
 
     label = f"diff_augment {name} {'x'.join(map(str, shape))} {families} {'shared' if shared else 'per-image'}"
     cases = [Case(f"{label} forward", tier, forward), Case(f"{label} adjoint", tier, adjoint)]
+    if tier == "cli":  # --deterministic's scatter (its term buffers would not fit in memory at the large shapes)
+        cases.append(Case(f"{label} adjoint deterministic", tier, lambda dtype: adjoint(dtype, True)))
     if "color" in families:  # the linear part alone, used by the double backward
         cases.append(Case(f"{label} forward without offset", tier, lambda dtype: forward(dtype, with_offset=False)))
     return cases

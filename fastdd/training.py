@@ -63,7 +63,8 @@ def train_epoch(
     order = torch.randperm(images.shape[0], generator=generator).to(images.device)
     if outliers is not None:
         shares = outliers.shares(-(-images.shape[0] // batch_size), generator)
-    total, count = 0.0, 0
+    # The loss is summed on the device in float64 (what Python floats did) and read once: no sync per minibatch.
+    total, count = torch.zeros((), dtype=torch.float64, device=images.device), 0
     for number, start in enumerate(range(0, images.shape[0], batch_size)):
         idx = order[start : start + batch_size]
         if objective is not None:
@@ -80,9 +81,9 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item() * idx.numel()
+        total += loss.detach().double() * idx.numel()
         count += idx.numel()
-    return total / max(count, 1)
+    return float(total) / max(count, 1)
 
 
 def _inputs(
@@ -99,7 +100,8 @@ def _inputs(
 
 @torch.no_grad()
 def predict_logits(net: torch.nn.Module, images: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
-    """Logits ``[N, num_classes]`` of ``net`` in eval mode on ``images`` ``[N, C, H, W]``, moved to ``images``' device."""
+    """Logits ``[N, num_classes]`` of ``net`` in eval mode on ``images`` ``[N, C, H, W]``, moved to ``images``'
+    device."""
     net.eval()
     device = next(net.parameters()).device
     outs = [net(images[i : i + batch_size].to(device)) for i in range(0, images.shape[0], batch_size)]

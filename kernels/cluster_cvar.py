@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch_device import on_input_device
+
 
 @triton.jit
 def _cluster_cvar_weight_kernel(
@@ -64,6 +66,7 @@ def _cluster_cvar_weight_kernel(
     tl.store(weight_ptr + sample, weight, mask=ok)
 
 
+@on_input_device
 def cluster_cvar_weight(losses: Tensor, assign: Tensor, num_clusters: int, alpha: float) -> Tensor:
     """Launch the kernel: losses [N] (float32/float64), assign [N] int64 in [0, G) -> weight [N] in losses' dtype.
 

@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch_device import on_input_device
+
 # Family codes of the constexpr chain (4 bits per family, first family in the lowest bits).
 _COLOR = tl.constexpr(1)
 _CROP = tl.constexpr(2)
@@ -225,13 +227,16 @@ def _forward_kernel(x_ptr, out_ptr, mean_ptr, real_ptr, int_ptr, param_stride, C
 
 
 @triton.jit
-def _adjoint_scatter_kernel(grad_ptr, spread_ptr, ones_pre_ptr, partial_ptr, real_ptr, int_ptr, param_stride, C, H,
-                            W, cut_h, cut_w, LENGTH: tl.constexpr, COLOR_AT: tl.constexpr, CHAIN: tl.constexpr,
+def _adjoint_scatter_kernel(grad_ptr, spread_ptr, ones_pre_ptr, partial_ptr, real_ptr, int_ptr, spread_slot_ptr,
+                            spread_value_ptr, ones_slot_ptr, ones_value_ptr, param_stride, C, H, W, cut_h, cut_w,
+                            LENGTH: tl.constexpr, COLOR_AT: tl.constexpr, CHAIN: tl.constexpr,
                             DIGITS: tl.constexpr, PRE_DIGITS: tl.constexpr, TAPS: tl.constexpr,
                             POST_TAPS: tl.constexpr, PRE_TAPS: tl.constexpr, DTYPE: tl.constexpr,
-                            ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                            ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                            DETERMINISTIC: tl.constexpr):
     """spread += G^T grad (atomics). With color also ones_pre += G_pre^T(1) and partial = <G_post(1), grad> per
-    block."""
+    block. DETERMINISTIC: no atomics; every term and its flat target go to the slot and value buffers instead (one
+    entry per (image, channel, pixel, tap)), which the launcher adds in a fixed order."""
     image = tl.program_id(0)
     pixels = H * W
     real_row = real_ptr + image * param_stride * _REAL_COLUMNS
@@ -253,14 +258,26 @@ def _adjoint_scatter_kernel(grad_ptr, spread_ptr, ones_pre_ptr, partial_ptr, rea
         _, pre_taps, pre_row, pre_col, pre_weight = _start(pixels, W, PRE_TAPS, BLOCK_P, DTYPE)
         pre_row, pre_col, pre_weight = _walk(pre_row, pre_col, pre_weight, pre_taps, real_row, int_row, H, W, cut_h,
                                              cut_w, 0, COLOR_AT, CHAIN, PRE_DIGITS, DTYPE, ALIGN)
-        tl.atomic_add(ones_pre_ptr + _image_start(image, 1, pixels) + (pre_row * W + pre_col), pre_weight,
-                      mask=pre_weight != 0.0)
+        ones_target = _image_start(image, 1, pixels) + (pre_row * W + pre_col)
+        if DETERMINISTIC:
+            pre_slot = (_image_start(image, 1, pixels) + p[:, None]) * PRE_TAPS + pre_taps[None, :]
+            in_block = (p < pixels)[:, None] & (pre_taps < PRE_TAPS)[None, :]
+            tl.store(ones_slot_ptr + pre_slot, tl.where(pre_weight != 0.0, ones_target, 0), mask=in_block)
+            tl.store(ones_value_ptr + pre_slot, pre_weight, mask=in_block)
+        else:
+            tl.atomic_add(ones_pre_ptr + ones_target, pre_weight, mask=pre_weight != 0.0)
     else:
         row, col, weight = _walk(row, col, weight, taps, real_row, int_row, H, W, cut_h, cut_w, 0, LENGTH, CHAIN,
                                  DIGITS, DTYPE, ALIGN)
     ok = (channel < C)[:, None, None] & (weight != 0.0)[None, :, :]
-    targets = spread_ptr + image_start + (base[:, :, None] + (row * W + col)[None, :, :])
-    tl.atomic_add(targets, grad[:, :, None] * weight[None, :, :], mask=ok)
+    targets = image_start + (base[:, :, None] + (row * W + col)[None, :, :])
+    if DETERMINISTIC:
+        slot = (image_start + base[:, :, None] + p[None, :, None]) * TAPS + taps[None, None, :]
+        in_block = (channel < C)[:, None, None] & ((p < pixels)[:, None] & (taps < TAPS)[None, :])[None, :, :]
+        tl.store(spread_slot_ptr + slot, tl.where(ok, targets, 0), mask=in_block)
+        tl.store(spread_value_ptr + slot, tl.where(ok, grad[:, :, None] * weight[None, :, :], 0.0), mask=in_block)
+    else:
+        tl.atomic_add(spread_ptr + targets, grad[:, :, None] * weight[None, :, :], mask=ok)
 
 
 @triton.jit
@@ -342,6 +359,7 @@ def _prepare(images: Tensor, families: str, real_params: Tensor, int_params: Ten
     return images, chain, kernel_real, kernel_int, block_c, block_p, common
 
 
+@on_input_device
 def diff_augment_forward(images: Tensor, families: str, real_params: Tensor, int_params: Tensor,
                          cutout_size: list[int], align_corners: bool, with_offset: bool = True) -> Tensor:
     """A(images) (``with_offset=False``: its linear part): images [B, C, H, W] float32/float64 -> [B, C, H, W].
@@ -373,9 +391,15 @@ def diff_augment_forward(images: Tensor, families: str, real_params: Tensor, int
     return out
 
 
+@on_input_device
 def diff_augment_adjoint(grad: Tensor, families: str, real_params: Tensor, int_params: Tensor,
-                         cutout_size: list[int], align_corners: bool) -> Tensor:
-    """A^T(grad), the gradient of ``diff_augment_forward`` w.r.t. its images: grad [B, C, H, W] -> [B, C, H, W]."""
+                         cutout_size: list[int], align_corners: bool, deterministic: bool = False) -> Tensor:
+    """A^T(grad), the gradient of ``diff_augment_forward`` w.r.t. its images: grad [B, C, H, W] -> [B, C, H, W].
+
+    ``deterministic``: the scatter writes its terms to buffers (B * C * H * W * taps values and int64 targets, taps
+    = 4 per bilinear family) that ``index_put_`` then adds in sorted order, instead of float atomics whose order, on
+    a GPU, changes the result's last bits from run to run.
+    """
     grad, chain, real, ints, block_c, block_p, common = _prepare(grad, families, real_params, int_params)
     batch, channels, height, width = grad.shape
     spread = torch.zeros_like(grad)
@@ -385,12 +409,23 @@ def diff_augment_adjoint(grad: Tensor, families: str, real_params: Tensor, int_p
     dtype = _TORCH_TO_TRITON[grad.dtype]
     ones_pre = grad.new_zeros(batch, height * width)
     partial = grad.new_zeros(batch, grid[1])
+    buffers = (spread, spread, ones_pre, ones_pre)  # unread placeholders unless deterministic
+    if deterministic:
+        spread_terms = grad.numel() * chain.taps
+        ones_terms = ones_pre.numel() * chain.pre_taps if chain.has_color else 1
+        buffers = (grad.new_zeros(spread_terms, dtype=torch.int64), grad.new_zeros(spread_terms),
+                   grad.new_zeros(ones_terms, dtype=torch.int64), grad.new_zeros(ones_terms))
     _adjoint_scatter_kernel[grid](
-        grad, spread, ones_pre, partial, real, ints, cut_h=cutout_size[0], cut_w=cutout_size[1],
+        grad, spread, ones_pre, partial, real, ints, *buffers, cut_h=cutout_size[0], cut_w=cutout_size[1],
         LENGTH=chain.length, COLOR_AT=chain.color_at, CHAIN=chain.code, DIGITS=chain.digits,
         PRE_DIGITS=chain.pre_digits, TAPS=chain.taps, POST_TAPS=chain.post_taps, PRE_TAPS=chain.pre_taps,
-        DTYPE=dtype, ALIGN=align_corners, BLOCK_C=block_c, BLOCK_P=block_p, **common,
+        DTYPE=dtype, ALIGN=align_corners, BLOCK_C=block_c, BLOCK_P=block_p, DETERMINISTIC=deterministic, **common,
     )
+    if deterministic:
+        spread_slots, spread_values, ones_slots, ones_values = buffers
+        spread.view(-1).index_put_((spread_slots,), spread_values, accumulate=True)
+        if chain.has_color:
+            ones_pre.view(-1).index_put_((ones_slots,), ones_values, accumulate=True)
     if not chain.has_color:
         return spread
     out = torch.empty_like(grad)

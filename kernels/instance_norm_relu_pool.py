@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch_device import on_input_device
+
 
 @triton.jit
 def _map_program(C, H, W, OH, OW):
@@ -305,6 +307,7 @@ class _Geometry:
         self.num_warps = max(1, min(8, self.block // 256))
 
 
+@on_input_device
 def instance_norm_relu_pool_forward(
     x: Tensor, weight: Tensor, bias: Tensor, eps: float, pool: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -327,6 +330,7 @@ def instance_norm_relu_pool_forward(
     return y, mean, rstd
 
 
+@on_input_device
 def instance_norm_relu_pool_backward(
     grad_y: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, pool: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -345,6 +349,7 @@ def instance_norm_relu_pool_backward(
     return grad_x, weight_part.sum(0), bias_part.sum(0)
 
 
+@on_input_device
 def instance_norm_relu_pool_double_backward(
     grad_y: Tensor,
     x: Tensor,

@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch_device import on_input_device
+
 
 @triton.jit
 def _nearest_synthetic_kernel(
@@ -80,6 +82,7 @@ def _nearest_synthetic_kernel(
     tl.store(sq_dist_ptr + rows, sq_dist, mask=row_ok)
 
 
+@on_input_device
 def nearest_synthetic_forward(
     points: Tensor, centers: Tensor, point_groups: Tensor | None = None, center_groups: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:

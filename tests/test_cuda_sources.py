@@ -18,8 +18,9 @@ import pytest
 from torch.utils import cpp_extension
 
 ROOT = Path(__file__).resolve().parents[1]
-# One architecture keeps CI time down; sm_80 is the oldest the kernels are tuned for.
-ARCH_LIST = os.environ.get("FASTDD_TEST_CUDA_ARCH", "8.0")
+# One architecture keeps CI time down; sm_80 is the oldest the kernels are tuned for. With its PTX, as the default
+# list of setup.py ships PTX for cards newer than its binaries.
+ARCH_LIST = os.environ.get("FASTDD_TEST_CUDA_ARCH", "8.0+PTX")
 # Ops whose CUDA kernels must be registered by the library (a kernel file that compiles but no longer registers
 # itself would otherwise pass unnoticed).
 CUDA_OPS = ("fastdd::nearest_synthetic", "fastdd::nearest_synthetic_backward")
@@ -78,3 +79,14 @@ def test_cuda_sources_compile_and_link(tmp_path):
     )
     _run([sys.executable, "-c", check], env, "loading the CUDA build of fastdd._C")
     print(f"CUDA build of fastdd._C ({ARCH_LIST}) compiled, linked and loaded in {time.perf_counter() - started:.0f} s")
+
+
+def test_default_arch_list_ships_ptx():
+    # Without PTX a card newer than the listed binaries (Blackwell) finds no CUDA kernel of fastdd._C at all.
+    import ast
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    value = next(node.value.value for node in tree.body if isinstance(node, ast.Assign)
+                 and getattr(node.targets[0], "id", None) == "DEFAULT_CUDA_ARCHS")
+    archs = value.split(";")
+    assert archs[-1].endswith("+PTX") and {"7.5", "8.0"} <= {a.removesuffix("+PTX") for a in archs}

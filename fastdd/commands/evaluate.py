@@ -31,6 +31,7 @@ def evaluate(
     The test accuracy is the mean ± std over runs; with --ood also their OOD detection (AUROC, AUPR-IN/OUT, FPR95 in
     TrustDD's and OpenOOD's conventions), with --robustness their worst-cluster and shifted-input accuracies, with
     --calibration their ECE / NLL raw, after TS and after MTS, and with --scores DD-Ranking's HLR, IOR and LRS."""
+    from fastdd.determinism import deterministic_algorithms
     from fastdd.evaluate import dataset_for_synset, plan_evaluation
     from fastdd.io import SyntheticSet, write_json
 
@@ -38,8 +39,9 @@ def evaluate(
     synset = SyntheticSet.load(synset_dir)
     plan = plan_evaluation(synset, dataset_for_synset(synset, data_root=settings.data_root),
                            pick(EvaluationSettings, settings))
-    with Progress("evaluate", plan.total_epochs, unit="epoch", enabled=not settings.quiet,
-                  hint=SHARED_CORES_HINT) as progress:
+    with deterministic_algorithms(settings.deterministic), Progress(
+        "evaluate", plan.total_epochs, unit="epoch", enabled=not settings.quiet, hint=SHARED_CORES_HINT
+    ) as progress:
         result = plan.run(lambda model, run, epoch: progress.advance(
             description=f"evaluate {model} run {run + 1}/{settings.runs}"))
     print_evaluation(result, settings.runs)

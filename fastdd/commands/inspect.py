@@ -34,6 +34,7 @@ def inspect_command(
     information) at a few fractions of the components, with the components needed for 50/90/99 %; and the max-logit
     spread (mean, std, percentiles) on the real test set of networks trained on each set, the networks of `fastdd
     evaluate --models MODEL --ignore-outliers` with the same options (cross-entropy)."""
+    from fastdd.determinism import deterministic_algorithms
     from fastdd.evaluate import dataset_for_synset
     from fastdd.evaluate.inspection import inspect_sets, save_inspection_plots
     from fastdd.io import SyntheticSet, write_json
@@ -46,7 +47,9 @@ def inspect_command(
         name: dataset_for_synset(s, data_root=settings.data_root) for name, s in synsets
     }
     total = len(datasets) * protocol.runs * protocol.epochs_or_default()
-    with Progress("inspect", total, unit="epoch", enabled=not settings.quiet, hint=SHARED_CORES_HINT) as progress:
+    with deterministic_algorithms(settings.deterministic), Progress(
+        "inspect", total, unit="epoch", enabled=not settings.quiet, hint=SHARED_CORES_HINT
+    ) as progress:
         report, curves, logits = inspect_sets(
             synsets, datasets, config=protocol, model=settings.model,
             on_epoch=lambda name, run: progress.advance(description=f"inspect {name} run {run + 1}/{protocol.runs}"),

@@ -31,6 +31,7 @@ def report(
 
     The report holds accuracy, OOD detection (AUROC / FPR95 per OOD set and mean), robustness (cluster_min, noise,
     blur, invert), calibration (ECE raw / TS / MTS), size and distillation time, mean ± std over runs."""
+    from fastdd.determinism import deterministic_algorithms
     from fastdd.evaluate.report import REPORT_MD, prepare_report
 
     settings = from_options(ReportConfig, given_options(config, options), context="fastdd report")
@@ -39,8 +40,9 @@ def report(
     for report_set in plan.sets:
         for note in report_set.info["notes"]:
             typer.echo(f"note: {report_set.name}: {note}")
-    with Progress("report", plan.total_epochs, unit="epoch", enabled=not settings.quiet,
-                  hint=SHARED_CORES_HINT) as progress:
+    with deterministic_algorithms(settings.deterministic), Progress(
+        "report", plan.total_epochs, unit="epoch", enabled=not settings.quiet, hint=SHARED_CORES_HINT
+    ) as progress:
 
         def on_epoch(name: str, model: str, run: int, epoch: int) -> None:
             progress.advance(description=f"report {name} {model} run {run + 1}/{settings.runs}")

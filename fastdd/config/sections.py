@@ -73,6 +73,11 @@ class DeviceConfig(Section):
     """Where the tensors live."""
 
     device: str = option("cpu", "Torch device: cpu, cuda or cuda:N.", panel=PERFORMANCE)
+    deterministic: bool = option(
+        False, "Bit-identical results on GPU too: torch's deterministic algorithms (and a fixed cuBLAS workspace), "
+        "and fastdd's ops avoid their float-atomic GPU kernels; slower on GPU, no effect on CPU (always identical).",
+        panel=PERFORMANCE, flag="--deterministic/--no-deterministic", recorded_at_default=False,
+    )
 
     def check_fields(self) -> None:
         import torch

@@ -141,7 +141,8 @@ class Distiller(ABC):
         """
         cfg, num_classes = self.config, self.dataset.num_classes
         net.train()
-        total = 0.0
+        # Summed on the device in float64 (what adding loss.item()s in Python does) and read once: no sync per step.
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for step in range(steps):
             generator = self.draws("net_real", *position, step)
             real = [self.real_batch(c, cfg.robust_batch, generator) for c in range(num_classes)]
@@ -151,8 +152,8 @@ class Distiller(ABC):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item()
-        return total / max(steps, 1)
+            total += loss.detach()
+        return float(total) / max(steps, 1)
 
     def augment_params(self, batch: int, generator: torch.Generator) -> AugmentParams | None:
         """DSA parameters for ``batch`` images (1 = one shared transform) drawn from ``generator``; None without

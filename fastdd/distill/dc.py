@@ -103,17 +103,18 @@ class DC(Distiller):
         position). The gradients and the loss are then summed over the ranks, so every rank ends with the
         single-process gradient."""
         params = [p for p in net.parameters() if p.requires_grad]
-        total = 0.0
+        # Summed on the device in float64 (as adding Python floats does) and read once: no sync per group.
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         groups = self.matching_groups()
         for index, group in enumerate(groups):
             if distributed.owns(index):
                 self.report_substep(f"outer step {outer + 1}/{self.outer_loop}, group {index + 1}/{len(groups)}")
                 total += self._match_group(net, params, group, (iteration, outer, index))
-        return self.reduce_synthetic_gradients(total)
+        return self.reduce_synthetic_gradients(float(total))
 
     def _match_group(
         self, net: torch.nn.Module, params: list[torch.Tensor], group: MatchingGroup, position: tuple[int, int, int]
-    ) -> float:
+    ) -> torch.Tensor:
         """Accumulate one group's gradient-matching loss: real and synthetic images under one shared augmentation,
         the synthetic batch through the plug-ins (``on_synthetic_batch``), gradients of the group's loss compared.
         The real batch, the augmentation and the plug-ins' draws come from ``("real" | "augment" | "mask",
@@ -125,7 +126,7 @@ class DC(Distiller):
         g_syn = torch.autograd.grad(group.loss(net(syn)), params, create_graph=True)
         distance = gradient_distance(g_syn, g_real, self.config.dis_metric)
         distance.backward()
-        return distance.item()
+        return distance.detach()
 
     def _matched_real(
         self, group: MatchingGroup, position: tuple[int, int, int]
@@ -160,7 +161,7 @@ class DC(Distiller):
                 labels.append(torch.full((matched.shape[0] + fresh.shape[0],), c, device=self.device))
         images, labels = torch.cat(images), torch.cat(labels)
         net.train()
-        total, steps = 0.0, 0
+        total, steps = torch.zeros((), dtype=torch.float64, device=self.device), 0
         for epoch in range(self.inner_loop):
             order = torch.randperm(len(images), generator=self.draws("net_order", iteration, outer, epoch))
             for b, index in enumerate(order.to(self.device).split(cfg.batch_train)):
@@ -171,8 +172,8 @@ class DC(Distiller):
                 net_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 net_optimizer.step()
-                total, steps = total + loss.item(), steps + 1
-        return total / max(steps, 1)
+                total, steps = total + loss.detach(), steps + 1
+        return float(total) / max(steps, 1)
 
     def _train_on_synthetic(
         self, net: torch.nn.Module, net_optimizer: torch.optim.Optimizer, iteration: int, outer: int

@@ -7,6 +7,7 @@ from typing import Callable
 
 from fastdd.config.experts import ExpertConfig
 from fastdd.config.run import ExpertsRunConfig
+from fastdd.determinism import deterministic_algorithms
 from fastdd.distill import distributed
 from fastdd.distill.experts import default_expert_folder, train_experts
 from fastdd.expert_files import ExpertSet, missing_experts
@@ -32,7 +33,7 @@ def train(config: ExpertConfig, run: ExpertsRunConfig,
     the folder. ``on_expert(index, test_accuracy)`` is called after each newly trained expert is saved."""
     from fastdd.data import load_dataset
 
-    with distributed.session(config.device):
+    with distributed.session(config.device), deterministic_algorithms(config.deterministic):
         data = load_dataset(config.dataset, data_root=config.data_root, image_size=config.image_size, zca=config.zca)
         return train_experts(config, data, experts_folder(config, run), progress=not run.quiet, on_expert=on_expert,
                              tensorboard=run.tensorboard_target(), wandb=run.wandb)

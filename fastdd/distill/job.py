@@ -11,6 +11,7 @@ from typing import Any
 
 from fastdd.config import DistillConfig
 from fastdd.config.run import DistillRunConfig
+from fastdd.determinism import deterministic_algorithms
 from fastdd.distill import distributed
 from fastdd.distill.runner import check_output_folder, run_distillation
 from fastdd.errors import FastddError
@@ -56,7 +57,7 @@ def distill(config: DistillConfig, run: DistillRunConfig) -> SyntheticSet:
 
     distiller_class = get_distiller(config.method)
     config = config.resolved()
-    with distributed.session(config.device):
+    with distributed.session(config.device), deterministic_algorithms(config.deterministic):
         data = load_dataset(config.dataset, data_root=config.data_root, image_size=config.image_size,
                             zca=bool(config.zca))
         return run_distillation(

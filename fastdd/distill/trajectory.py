@@ -38,7 +38,7 @@ batchnorm).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Union
 
 import torch
@@ -70,11 +70,13 @@ class StudentPlan:
         batches: ``syn_steps`` LongTensors of image indices (on the images' device).
         augment: per step, the augmentation parameters of that minibatch (one transform per image), or None.
         masks: per step, the ``[b, 1, H, W]`` mask that multiplies the augmented minibatch, or None (no input mask).
+        host_batches: the same indices on the CPU, for decisions about rows that must not wait for the device.
     """
 
     batches: list[torch.Tensor]
     augment: list[AugmentParams | None]
     masks: list[torch.Tensor | None]
+    host_batches: list[torch.Tensor] = field(default_factory=list)
 
 
 def plan_student(
@@ -104,16 +106,18 @@ def plan_student(
     batches: list[torch.Tensor] = []
     params: list[AugmentParams | None] = []
     masks: list[torch.Tensor | None] = []
+    host_batches: list[torch.Tensor] = []
     chunks: list[torch.Tensor] = []
     for _ in range(syn_steps):
         if not chunks:
             chunks = list(torch.randperm(num_images, generator=generator).split(batch))
         idx = chunks.pop(0)
         batches.append(idx.to(device))
+        host_batches.append(idx)
         params.append(sampler(idx.numel(), generator) if sampler is not None else None)
         shape = (idx.numel(), channels, *image_size)
         masks.append(None if input_mask is None else input_mask(shape, generator, device))
-    return StudentPlan(batches, params, masks)
+    return StudentPlan(batches, params, masks, host_batches)
 
 
 def _augment_sampler(augment: Augment, image_size: tuple[int, int], device: torch.device) -> AugmentSampler | None:
@@ -141,7 +145,8 @@ class StepTargets:
 
     Attributes:
         labels: targets of the minibatch's labelled rows, in row order (``[b_in]`` or ``[b_in, classes]``).
-        unlabelled: ``[b]`` bool, True on unlabelled rows, or None when the minibatch has none.
+        unlabelled: ``[b]`` bool on the CPU, True on unlabelled rows, or None when the minibatch has none (on the
+            CPU, selecting rows by it needs no device sync).
         loss: the step loss (:data:`StepLoss`).
     """
 
@@ -261,7 +266,10 @@ def match_gradients(
         channels=images.shape[1],
     )
     plan.masks = [None if m is None else m.to(images.dtype) for m in plan.masks]
-    targets = [_step_targets(labels, idx, unlabelled, step_loss) for idx in plan.batches]
+    # The row mask is read once here: every step's row decisions are then taken on the CPU without a device sync.
+    host_unlabelled = None if unlabelled is None else unlabelled.cpu()
+    targets = [_step_targets(labels, idx, host_idx, host_unlabelled, step_loss)
+               for idx, host_idx in zip(plan.batches, plan.host_batches)]
     denominator = ((theta0 - target) ** 2).sum()
     if row_shard is not None:
         if mode == "unrolled":
@@ -278,8 +286,9 @@ def match_gradients(
     )
 
 
-def _step_targets(labels: Targets, idx: torch.Tensor, unlabelled, step_loss: StepLoss) -> StepTargets:
-    rows = None if unlabelled is None else unlabelled[idx]
+def _step_targets(labels: Targets, idx: torch.Tensor, host_idx: torch.Tensor, host_unlabelled: torch.Tensor | None,
+                  step_loss: StepLoss) -> StepTargets:
+    rows = None if host_unlabelled is None else host_unlabelled[host_idx]
     if rows is not None and not bool(rows.any()):
         rows = None
     labelled = idx if rows is None else idx[~rows]
@@ -375,11 +384,12 @@ def _row_share(plan: StudentPlan, targets: list[StepTargets], labels: Targets, s
     rows = full.unlabelled
     unlabelled = 0 if rows is None else int(rows.sum())
     counts = (idx.numel() - unlabelled, unlabelled)
-    positions = torch.tensor_split(torch.arange(idx.numel(), device=idx.device), world)[rank]
+    host_positions = torch.tensor_split(torch.arange(idx.numel()), world)[rank]
+    positions = host_positions.to(idx.device)
     if positions.numel() == 0:
         return idx[positions], None, None, None
     params, mask = plan.augment[step], plan.masks[step]
-    share_rows = None if rows is None else rows[positions]
+    share_rows = None if rows is None else rows[host_positions]
     local = idx[positions]
     if share_rows is not None and not bool(share_rows.any()):
         share_rows = None

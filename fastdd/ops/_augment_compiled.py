@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from fastdd import _extension
+from fastdd.determinism import deterministic_enabled
 from fastdd.ops._dispatch import triton_module
 
 if TYPE_CHECKING:
@@ -108,7 +109,8 @@ class _TritonAugmentAdjoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, grad: Tensor, args: KernelArguments) -> Tensor:
         ctx.args = args
-        return _triton_kernels().diff_augment_adjoint(grad, *args)
+        # Under deterministic mode the scatter adds its terms in a fixed order instead of by float atomics.
+        return _triton_kernels().diff_augment_adjoint(grad, *args, deterministic=deterministic_enabled())
 
     @staticmethod
     def backward(ctx, grad_grad: Tensor) -> tuple[Tensor, None]:

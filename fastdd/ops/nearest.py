@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from fastdd import _extension
+from fastdd.determinism import deterministic_enabled
 from fastdd.ops._dispatch import choose_backend, triton_module, unavailable_reason
 
 # The reference compares points with a block of centers at once; blocks hold about this many differences.
@@ -256,7 +257,13 @@ def _register_compiled_op() -> None:
 
     def backward(ctx, grad_sq_dist: Tensor, grad_index: Tensor | None) -> tuple[Tensor | None, ...]:
         points, centers, index = ctx.saved_tensors
-        grad_points, grad_centers = torch.ops.fastdd.nearest_synthetic_backward(grad_sq_dist, points, centers, index)
+        if points.is_cuda and deterministic_enabled():
+            # The CUDA backward kernel adds grad_centers by float atomics; index_add_ is deterministic in this mode.
+            grad_points, grad_centers = nearest_synthetic_backward_reference(grad_sq_dist, points, centers, index)
+        else:
+            grad_points, grad_centers = torch.ops.fastdd.nearest_synthetic_backward(
+                grad_sq_dist, points, centers, index
+            )
         return grad_points, grad_centers, None, None
 
     torch.library.register_autograd("fastdd::nearest_synthetic", backward, setup_context=setup_context)
