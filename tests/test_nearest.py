@@ -153,6 +153,28 @@ def test_gradcheck(backend, generator):
     assert torch.autograd.gradcheck(lambda p, c: nearest_synthetic(p, c, backend=backend)[1], (points, centers))
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_gradgradcheck(backend, generator):
+    points = _random((9, 4), generator).requires_grad_()
+    centers = _random((3, 4), generator).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda p, c: nearest_synthetic(p, c, backend=backend)[1], (points, centers))
+
+
+def test_cpp_third_derivative_equals_reference(generator):
+    """The compiled backward op has its own derivative, so higher orders are exact, not silently zero."""
+    points, centers = _random((11, 5), generator), _random((4, 5), generator)
+
+    def third(backend: str) -> torch.Tensor:
+        p, c = points.clone().requires_grad_(), centers.clone().requires_grad_()
+        gp, gc = torch.autograd.grad(nearest_synthetic(p, c, backend=backend)[1].pow(2).sum(), (p, c),
+                                     create_graph=True)
+        ggp = torch.autograd.grad(gp.sin().sum() + gc.cos().sum(), p, create_graph=True)[0]
+        return torch.autograd.grad(ggp.square().sum(), (p, c))
+
+    for ours, reference in zip(third("cpp"), third("reference")):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_gradients_match_reference(backend, dtype, generator):

@@ -268,6 +268,26 @@ def _register_compiled_op() -> None:
 
     torch.library.register_autograd("fastdd::nearest_synthetic", backward, setup_context=setup_context)
 
+    def backward_setup(ctx, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor]) -> None:
+        ctx.save_for_backward(*inputs)
+
+    def backward_backward(ctx, gg_points: Tensor | None, gg_centers: Tensor | None) -> tuple[Tensor | None, ...]:
+        # The backward is grad_points = 2 g (p - c[index]), grad_centers = -index_add(grad_points); with
+        # e = gg_points - gg_centers[index] its vector-Jacobian product is 2 <e, p - c[index]> for g, 2 g e for p and
+        # -index_add(2 g e) for c. Plain torch ops, so autograd differentiates them again (any order).
+        grad_sq_dist, points, centers, index = ctx.saved_tensors
+        e = torch.zeros_like(points) if gg_points is None else gg_points
+        if gg_centers is not None:
+            e = e - gg_centers[index]
+        weighted = 2 * grad_sq_dist[:, None] * e
+        grad_g = 2 * (e * (points - centers[index])).sum(dim=1)
+        grad_c = torch.zeros_like(centers).index_add(0, index, -weighted)
+        return grad_g, weighted, grad_c, None
+
+    torch.library.register_autograd(
+        "fastdd::nearest_synthetic_backward", backward_backward, setup_context=backward_setup
+    )
+
 
 if _extension.has_cpp():
     _register_compiled_op()
