@@ -43,12 +43,23 @@ def fastdd(args: Sequence[str], log: Path, threads: int = 1) -> None:
 
 
 def distill(out: Path, args: Sequence[str], log: Path, threads: int = 1) -> None:
-    """``fastdd distill ARGS --out OUT``, continued with ``--resume`` when OUT holds an earlier (possibly finished)
-    run; resuming a finished run only rewrites its set."""
+    """``fastdd distill ARGS --out OUT``, continued with ``--resume`` when OUT holds an earlier unfinished run, skipped
+    when it holds the finished one."""
+    if _finished(out, args):
+        return  # resuming would rewrite the set, and so make its evaluation look stale
     resume = ["--resume"] if (out / "checkpoint.json").exists() else []
     if not resume and out.exists():
         args = [*args, "--overwrite"]  # a folder without a checkpoint holds nothing to keep
     fastdd(["distill", *args, "--out", out, "--quiet", *resume], log, threads)
+
+
+def _finished(out: Path, args: Sequence[str]) -> bool:
+    """True when OUT holds a set and a checkpoint at the ``--iterations`` that ARGS ask for."""
+    args = [str(a) for a in args]
+    if "--iterations" not in args or not (out / "synset.json").exists() or not (out / "checkpoint.json").exists():
+        return False
+    done = json.loads((out / "checkpoint.json").read_text()).get("iteration", -1)
+    return done >= int(args[args.index("--iterations") + 1])
 
 
 def evaluate(run: Path, args: Sequence[str], result: Path, log: Path, threads: int = 1) -> dict:
