@@ -216,7 +216,7 @@ def _loaded(path: Path, load: Callable[[], Any], what: str) -> Any:
     except Exception as exc:
         import pickle
 
-        # torch's message for an unreadable pickle suggests weights_only=False, which fastdd never does
+        # torch's message for an unreadable pickle advises the unsafe loader, which fastdd never uses
         reason = "its pickle is unreadable" if isinstance(exc, pickle.UnpicklingError) else _first_line(exc)
         raise FastddError(f"could not read {path}: it is damaged or not {what} ({reason}).") from exc
 
