@@ -46,6 +46,7 @@ import torch
 from fastdd.distill import distributed
 from fastdd.models.functional import functional_forward, parameter_layout
 from fastdd.ops import AugmentParams, diff_augment, sample_augment_params
+from fastdd.precision import autocast, check_precision, step_loss_scale
 from fastdd.trust.outlier_loss import integrated_loss
 
 MODES = ("exact", "compat", "unrolled")
@@ -156,6 +157,8 @@ class StepTargets:
     # Row splitting: (labelled rows, unlabelled rows) of the whole minibatch, of which these rows are a share; the loss
     # is then a per-row sum over these rows divided by those counts. None: these rows are the whole minibatch.
     global_counts: tuple[int, int] | None = None
+    # The forward pass's precision (fastdd.precision); the logits and the loss are float32 (or the images' dtype).
+    precision: str = "fp32"
 
 
 def _step_loss(net, theta, batch, params, mask, target: StepTargets) -> torch.Tensor:
@@ -165,7 +168,9 @@ def _step_loss(net, theta, batch, params, mask, target: StepTargets) -> torch.Te
     x = diff_augment(batch, params) if params is not None else batch
     if mask is not None:
         x = x * mask
-    logits = functional_forward(net, theta, x)
+    with autocast(target.precision, x.device):
+        logits = functional_forward(net, theta, x)
+    logits = logits.to(theta.dtype)
     rows = target.unlabelled
     if rows is None:
         return target.loss(logits, target.labels, None, counts=target.global_counts)
@@ -190,6 +195,7 @@ def match_gradients(
     input_mask: InputMask | None = None,
     row_shard: tuple[int, int] | None = None,
     keep_graphs: int = 1,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The trajectory-matching loss and its gradients with respect to the images and the student learning rate.
 
@@ -221,6 +227,10 @@ def match_gradients(
             keeps, so the reverse pass does not recompute them (a forward and a backward saved per step, at the
             memory of one step's graph each; memory stays flat in ``syn_steps``). 1 (the default) keeps only the
             last step, which costs no memory beyond the reverse pass's own peak. Not combined with ``row_shard``.
+        precision: ``"fp32"`` (the default), ``"bf16"`` or ``"fp16"`` (CUDA only): the student's forward passes run
+            under autocast in that dtype (:mod:`fastdd.precision`); the images, ``syn_lr``, the student parameters,
+            the losses and every returned gradient stay in ``images``' dtype. fp16 scales each step's loss by
+            :data:`fastdd.precision.FP16_STEP_LOSS_SCALE` before its parameter gradient is taken.
 
     Returns:
         ``(loss, grad_images, grad_lr)``: 0-d detached loss, ``[n, C, H, W]`` gradient for ``images`` and a 0-d
@@ -230,6 +240,7 @@ def match_gradients(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    check_precision(precision, images.device)
     if syn_steps < 1:
         raise ValueError(f"syn_steps must be at least 1, got {syn_steps}")
     if keep_graphs < 1:
@@ -268,7 +279,7 @@ def match_gradients(
     plan.masks = [None if m is None else m.to(images.dtype) for m in plan.masks]
     # The row mask is read once here: every step's row decisions are then taken on the CPU without a device sync.
     host_unlabelled = None if unlabelled is None else unlabelled.cpu()
-    targets = [_step_targets(labels, idx, host_idx, host_unlabelled, step_loss)
+    targets = [_step_targets(labels, idx, host_idx, host_unlabelled, step_loss, precision)
                for idx, host_idx in zip(plan.batches, plan.host_batches)]
     denominator = ((theta0 - target) ** 2).sum()
     if row_shard is not None:
@@ -287,13 +298,13 @@ def match_gradients(
 
 
 def _step_targets(labels: Targets, idx: torch.Tensor, host_idx: torch.Tensor, host_unlabelled: torch.Tensor | None,
-                  step_loss: StepLoss) -> StepTargets:
+                  step_loss: StepLoss, precision: str = "fp32") -> StepTargets:
     rows = None if host_unlabelled is None else host_unlabelled[host_idx]
     if rows is not None and not bool(rows.any()):
         rows = None
     labelled = idx if rows is None else idx[~rows]
     y = labels[labelled] if isinstance(labels, torch.Tensor) else labels(labelled)
-    return StepTargets(y.detach(), rows, step_loss)
+    return StepTargets(y.detach(), rows, step_loss, precision=precision)
 
 
 def _unrolled(net, images, targets, theta0, target, alpha, denominator, plan):
@@ -301,8 +312,7 @@ def _unrolled(net, images, targets, theta0, target, alpha, denominator, plan):
     alpha = alpha.clone().requires_grad_(True)
     theta = theta0.clone().requires_grad_(True)
     for idx, params, mask, y in zip(plan.batches, plan.augment, plan.masks, targets):
-        loss = _step_loss(net, theta, images[idx], params, mask, y)
-        (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
+        grad = _parameter_gradient(_step_loss(net, theta, images[idx], params, mask, y), theta, y, create_graph=True)
         theta = theta - alpha * grad
     matching = ((theta - target) ** 2).sum() / denominator
     grad_images, grad_lr = torch.autograd.grad(matching, (images, alpha))
@@ -314,15 +324,23 @@ def _differentiable_step(net, theta, images, idx, params, mask, targets):
     ``batch = images[idx]`` as leaves, so the graph can be differentiated again with respect to both."""
     theta = theta.clone().requires_grad_(True)  # a view of the stored thetas would see their later writes
     batch = images[idx].requires_grad_(True)
-    (grad,) = torch.autograd.grad(_step_loss(net, theta, batch, params, mask, targets), theta, create_graph=True)
+    grad = _parameter_gradient(_step_loss(net, theta, batch, params, mask, targets), theta, targets, create_graph=True)
     return theta, batch, grad
 
 
 def _step_gradient(net, theta, batch, params, mask, targets) -> torch.Tensor:
     """One student step's parameter gradient at the stored ``theta`` on the minibatch ``batch``, no graph kept."""
     theta = theta.detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(_step_loss(net, theta, batch, params, mask, targets), theta)
-    return grad
+    return _parameter_gradient(_step_loss(net, theta, batch, params, mask, targets), theta, targets)
+
+
+def _parameter_gradient(loss: torch.Tensor, theta: torch.Tensor, targets: StepTargets, create_graph: bool = False):
+    """``d loss / d theta``, through a loss scaled by :func:`fastdd.precision.step_loss_scale` (exact: a power of
+    two) so that fp16 activation gradients do not underflow."""
+    scale = step_loss_scale(targets.precision)
+    if scale == 1.0:
+        return torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
+    return torch.autograd.grad(loss * scale, theta, create_graph=create_graph)[0] / scale
 
 
 def _adjoint_terms(theta, batch, grad, lam, exact: bool):
@@ -399,7 +417,7 @@ def _row_share(plan: StudentPlan, targets: list[StepTargets], labels: Targets, s
         local,
         None if params is None else params.select(positions),
         None if mask is None else mask[positions],
-        StepTargets(y.detach(), share_rows, full.loss, counts),
+        StepTargets(y.detach(), share_rows, full.loss, counts, full.precision),
     )
 
 
