@@ -86,6 +86,7 @@ class Config:
     system_malloc: bool = False
     seed: int = 0
     keep_graphs: int = 1  # exact/compat: final student steps whose graphs the forward sweep keeps
+    precision: str = "fp32"  # match_gradients' autocast precision (fastdd.precision); the reference runs in dtype
 
 
 def _problem(config: Config):
@@ -124,6 +125,7 @@ def _measure(config: Config, mode: str, steps: int) -> dict:
         return match_gradients(
             net, images, labels, start, target, config.syn_lr, syn_steps=steps, mode=mode,
             augment=config.augment, generator=generator, keep_graphs=1 if mode == "unrolled" else config.keep_graphs,
+            precision=config.precision,
         )
 
     loss, grad_images, grad_lr = call()

@@ -64,3 +64,16 @@ def autocast(precision: str, device: torch.device | str) -> Iterator[None]:
 def step_loss_scale(precision: str) -> float:
     """The factor a student step's loss is scaled by before its gradient is taken (1 except for fp16)."""
     return FP16_STEP_LOSS_SCALE if precision == "fp16" else 1.0
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 when autocast made it half precision; float32 and float64 tensors unchanged (a loss on
+    logits is then computed in float32 at least)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def grad_scaler(precision: str, device: torch.device | str) -> torch.amp.GradScaler | None:
+    """A loss scaler for a training loop in ``precision``: a :class:`torch.amp.GradScaler` for fp16, None otherwise
+    (bf16 and fp32 need none)."""
+    check_precision(precision, device)
+    return torch.amp.GradScaler(torch.device(device).type) if precision == "fp16" else None

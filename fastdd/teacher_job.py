@@ -16,6 +16,7 @@ from fastdd.data import load_dataset
 from fastdd.errors import FastddError
 from fastdd.models import build_model_for
 from fastdd.network_files import NETWORK_META, save_network
+from fastdd.precision import grad_scaler
 from fastdd.training import accuracy, train_epoch
 
 
@@ -50,13 +51,14 @@ def train_teacher(
                                 weight_decay=config.weight_decay)
     strategy = (config.dsa_strategy or dataset.dsa_strategy) if config.dsa else None
     images, labels = dataset.train_images.to(config.device), dataset.train_labels.to(config.device)
+    scaler = grad_scaler(config.precision, config.device)
     start = time.perf_counter()
     for epoch in range(config.epochs):
         if epoch == config.epochs // 2 + 1:
             for group in optimizer.param_groups:
                 group["lr"] *= 0.1
         loss = train_epoch(net, optimizer, images, labels, batch_size=config.batch_size, generator=generator,
-                           dsa_strategy=strategy)
+                           dsa_strategy=strategy, precision=config.precision, grad_scaler=scaler)
         if on_epoch is not None:
             on_epoch(epoch, loss)
     test = 100 * accuracy(net, dataset.test_images.to(config.device), dataset.test_labels.to(config.device))

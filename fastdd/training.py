@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from fastdd.ops import diff_augment, sample_augment_params
+from fastdd.precision import at_least_float32, autocast
+from fastdd.precision import grad_scaler as make_grad_scaler
 from fastdd.trust.outlier_loss import OutlierBatches
 
 TrainObjective = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
@@ -35,6 +37,8 @@ def train_epoch(
     objective: TrainObjective | None = None,
     outliers: OutlierBatches | None = None,
     input_transform: InputTransform | None = None,
+    precision: str = "fp32",
+    grad_scaler: torch.amp.GradScaler | None = None,
 ) -> float:
     """One pass over ``images`` in a random order drawn from ``generator``.
 
@@ -53,11 +57,19 @@ def train_epoch(
             TrustDD's integrated loss ``CE(in) + weight * H(U; f(out))``.
         input_transform: applied to every augmented minibatch (images and outliers together) before the forward
             pass, with ``generator``; None leaves them as they are.
+        precision: ``"fp32"`` (the default), ``"bf16"`` or ``"fp16"`` (CUDA only): the forward passes and losses run
+            under autocast (:mod:`fastdd.precision`); the parameters, their gradients and the optimiser stay float32.
+        grad_scaler: fp16 only: the loss scaler, kept by the caller across epochs so that its scale carries over;
+            None makes a fresh one for this epoch. Ignored for fp32 and bf16 (no scaling needed).
     Returns:
         The mean training loss over the epoch.
     """
     if objective is not None and outliers is not None:
         raise ValueError("train_epoch takes either an objective or outliers (TrustDD's loss), not both")
+    if precision != "fp16":
+        grad_scaler = None
+    elif grad_scaler is None:
+        grad_scaler = make_grad_scaler(precision, images.device)
     net.train()
     images = images.detach()
     order = torch.randperm(images.shape[0], generator=generator).to(images.device)
@@ -69,18 +81,29 @@ def train_epoch(
         idx = order[start : start + batch_size]
         if objective is not None:
             x = _inputs(images[idx], dsa_strategy, generator, input_transform)
-            loss = objective(net, x, targets[idx], generator)
+            with autocast(precision, x.device):
+                loss = objective(net, x, targets[idx], generator)
         elif outliers is None:
-            loss = F.cross_entropy(net(_inputs(images[idx], dsa_strategy, generator, input_transform)), targets[idx])
+            x = _inputs(images[idx], dsa_strategy, generator, input_transform)
+            with autocast(precision, x.device):
+                logits = net(x)
+            loss = F.cross_entropy(at_least_float32(logits), targets[idx])
         else:
             out_idx = shares[number]
             # One forward over in + out (as outlier exposure does), so batchnorm sees both.
             x = _inputs(torch.cat([images[idx], outliers.images[out_idx]]), dsa_strategy, generator, input_transform)
-            logits_in, logits_out = net(x).split([idx.numel(), out_idx.numel()])
+            with autocast(precision, x.device):
+                logits = net(x)
+            logits_in, logits_out = at_least_float32(logits).split([idx.numel(), out_idx.numel()])
             loss = outliers.loss(logits_in, targets[idx], logits_out)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if grad_scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            grad_scaler.scale(loss).backward()
+            grad_scaler.step(optimizer)
+            grad_scaler.update()
         total += loss.detach().double() * idx.numel()
         count += idx.numel()
     return float(total) / max(count, 1)
@@ -99,16 +122,23 @@ def _inputs(
 
 
 @torch.no_grad()
-def predict_logits(net: torch.nn.Module, images: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
+def predict_logits(
+    net: torch.nn.Module, images: torch.Tensor, *, batch_size: int = 1024, precision: str = "fp32"
+) -> torch.Tensor:
     """Logits ``[N, num_classes]`` of ``net`` in eval mode on ``images`` ``[N, C, H, W]``, moved to ``images``'
-    device."""
+    device; in float32 (float64 for a float64 network) whatever ``precision`` the forward passes ran in."""
     net.eval()
     device = next(net.parameters()).device
-    outs = [net(images[i : i + batch_size].to(device)) for i in range(0, images.shape[0], batch_size)]
+    outs = []
+    with autocast(precision, device):
+        for i in range(0, images.shape[0], batch_size):
+            outs.append(at_least_float32(net(images[i : i + batch_size].to(device))))
     return torch.cat(outs).to(images.device)
 
 
-def accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 1024) -> float:
+def accuracy(
+    net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 1024, precision: str = "fp32"
+) -> float:
     """Top-1 accuracy (fraction in [0, 1]) of ``net`` on ``images`` ``[N, C, H, W]`` with ``labels`` ``[N]``."""
-    logits = predict_logits(net, images, batch_size=batch_size)
+    logits = predict_logits(net, images, batch_size=batch_size, precision=precision)
     return float((logits.argmax(dim=1) == labels.to(logits.device)).float().mean())

@@ -24,6 +24,7 @@ def _models() -> tuple[str, ...]:
 
 
 NORMS = ("instancenorm", "batchnorm", "none")
+PRECISIONS = ("fp32", "bf16", "fp16")  # fastdd.precision.PRECISIONS (not imported: it imports torch)
 
 
 def check_folder_exists(config: Any, name: str) -> None:
@@ -78,6 +79,12 @@ class DeviceConfig(Section):
         "and fastdd's ops avoid their float-atomic GPU kernels; slower on GPU, no effect on CPU (always identical).",
         panel=PERFORMANCE, flag="--deterministic/--no-deterministic", recorded_at_default=False,
     )
+    precision: str = option(
+        "fp32", "Mixed precision: fp32, bf16 or fp16 (CUDA only). Training and distillation run convolutions and "
+        "matmuls in that dtype under autocast; images, parameters, learning rates, losses and gradients stay float32, "
+        "and test predictions run in float32.",
+        panel=PERFORMANCE, choices=PRECISIONS, recorded_at_default=False,
+    )
 
     def check_fields(self) -> None:
         import torch
@@ -94,3 +101,7 @@ class DeviceConfig(Section):
             if device.index is not None and device.index >= count:
                 raise field_error(f, f"is {self.device!r} but this machine has {count} CUDA GPU(s) (cuda:0 to "
                                      f"cuda:{count - 1})")
+        if self.precision == "fp16" and device.type != "cuda":
+            raise field_error(
+                field_of(self, "precision"), f"is fp16, which runs on CUDA only (the device is {self.device!r}); use bf16"
+            )

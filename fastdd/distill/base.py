@@ -18,6 +18,7 @@ from fastdd.errors import FastddError
 from fastdd.io import SyntheticSet
 from fastdd.models import build_model_for
 from fastdd.ops import AugmentParams, diff_augment, sample_augment_params
+from fastdd.precision import autocast
 from fastdd.trust.plugins import MatchingGroup, Plugins, build_plugins
 
 # The checkpoints' record of how the run draws its random numbers (by position, fastdd.distill.draws).
@@ -105,6 +106,11 @@ class Distiller(ABC):
         )
         return net.to(self.device)
 
+    def autocast(self):
+        """The context in which the run's network forward passes run: autocast in ``config.precision``
+        (:mod:`fastdd.precision`; a no-op for fp32). Losses take :func:`fastdd.precision.at_least_float32` logits."""
+        return autocast(self.config.precision, self.device)
+
     def synthetic_tensors(self) -> list[torch.Tensor]:
         """The leaf tensors the image optimiser updates: ``images``, then the plug-ins' (e.g. TrustDD's S_out)."""
         return [self.images, *self.plugins.synthetic_tensors()]
@@ -148,7 +154,8 @@ class Distiller(ABC):
             real = [self.real_batch(c, cfg.robust_batch, generator) for c in range(num_classes)]
             labels = torch.cat([torch.full((x.shape[0],), c, device=self.device) for c, x in enumerate(real)])
             extra = self.draws("net_extra", *position, step)
-            loss = self.plugins.network_loss(net, torch.cat(real), labels, extra, self.images, self.labels)
+            with self.autocast():
+                loss = self.plugins.network_loss(net, torch.cat(real), labels, extra, self.images, self.labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -9,6 +9,7 @@ from fastdd.config import GradientMatchingConfig
 from fastdd.distill.base import Distiller
 from fastdd.distill.gradient_distance import gradient_distance
 from fastdd.ops import AugmentParams
+from fastdd.precision import at_least_float32
 from fastdd.training import train_epoch
 from fastdd.trust.plugins import MatchingGroup
 
@@ -121,9 +122,11 @@ class DC(Distiller):
         iteration, outer, group)``."""
         real, aug = self._matched_real(group, position)
         syn = self.plugins.on_synthetic_batch(self.augment(group.synthetic, aug), self.draws("mask", *position))
-        g_real = torch.autograd.grad(group.loss(net(real)), params)
+        with self.autocast():
+            logits_real, logits_syn = net(real), net(syn)
+        g_real = torch.autograd.grad(group.loss(at_least_float32(logits_real)), params)
         g_real = [g.detach() for g in g_real]
-        g_syn = torch.autograd.grad(group.loss(net(syn)), params, create_graph=True)
+        g_syn = torch.autograd.grad(group.loss(at_least_float32(logits_syn)), params, create_graph=True)
         distance = gradient_distance(g_syn, g_real, self.config.dis_metric)
         distance.backward()
         return distance.detach()
@@ -168,7 +171,8 @@ class DC(Distiller):
                 aug = self.augment_params(len(index), self.draws("net_augment", iteration, outer, epoch, b))
                 batch = self.augment(images[index], aug)
                 extra = self.draws("net_extra", iteration, outer, epoch, b)
-                loss = self.plugins.network_loss(net, batch, labels[index], extra, self.images, self.labels)
+                with self.autocast():
+                    loss = self.plugins.network_loss(net, batch, labels[index], extra, self.images, self.labels)
                 net_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 net_optimizer.step()
@@ -193,6 +197,7 @@ class DC(Distiller):
                 batch_size=cfg.batch_train,
                 generator=self.draws("inner", iteration, outer, epoch),
                 dsa_strategy=strategy,
+                precision=cfg.precision,
                 **options,
             )
 

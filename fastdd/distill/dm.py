@@ -11,6 +11,7 @@ from fastdd.config import DMConfig
 from fastdd.distill import distributed
 from fastdd.distill.base import Distiller
 from fastdd.errors import FastddError
+from fastdd.precision import at_least_float32
 
 # The kept network's optimiser: the evaluation protocol's SGD settings.
 _NET_MOMENTUM = 0.9
@@ -83,9 +84,10 @@ class DM(Distiller):
         self.optimizer.zero_grad(set_to_none=True)
         loss_value = 0.0
         if reals:
-            with torch.no_grad():
-                real_features = net.embed(torch.cat(reals))
-            syn_features = net.embed(torch.cat(syns))
+            with torch.no_grad(), self.autocast():
+                real_features = at_least_float32(net.embed(torch.cat(reals)))
+            with self.autocast():
+                syn_features = at_least_float32(net.embed(torch.cat(syns)))
             real_means = torch.stack([f.mean(dim=0) for f in torch.split(real_features, real_sizes)])
             num_in = owned_classes * cfg.ipc
             syn_means = syn_features[:num_in].reshape(owned_classes, cfg.ipc, -1).mean(dim=1)

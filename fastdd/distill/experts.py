@@ -50,6 +50,7 @@ from fastdd.observability import (
     check_sinks_available,
     optional_sinks,
 )
+from fastdd.precision import grad_scaler
 from fastdd.progress import SHARED_CORES_HINT, Progress, announce
 from fastdd.training import accuracy, train_epoch
 from fastdd.trust.outlier_exposure import FreshOutliers
@@ -239,12 +240,14 @@ def _train_one(config, dataset, index, strategy, images, labels, out, bar, sinks
     snapshots[0] = first
     loss = float("nan")
     fresh_outliers = FreshOutliers.for_config(config, dataset, data_root=config.data_root)
+    scaler = grad_scaler(config.precision, config.device)
     t0 = time.perf_counter()
     for epoch in range(config.epochs_trained):
         outliers = None if fresh_outliers is None else fresh_outliers.epoch(images.shape[0], generator, images.device)
         loss = train_epoch(
             net, optimizer, images, labels,
             batch_size=config.batch_size, generator=generator, dsa_strategy=strategy, outliers=outliers,
+            precision=config.precision, grad_scaler=scaler,
         )
         if not math.isfinite(loss):
             raise FastddError(

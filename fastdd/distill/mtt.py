@@ -189,6 +189,7 @@ class TrajectoryMatching(Distiller):
                 **options,
                 row_shard=(distributed.rank(), distributed.world_size()) if split_rows else None,
                 keep_graphs=cfg.keep_graphs if self.mode != "unrolled" else 1,
+                precision=cfg.precision,
             )
             grad_images += g_img
             grad_lr += g_lr

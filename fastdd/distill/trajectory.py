@@ -46,7 +46,7 @@ import torch
 from fastdd.distill import distributed
 from fastdd.models.functional import functional_forward, parameter_layout
 from fastdd.ops import AugmentParams, diff_augment, sample_augment_params
-from fastdd.precision import autocast, check_precision, step_loss_scale
+from fastdd.precision import at_least_float32, autocast, check_precision, step_loss_scale
 from fastdd.trust.outlier_loss import integrated_loss
 
 MODES = ("exact", "compat", "unrolled")
@@ -170,7 +170,7 @@ def _step_loss(net, theta, batch, params, mask, target: StepTargets) -> torch.Te
         x = x * mask
     with autocast(target.precision, x.device):
         logits = functional_forward(net, theta, x)
-    logits = logits.to(theta.dtype)
+    logits = at_least_float32(logits)
     rows = target.unlabelled
     if rows is None:
         return target.loss(logits, target.labels, None, counts=target.global_counts)

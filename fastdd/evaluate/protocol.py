@@ -12,6 +12,7 @@ from fastdd.data import ImageDataset, load_dataset
 from fastdd.errors import FastddError
 from fastdd.io import SyntheticSet
 from fastdd.models import build_model_for
+from fastdd.precision import grad_scaler
 from fastdd.training import TrainObjective, train_epoch
 from fastdd.trust.outlier_loss import OutlierBatches
 
@@ -87,6 +88,7 @@ def train_on_synthetic(
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
     epochs = config.epochs_or_default()
     decay_at = epochs // 2 + 1
+    scaler = grad_scaler(config.precision, device)
     for epoch in range(epochs):
         if epoch == decay_at:
             for group in optimizer.param_groups:
@@ -101,6 +103,8 @@ def train_on_synthetic(
             dsa_strategy=dsa_strategy,
             outliers=outliers,
             objective=objective,
+            precision=config.precision,
+            grad_scaler=scaler,
         )
         if on_epoch is not None:
             on_epoch(epoch)

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdd.models.init import init_parameters
+from fastdd.precision import at_least_float32
 from fastdd.trust.boundary_outliers import (
     DEFAULT_K,
     DEFAULT_KEEP,
@@ -91,7 +92,7 @@ def logits_and_features(net: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     network, batchnorm in train mode included, so the features are those of the training forward pass.
     """
     features = net.embed(x)
-    return head_of(net)(features), features
+    return at_least_float32(head_of(net)(features)), at_least_float32(features)  # float32 losses under autocast
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -107,9 +108,10 @@ KL_DIRECTIONS = ("student-teacher", "teacher-student")
 
 
 def _kl(p_logits: Tensor, q_logits: Tensor) -> Tensor:
-    """``mean_b KL(softmax(p_logits_b) || softmax(q_logits_b))``: the first argument's distribution first."""
-    log_p = F.log_softmax(p_logits, dim=1)
-    log_q = F.log_softmax(q_logits, dim=1)
+    """``mean_b KL(softmax(p_logits_b) || softmax(q_logits_b))``: the first argument's distribution first (in float32
+    at least, whatever precision autocast gave the logits)."""
+    log_p = F.log_softmax(at_least_float32(p_logits), dim=1)
+    log_q = F.log_softmax(at_least_float32(q_logits), dim=1)
     return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
 
 

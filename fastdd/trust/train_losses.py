@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from scipy.special import betaincinv
 
 from fastdd.errors import FastddError
+from fastdd.precision import at_least_float32
 from fastdd.training import TrainObjective
 
 TRAIN_LOSSES = ("ce", "ls", "mixup", "focal")
@@ -157,7 +158,7 @@ def _check_classes(num_classes: int) -> int:
 
 
 def _logits(net: torch.nn.Module, inputs: torch.Tensor, num_classes: int) -> torch.Tensor:
-    logits = net(inputs)
+    logits = at_least_float32(net(inputs))  # the losses stay float32 when autocast runs the forward in half precision
     if logits.dim() != 2 or logits.shape[1] != num_classes:
         raise ValueError(f"the network must return [B, {num_classes}] logits, got shape {tuple(logits.shape)}")
     return logits
