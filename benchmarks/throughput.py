@@ -14,7 +14,9 @@ Sections (medians of ``--repeats`` timed calls after a warm-up; speedup = refere
    ``unrolled`` modes against the same float32 work written the way the MTT reference code does it
    (``benchmarks/reference_mtt.py``: the whole unroll in the autograd graph, unfused modules and augmentation).
    Each in a fresh process: time, resident peak, and the cosine of the image gradient with the reference's (all
-   compute the same gradient).
+   compute the same gradient). The children set the command line's heap (``fastdd.runtime.keep_freed_memory``);
+   ``tesla`` runs twice more: in a plain-import process (fastdd keeps freed memory only during its own calls) and
+   with glibc's defaults, which shows what the setting is worth.
 3. Hardware use: the fp32 FLOPs of one tesla iteration (convolutions and matmuls, counted by
    ``torch.utils.flop_counter``) divided by its time, against this machine's fp32 GEMM peak measured here (the
    fastest call of a 2048^3 ``torch.mm`` and of a 128-channel 3x3 convolution).
@@ -226,12 +228,16 @@ def main() -> None:
             results[KEPT] = measure_in_fresh_process(dataclasses.replace(config, keep_graphs=kept), "exact", steps)
         print("  measuring exact in bf16 ...", file=sys.stderr, flush=True)
         results[BF16] = measure_in_fresh_process(dataclasses.replace(config, precision="bf16"), "exact", steps)
+        for heap in ("library", "system"):
+            print(f"  measuring exact with the {heap} heap ...", file=sys.stderr, flush=True)
+            results[f"exact-{heap}"] = measure_in_fresh_process(dataclasses.replace(config, heap=heap), "exact", steps)
         reference = results[REFERENCE_MTT]
         header = f"{'implementation':<34}{'wall s':>8}{'x ref':>8}{'peak MiB':>10}{'x ref':>8}{'cosine':>8}{'load':>6}"
         print(header)
         print("-" * len(header))
         names = {REFERENCE_MTT: "reference MTT unroll", "unrolled": "fastdd unrolled", "exact": "fastdd tesla (exact)",
-                 KEPT: f"fastdd tesla, --keep-graphs {kept}", BF16: "fastdd tesla, --precision bf16"}
+                 KEPT: f"fastdd tesla, --keep-graphs {kept}", BF16: "fastdd tesla, --precision bf16",
+                 "exact-library": "fastdd tesla, plain import", "exact-system": "fastdd tesla, glibc heap defaults"}
         for mode, row in results.items():
             if "error" in row or "error" in reference:
                 print(f"{names[mode]:<34}FAILED: {(row.get('error') or reference['error']).strip().splitlines()[-1]}")
@@ -251,6 +257,11 @@ def main() -> None:
                       f"{_verdict(row['time_ratio'], limit, False)}")
                 print(f"  {label} / reference peak  {row['memory_ratio']:.3f}x  (target <= {TESLA_MEMORY_TARGET}x)  "
                       f"{_verdict(row['memory_ratio'], TESLA_MEMORY_TARGET, False)}")
+        cli, library = results["exact"], results["exact-library"]
+        if "median_seconds" in cli and "median_seconds" in library:
+            print(f"  library / command line time  {library['median_seconds'] / cli['median_seconds']:.2f}x  "
+                  f"(match_gradients from a plain import, where fastdd keeps freed memory only during its calls, "
+                  f"against the CLI's process-wide setting; target ~1x)")
         report["trajectory"] = {
             mode: {k: v for k, v in row.items() if k != "grad_images"} for mode, row in results.items()
         }

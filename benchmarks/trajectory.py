@@ -14,7 +14,8 @@ warm-up, with the process's CPU time, its kernel part and the page faults beside
 time follows the other processes (``--threads 1`` makes CPU time a steadier measure), and on Linux a large share of
 the time can be the kernel zero-filling the pages glibc unmapped at the previous free. The children apply the
 ``fastdd`` command line's heap setting (``fastdd.runtime.keep_freed_memory``: freed memory stays in the heap for
-reuse); ``--system-malloc`` measures glibc's defaults instead. Peak memory, on CPU, is measured twice, one more
+reuse); ``--heap library`` measures a plain ``import fastdd`` process instead (fastdd's calls keep freed memory only
+while they run, ``fastdd.runtime.kept_heap``), ``--heap system`` glibc's defaults throughout. Peak memory, on CPU, is measured twice, one more
 call each: the resident peak is how far the call raises the process's resident set (VmHWM after the call, reset
 through /proc/self/clear_refs, minus VmRSS before it, free heap returned to the OS first): everything the process
 touches, heap fragmentation included, which is what decides whether a run fits in RAM (with glibc's defaults it
@@ -35,6 +36,7 @@ import argparse
 import datetime
 import json
 import multiprocessing
+import os
 import resource
 import statistics
 import sys
@@ -55,7 +57,7 @@ from reference_mtt import reference_mtt_gradients
 
 from fastdd.distill.trajectory import MODES, match_gradients
 from fastdd.models import build_model, flat_parameters
-from fastdd.runtime import keep_freed_memory
+from fastdd.runtime import OPT_OUT_ENV, keep_freed_memory
 
 DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 CLASSES = 10
@@ -63,6 +65,12 @@ TARGET_NOISE = 1e-3  # std of the gaussian step from the start snapshot to the t
 
 # The MTT reference code's way of doing an unrolled step (benchmarks/reference_mtt.py), measured like a mode.
 REFERENCE_MTT = "reference-mtt"
+
+HEAPS = {
+    "cli": "freed memory kept in the heap, process-wide (fastdd.runtime.keep_freed_memory, as the CLI)",
+    "library": "a plain import: freed memory kept only during fastdd's calls (fastdd.runtime.kept_heap)",
+    "system": "glibc defaults (FASTDD_SYSTEM_MALLOC=1)",
+}
 
 MEMORY_FLAT_TARGET = 1.15  # exact peak at the most steps / at the fewest
 MEMORY_RATIO_TARGET = 0.3  # exact / unrolled peak at the middle step count
@@ -83,7 +91,7 @@ class Config:
     device: str
     allocator_peak: bool
     threads: int | None = None
-    system_malloc: bool = False
+    heap: str = "cli"  # "cli": keep_freed_memory() process-wide; "library": nothing (kept_heap scopes); "system"
     seed: int = 0
     keep_graphs: int = 1  # exact/compat: final student steps whose graphs the forward sweep keeps
     precision: str = "fp32"  # match_gradients' autocast precision (fastdd.precision); the reference runs in dtype
@@ -108,8 +116,10 @@ def _problem(config: Config):
 def _measure(config: Config, mode: str, steps: int) -> dict:
     """Time and peak memory of ``match_gradients`` in one mode, in this (fresh) process."""
     device = torch.device(config.device)
-    if not config.system_malloc:
+    if config.heap == "cli":
         keep_freed_memory()
+    elif config.heap == "system":
+        os.environ[OPT_OUT_ENV] = "1"  # fastdd's scoped setting stands aside too
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     net, images, labels, start, target = _problem(config)
@@ -262,9 +272,9 @@ def main() -> None:
         help="also the torch profiler's tensor-byte peak (one more, slower call per row; default on)",
     )
     parser.add_argument(
-        "--system-malloc", action="store_true",
-        help="glibc's default malloc settings in the children (by default they keep freed memory for reuse, as the "
-        "fastdd command line does)",
+        "--heap", choices=HEAPS, default="cli",
+        help="the children's heap: cli (freed memory kept for reuse, process-wide, as the fastdd command line does; "
+        "the default), library (a plain import: fastdd keeps it only during its calls), system (glibc's defaults)",
     )
     parser.add_argument("--quick", action="store_true", help="20 images, width 16, steps 2 4 8, 1 repeat")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -281,12 +291,12 @@ def main() -> None:
     config = Config(
         images=args.images, width=args.width, image_size=args.image_size, syn_lr=args.syn_lr,
         augment=DSA_STRATEGY if args.augment else None, repeats=args.repeats, dtype=args.dtype, device=args.device,
-        allocator_peak=args.allocator_peak, threads=args.threads, system_malloc=args.system_malloc,
+        allocator_peak=args.allocator_peak, threads=args.threads, heap=args.heap,
     )
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # only so that the machine line below reports the children's count
-    malloc = "glibc defaults" if args.system_malloc else "freed memory kept in the heap (fastdd.runtime)"
+    malloc = HEAPS[args.heap]
     modes = ["unrolled"] + [m for m in args.modes if m != "unrolled"] if "unrolled" in args.modes else args.modes
 
     started = datetime.datetime.now().astimezone()

@@ -17,6 +17,7 @@ from fastdd.errors import FastddError
 from fastdd.models import build_model_for
 from fastdd.network_files import NETWORK_META, save_network
 from fastdd.precision import grad_scaler
+from fastdd.runtime import kept_heap
 from fastdd.training import accuracy, train_epoch
 
 
@@ -28,6 +29,7 @@ def check_before_start(config: TeacherConfig) -> Path:
     return out
 
 
+@kept_heap()
 def train_teacher(
     config: TeacherConfig, *, on_epoch: Callable[[int, float], None] | None = None
 ) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from fastdd.ops import diff_augment, sample_augment_params
 from fastdd.precision import at_least_float32, autocast
 from fastdd.precision import grad_scaler as make_grad_scaler
+from fastdd.runtime import kept_heap
 from fastdd.trust.outlier_loss import OutlierBatches
 
 TrainObjective = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
@@ -25,6 +26,7 @@ InputTransform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 pass (e.g. MDT's masks, :class:`fastdd.trust.mdt.MaskedDistillation`), drawing from the epoch's generator."""
 
 
+@kept_heap()
 def train_epoch(
     net: torch.nn.Module,
     optimizer: torch.optim.Optimizer,

@@ -52,6 +52,7 @@ from fastdd.observability import (
 )
 from fastdd.precision import grad_scaler
 from fastdd.progress import SHARED_CORES_HINT, Progress, announce
+from fastdd.runtime import kept_heap
 from fastdd.training import accuracy, train_epoch
 from fastdd.trust.outlier_exposure import FreshOutliers
 
@@ -111,6 +112,7 @@ def default_expert_folder(config: ExpertConfig, root: str | Path) -> Path:
 # -- training -------------------------------------------------------------------------------------------------------
 
 
+@kept_heap()
 def train_experts(
     config: ExpertConfig,
     dataset: ImageDataset,

@@ -16,6 +16,7 @@ from fastdd.distill import distributed
 from fastdd.distill.runner import check_output_folder, run_distillation
 from fastdd.errors import FastddError
 from fastdd.io import SYNSET_META, SyntheticSet
+from fastdd.runtime import kept_heap
 
 
 def output_folder(config: DistillConfig, run: DistillRunConfig) -> Path:
@@ -49,6 +50,7 @@ def check_before_start(config: DistillConfig, run: DistillRunConfig) -> None:
         check_output_folder(output_folder(config, run), resume=run.resume, overwrite=run.overwrite)
 
 
+@kept_heap()
 def distill(config: DistillConfig, run: DistillRunConfig) -> SyntheticSet:
     """Distill with ``config`` (a method config, e.g. :class:`~fastdd.config.DSAConfig`) into ``run.out``; in a
     process group (torchrun's environment) every rank calls this and rank 0 writes. Returns the final set."""

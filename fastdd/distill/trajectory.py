@@ -47,6 +47,7 @@ from fastdd.distill import distributed
 from fastdd.models.functional import functional_forward, parameter_layout
 from fastdd.ops import AugmentParams, diff_augment, sample_augment_params
 from fastdd.precision import at_least_float32, autocast, check_precision, step_loss_scale
+from fastdd.runtime import kept_heap
 from fastdd.trust.outlier_loss import integrated_loss
 
 MODES = ("exact", "compat", "unrolled")
@@ -177,6 +178,7 @@ def _step_loss(net, theta, batch, params, mask, target: StepTargets) -> torch.Te
     return target.loss(logits[~rows], target.labels, logits[rows], counts=target.global_counts)
 
 
+@kept_heap()
 def match_gradients(
     net: torch.nn.Module,
     images: torch.Tensor,

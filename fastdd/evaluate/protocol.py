@@ -13,6 +13,7 @@ from fastdd.errors import FastddError
 from fastdd.io import SyntheticSet
 from fastdd.models import build_model_for
 from fastdd.precision import grad_scaler
+from fastdd.runtime import kept_heap
 from fastdd.training import TrainObjective, train_epoch
 from fastdd.trust.outlier_loss import OutlierBatches
 
@@ -53,6 +54,7 @@ def evaluation_network(
     ).to(device)
 
 
+@kept_heap()
 def train_on_synthetic(
     images: torch.Tensor,
     targets: torch.Tensor,
