@@ -138,3 +138,18 @@ def test_ipc_above_smallest_class(digits):
 def test_noise_init(digits, tmp_path):
     synset = run_distillation(make("dm", digits, init="noise"), tmp_path, progress=False)
     assert torch.isfinite(synset.images).all()
+
+
+def test_real_images_go_to_a_gpu_once_only_when_they_fit(monkeypatch):
+    from fastdd.distill.base import REAL_DATA_SHARE_OF_FREE_MEMORY, real_images_on_device
+
+    images = torch.zeros(10, 1, 4, 4)
+    assert real_images_on_device(images, torch.device("cpu")) is images
+    nbytes = images.numel() * images.element_size()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(nbytes / REAL_DATA_SHARE_OF_FREE_MEMORY) - 1, 0))
+    assert real_images_on_device(images, torch.device("cuda")) is images  # too large for its share: stays on the CPU
+    moved = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(nbytes / REAL_DATA_SHARE_OF_FREE_MEMORY), 0))
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *args, **kwargs: moved.append(args) or self)
+    real_images_on_device(images, torch.device("cuda"))
+    assert moved == [(torch.device("cuda"),)]

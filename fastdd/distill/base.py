@@ -25,6 +25,23 @@ from fastdd.trust.plugins import MatchingGroup, Plugins, build_plugins
 DRAWS = "position/1"
 
 
+# The training images are copied to a GPU once when they take at most this share of its free memory; a larger set
+# stays on the CPU and each real batch is gathered there and copied over.
+REAL_DATA_SHARE_OF_FREE_MEMORY = 0.25
+
+
+def real_images_on_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``images`` ``[N, C, H, W]`` on ``device`` when it is a GPU with room for them (at most
+    :data:`REAL_DATA_SHARE_OF_FREE_MEMORY` of its free memory), else as they are (on the CPU): real batches are then
+    gathered on the GPU with no host round trip per step."""
+    if device.type != "cuda" or images.device == device:
+        return images
+    free, _ = torch.cuda.mem_get_info(device)
+    if images.numel() * images.element_size() > REAL_DATA_SHARE_OF_FREE_MEMORY * free:
+        return images
+    return images.to(device)
+
+
 class Distiller(ABC):
     """Learns ``ipc`` synthetic images per class for ``dataset``.
 
@@ -64,6 +81,7 @@ class Distiller(ABC):
         self.class_index = dataset.class_index()
         self.dsa_strategy = config.dsa_strategy if config.dsa_strategy is not None else dataset.dsa_strategy
         self.images = self._initial_images().to(self.device).requires_grad_(True)
+        self._real_images = real_images_on_device(dataset.train_images, self.device)
         self.labels = torch.arange(dataset.num_classes).repeat_interleave(config.ipc).to(self.device)
         self.plugins: Plugins = build_plugins(
             config, dataset, method=self.name, trains_on_synthetic=self.trains_on_synthetic,
@@ -119,7 +137,8 @@ class Distiller(ABC):
         """Up to ``n`` random training images of class ``c`` drawn from ``generator``: ``[min(n, count_c), C, H, W]``
         on the run's device."""
         n = min(n, int(self.class_index.counts[c]))
-        return self.dataset.train_images[self.class_index.sample(c, n, generator)].to(self.device)
+        rows = self.class_index.sample(c, n, generator).to(self._real_images.device, non_blocking=True)
+        return self._real_images[rows].to(self.device)
 
     def matching_groups(self) -> list[MatchingGroup]:
         """The groups dc/dsa/dm match: the classes (their synthetic images; cross-entropy for gradient matching),
