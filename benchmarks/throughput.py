@@ -24,6 +24,8 @@ Sections (medians of ``--repeats`` timed calls after a warm-up; speedup = refere
    one after another: student steps per second for the first-order step (tesla's forward sweep) and for the
    reverse-accumulation step (gradient with its graph, then the Hessian-vector and image terms), and the ceiling of
    any batching: both do the same FLOPs, so batching cannot beat the GEMM peak over the sequential students' rate.
+   Then a whole tesla iteration of 4 students (20 images 1x28x28, 10 steps, DSA) sequential and grouped, as
+   ``--student-batching`` runs it (``benchmarks/batched_students.py``).
 
 Targets on a 2-core CPU are printed with PASS/MISS; they are information, not an exit code.
 """
@@ -38,6 +40,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from batched_students import batched_iteration_row
 from common import describe_machine, load_average, median_seconds, wall_times
 from ops_augment import augment_rows
 from ops_cvar import cvar_rows, robust_loss_rows
@@ -306,6 +309,14 @@ def main() -> None:
               f"{row['sequential_gflops_per_s'] / peak:>15.0%}{row['ceiling']:>8.2f}x")
     print(f"  ceiling = GEMM peak ({peak:.0f} GFLOP/s) / the sequential students' GFLOP/s (convolutions and matmuls)")
     report["batched_students"] = batched_rows
+    # A whole tesla iteration as --student-batching runs it (benchmarks/batched_students.py): what decides auto.
+    sizes = dict(images=20, channels=1, size=28, width=8 if args.quick else 128, steps=2 if args.quick else 10)
+    iteration = batched_iteration_row(students=STUDENTS, repeats=repeats, **sizes)
+    print(f"  tesla iteration, {STUDENTS} students, {sizes['images']} images 1x28x28, width {sizes['width']}, "
+          f"{sizes['steps']} steps, DSA: sequential {iteration['sequential_s']:.2f} s, grouped "
+          f"{iteration['grouped_s']:.2f} s, speedup {iteration['speedup']:.2f}x (--student-batching auto is "
+          f"{'grouped' if device.type == 'cuda' else 'sequential'} on {device.type})")
+    report["batched_iteration"] = iteration
 
     finished = datetime.datetime.now().astimezone()
     report["finished"] = finished.isoformat()

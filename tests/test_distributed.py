@@ -44,6 +44,9 @@ ROW_SPLIT = {
     "compat_rows_mdt_poe": ("tesla-compat", "experts_poe", dict(seed=6, mdt=True, outliers="poe", batch_syn=7)),
 }
 
+# --student-batching grouped with 3 students, TrustDD outliers and MDT masks (against one process, sequential).
+GROUPED = dict(seed=7, students=3, student_batching="grouped", mdt=True, outliers="poe", batch_syn=7)
+
 
 def make(method, digits, **overrides):
     cls = get_distiller(method)
@@ -71,6 +74,9 @@ def _scenarios(root: str) -> None:
             distiller = make(method, digits, experts=str(root / experts), **options)
             assert distiller.splits_rows()
             run_distillation(distiller, root / folder, progress=False)
+        # Grouped students: rank 0 computes students 0 and 2 as one network, rank 1 student 1.
+        run_distillation(make("tesla", digits, experts=str(root / "experts_poe"), **GROUPED), root / "grouped",
+                         progress=False)
         # Resume: two iterations, then all ranks continue from rank 0's checkpoint to four.
         run_distillation(make("dm", digits, iterations=2), root / "resumed", progress=False)
         run_distillation(make("dm", digits, iterations=4), root / "resumed", resume=True, progress=False)
@@ -151,6 +157,17 @@ def test_tesla_students_split_over_two_processes_equal_one_process(students, dig
     got = SyntheticSet.load(two_processes / f"tesla{students}")
     assert_same_synset(got, expected, start)
     torch.testing.assert_close(got.syn_lr, expected.syn_lr, **TOLERANCE)
+
+
+def test_grouped_students_over_two_processes_equal_one_process_sequential(digits, two_processes, single_poe_experts,
+                                                                          tmp_path):
+    single = make("tesla", digits, experts=str(single_poe_experts), **{**GROUPED, "student_batching": "sequential"})
+    start = single.images.detach().clone()
+    expected = run_distillation(single, tmp_path, progress=False)
+    got = SyntheticSet.load(two_processes / "grouped")
+    assert_same_synset(got, expected, start)
+    torch.testing.assert_close(got.syn_lr, expected.syn_lr, **TOLERANCE)
+    torch.testing.assert_close(got.outlier_images, expected.outlier_images, **TOLERANCE)
 
 
 @pytest.fixture(scope="module")

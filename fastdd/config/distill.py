@@ -97,6 +97,7 @@ class DistillConfig(
 DC_NET_DATA = ("synthetic", "real")
 DM_NET_DATA = ("random", "real")
 GRADIENT_DISTANCES = ("ours", "mse", "cos")
+STUDENT_BATCHINGS = ("auto", "grouped", "sequential")
 
 
 @dataclass
@@ -206,6 +207,13 @@ class TrajectoryConfig(DistillConfig):
         1, "tesla/tesla-compat: final student steps whose graphs the forward sweep keeps: each saves a forward and a "
         "backward per iteration at the memory of one step's graph.", panel=METHOD, at_least=1,
     )
+    student_batching: str = option(
+        "auto", "mtt/tesla: how a process computes its students: 'grouped' runs them as one grouped-convolution "
+        "network (a ConvNet with --norm instancenorm or none; not with rows split over processes), 'sequential' one "
+        "after another, 'auto' grouped on CUDA when it applies and a process has several students, sequential on the "
+        "CPU (where grouping measured slower). Both give the same numbers up to float rounding.",
+        panel=METHOD, choices=STUDENT_BATCHINGS, recorded_at_default=False,
+    )
     experts: str | None = option(None, "mtt/tesla: folder of expert trajectories.", panel=METHOD,
                                  default_text="train and cache them beside --out")
     num_experts: int = option(DEFAULT_NUM_EXPERTS, "mtt/tesla: experts to train when --experts is not given.",
@@ -216,6 +224,16 @@ class TrajectoryConfig(DistillConfig):
     expert_seed: int = option(0, "mtt/tesla: seed of auto-trained experts.", panel=METHOD)
 
     def check_fields(self) -> None:
+        if self.student_batching == "grouped":
+            from fastdd.models.registry import CONVNET_MODELS
+
+            if self.model.lower() not in CONVNET_MODELS or self.norm == "batchnorm":
+                raise field_error(
+                    field_of(self, "student_batching"),
+                    f"grouped runs the students as one grouped-convolution ConvNet, which needs --model "
+                    f"{', '.join(CONVNET_MODELS)} with --norm instancenorm or none, not --model {self.model} --norm "
+                    f"{self.norm}; use --student-batching sequential or auto",
+                )
         if self.robust:
             raise field_error(
                 field_of(self, "robust"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastdd.config import DistillConfig, DMConfig, DSAConfig, GradientMatchingConfig, TrajectoryConfig
 from fastdd.config.options import normalize_choice
 from fastdd.distill.base import Distiller
+from fastdd.distill.batched_students import batched_match_gradients
 from fastdd.distill.dc import DC, loops_for_ipc
 from fastdd.distill.dm import DM
 from fastdd.distill.dsa import DSA
@@ -41,6 +42,7 @@ __all__ = [
     "TESLA",
     "TESLACompat",
     "TrajectoryConfig",
+    "batched_match_gradients",
     "get_distiller",
     "gradient_distance",
     "loops_for_ipc",

@@ -4,6 +4,9 @@ The three differ only in how :func:`fastdd.distill.trajectory.match_gradients` c
 optimisers, soft labels and students are shared, so the same seed gives the same experts, start epochs, minibatches
 and augmentations in every mode (and ``mtt`` and ``tesla`` the same synthetic set, up to floating-point rounding).
 
+A process computes its students one after another or together as one grouped network (``--student-batching``,
+:meth:`TrajectoryMatching.student_batching`).
+
 The plug-ins (:mod:`fastdd.trust.plugins`) may add unlabelled synthetic images that the students train on, change
 the student's step loss and inputs (``student_options``) and how the experts train (``expert_options``).
 """
@@ -21,12 +24,14 @@ from fastdd.config import TeslaCompatConfig, TeslaConfig, TrajectoryConfig, chec
 from fastdd.config.experts import ExpertConfig
 from fastdd.distill import distributed
 from fastdd.distill.base import Distiller
+from fastdd.distill.batched_students import batched_match_gradients
 from fastdd.distill.experts import default_expert_folder, ensure_experts, expected_metadata
 from fastdd.distill.trajectory import match_gradients
 from fastdd.errors import FastddError
 from fastdd.expert_files import load_experts
 from fastdd.io import SyntheticSet
 from fastdd.models import functional_forward
+from fastdd.models.batched import supports_batched_students
 
 
 class TrajectoryMatching(Distiller):
@@ -46,7 +51,9 @@ class TrajectoryMatching(Distiller):
         super().__init__(config, dataset)
         total = self.num_student_images
         if config.batch_syn is not None and not 1 <= config.batch_syn <= total:
-            raise FastddError(f"--batch-syn must be between 1 and the {total} synthetic images, got {config.batch_syn}.")
+            raise FastddError(
+                f"--batch-syn must be between 1 and the {total} synthetic images, got {config.batch_syn}."
+            )
         self.syn_lr = torch.tensor(float(config.lr_teacher), device=self.device).requires_grad_(True)
         self.lr_optimizer = torch.optim.SGD([self.syn_lr], lr=config.lr_lr, momentum=config.momentum_lr)
         self.net = self.new_network(self.draws("network", "student"))  # only its architecture is used
@@ -57,7 +64,8 @@ class TrajectoryMatching(Distiller):
         if bool(config.zca) != (dataset.zca is not None):
             raise FastddError(
                 f"the preset for {config.dataset} at IPC {config.ipc} uses zca={bool(config.zca)} but the dataset was "
-                f"loaded with zca={dataset.zca is not None}; load it with zca={bool(config.zca)} or pass --zca/--no-zca."
+                f"loaded with zca={dataset.zca is not None}; load it with zca={bool(config.zca)} or pass "
+                "--zca/--no-zca."
             )
 
     # -- experts ------------------------------------------------------------------------------------------------
@@ -131,14 +139,31 @@ class TrajectoryMatching(Distiller):
         world = distributed.world_size()
         return world > 1 and self.config.students < world and self.mode != "unrolled"
 
+    def student_batching(self) -> str:
+        """How :meth:`step` computes this process's students: ``"grouped"`` (one grouped network,
+        :func:`~fastdd.distill.batched_students.batched_match_gradients`) or ``"sequential"`` (one
+        :func:`~fastdd.distill.trajectory.match_gradients` call each). ``--student-batching auto`` picks grouped on
+        CUDA when the student network allows it, rows are not split over the processes and this process has
+        several students; sequential otherwise (on the CPU grouping measured slower: benchmarks/batched_students.py)."""
+        choice = self.config.student_batching
+        if choice != "auto":
+            return choice
+        owned = sum(1 for student in range(self.config.students) if distributed.owns(student))
+        if (self.device.type == "cuda" and owned > 1 and supports_batched_students(self.net)
+                and not self.splits_rows()):
+            return "grouped"
+        return "sequential"
+
     def step(self, iteration: int) -> dict[str, float]:
         """One image and step-size update from ``students`` students (their gradients averaged).
 
         Student ``i`` draws its expert and start epoch from ``("student", iteration, i)`` and its minibatches,
         augmentations and masks from ``("plan", iteration, i)``. With several processes, student ``i`` is trained by
         rank ``i % world`` only. When :meth:`splits_rows`, every rank trains every student instead, on its share of
-        each minibatch's rows (see :func:`match_gradients`' ``row_shard``). The image and step-size gradients and the losses are
-        summed over the ranks (one all-reduce), and every rank applies the same update."""
+        each minibatch's rows (see :func:`match_gradients`' ``row_shard``). A rank computes its students one after
+        another or together as one grouped network (:meth:`student_batching`; the same numbers up to rounding). The
+        image and step-size gradients and the losses are summed over the ranks (one all-reduce), and every rank
+        applies the same update."""
         split_rows = self.splits_rows()
         if split_rows and any(isinstance(m, _BatchNorm) for m in self.net.modules()):
             raise FastddError(
@@ -151,50 +176,64 @@ class TrajectoryMatching(Distiller):
                 f"--keep-graphs does not combine with splitting each student's rows over the processes; use "
                 f"--keep-graphs 1, at least {distributed.world_size()} students (--students), or one process."
             )
+        if split_rows and self.config.student_batching == "grouped":
+            raise FastddError(
+                f"--student-batching grouped does not combine with splitting each student's rows over the processes "
+                f"(fewer students than processes); use --student-batching auto or sequential, at least "
+                f"{distributed.world_size()} students (--students), or one process."
+            )
         if self.experts is None:
             raise RuntimeError("call prepare() before step(): the experts are not loaded")
         cfg = self.config
-        grad_images = torch.zeros(self.num_student_images, *self.images.shape[1:], device=self.device)
+        grad_images = torch.zeros(self.num_student_images, *self.images.shape[1:], dtype=self.images.dtype,
+                                  device=self.device)
         grad_lr = torch.zeros_like(self.syn_lr)
         losses = []
-        augment = self.dsa_strategy if cfg.dsa else None
         images, unlabelled = self.student_images()
-        options = self.plugins.student_options()
-        for student in range(cfg.students):
-            if not split_rows and not distributed.owns(student):
-                continue  # another rank trains this student
-            generator = self.draws("student", iteration, student)
-            expert = int(torch.randint(self.experts.num_experts, (), generator=generator))
-            start = int(torch.randint(cfg.max_start_epoch, (), generator=generator))
-            theta0, target = self.experts.pair(expert, start, cfg.expert_epochs)
-            theta0, target = theta0.to(self.device), target.to(self.device)
-            targets = self.labels
-            if cfg.soft_labels:
-                targets = SoftTargets(self, target, self.images.detach())
-            elif unlabelled is not None:
-                targets = torch.cat([self.labels, self.labels.new_zeros(images.shape[0] - self.labels.shape[0])])
-            loss, g_img, g_lr = match_gradients(
+        # This process's students: every student when rows are split, else those it owns.
+        students = [s for s in range(cfg.students) if split_rows or distributed.owns(s)]
+        pairs = [self._student_pair(iteration, student, images, unlabelled) for student in students]
+        arguments = dict(
+            syn_steps=cfg.syn_steps,
+            batch_syn=cfg.batch_syn,
+            mode=self.mode,
+            augment=self.dsa_strategy if cfg.dsa else None,
+            unlabelled=unlabelled,
+            **self.plugins.student_options(),
+            keep_graphs=cfg.keep_graphs if self.mode != "unrolled" else 1,
+            precision=cfg.precision,
+        )
+        if students and self.student_batching() == "grouped":
+            student_losses, grad_images_, grad_lr_ = batched_match_gradients(
                 self.net,
                 images,
-                targets,
-                theta0,
-                target,
+                [targets for _, _, targets in pairs],
+                torch.stack([theta0 for theta0, _, _ in pairs]),
+                torch.stack([target for _, target, _ in pairs]),
                 self.syn_lr.detach(),
-                syn_steps=cfg.syn_steps,
-                batch_syn=cfg.batch_syn,
-                mode=self.mode,
-                augment=augment,
-                generator=self.draws("plan", iteration, student),
-                unlabelled=unlabelled,
-                **options,
-                row_shard=(distributed.rank(), distributed.world_size()) if split_rows else None,
-                keep_graphs=cfg.keep_graphs if self.mode != "unrolled" else 1,
-                precision=cfg.precision,
+                generators=[self.draws("plan", iteration, student) for student in students],
+                **arguments,
             )
-            grad_images += g_img
-            grad_lr += g_lr
-            # Split rows: every rank holds the student's whole loss; rank 0 alone adds it to the sum over ranks.
-            losses.append(float(loss) if not split_rows or distributed.is_main() else 0.0)
+            grad_images += grad_images_
+            grad_lr += grad_lr_
+            losses += student_losses.tolist()
+        else:
+            for student, (theta0, target, targets) in zip(students, pairs):
+                loss, g_img, g_lr = match_gradients(
+                    self.net,
+                    images,
+                    targets,
+                    theta0,
+                    target,
+                    self.syn_lr.detach(),
+                    generator=self.draws("plan", iteration, student),
+                    row_shard=(distributed.rank(), distributed.world_size()) if split_rows else None,
+                    **arguments,
+                )
+                grad_images += g_img
+                grad_lr += g_lr
+                # Split rows: every rank holds the student's whole loss; rank 0 alone adds it to the sum over ranks.
+                losses.append(float(loss) if not split_rows or distributed.is_main() else 0.0)
         if distributed.world_size() == 1:
             loss = sum(losses) / len(losses)
         else:
@@ -219,6 +258,23 @@ class TrajectoryMatching(Distiller):
                 "the last checkpoint was kept (lower --lr-lr or --lr-img)."
             )
         return {"loss": loss, "syn_lr": lr}
+
+    def _student_pair(self, iteration: int, student: int, images: torch.Tensor, unlabelled: torch.Tensor | None):
+        """``(theta0, target, targets)`` of a student: its expert's snapshots (drawn from ``("student", iteration,
+        student)``) on the run's device and what its steps' losses compare with."""
+        cfg = self.config
+        generator = self.draws("student", iteration, student)
+        expert = int(torch.randint(self.experts.num_experts, (), generator=generator))
+        start = int(torch.randint(cfg.max_start_epoch, (), generator=generator))
+        theta0, target = self.experts.pair(expert, start, cfg.expert_epochs)
+        # In the images' dtype (soft labels run the target on the images).
+        theta0, target = theta0.to(self.device, self.images.dtype), target.to(self.device, self.images.dtype)
+        targets = self.labels
+        if cfg.soft_labels:
+            targets = SoftTargets(self, target, self.images.detach())
+        elif unlabelled is not None:
+            targets = torch.cat([self.labels, self.labels.new_zeros(images.shape[0] - self.labels.shape[0])])
+        return theta0, target, targets
 
     # -- persistence --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -34,11 +34,16 @@ gradients sum to the full minibatch's. Each forward step's gradient is all-reduc
 same ``theta_i``), and in ``exact`` each reverse step's ``H_i @ lam`` too; the image and step-size gradients
 returned are this process's part, to be summed over the processes by the caller. The rows must be independent (no
 batchnorm).
+
+The unroll itself (:func:`unroll_gradients`) takes any step loss of stacked parameters: S independent students as
+one ``[S, P]`` tensor, run as one grouped network, go through the same three modes
+(:func:`fastdd.distill.batched_students.batched_match_gradients`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Union
 
 import torch
@@ -166,16 +171,31 @@ def _step_loss(net, theta, batch, params, mask, target: StepTargets) -> torch.Te
     """The student's loss with flat parameters ``theta`` on the (augmented, then masked) minibatch ``batch``. With
     ``target.global_counts`` the rows are a share of a split minibatch: per-row sums divided by the minibatch's
     counts, so that the shares sum to the whole minibatch's loss."""
+    x = _student_input(batch, params, mask)
+    with autocast(target.precision, x.device):
+        logits = functional_forward(net, theta, x)
+    return _targets_loss(at_least_float32(logits), target)
+
+
+def _student_input(batch: torch.Tensor, params: AugmentParams | None, mask: torch.Tensor | None) -> torch.Tensor:
+    """What a student step's network sees: the minibatch augmented with ``params``, then times ``mask``."""
     x = diff_augment(batch, params) if params is not None else batch
     if mask is not None:
         x = x * mask
-    with autocast(target.precision, x.device):
-        logits = functional_forward(net, theta, x)
-    logits = at_least_float32(logits)
+    return x
+
+
+def _targets_loss(logits: torch.Tensor, target: StepTargets) -> torch.Tensor:
+    """The step loss of one student's minibatch logits ``[b, K]`` (in the parameters' dtype) against ``target``."""
     rows = target.unlabelled
     if rows is None:
         return target.loss(logits, target.labels, None, counts=target.global_counts)
     return target.loss(logits[~rows], target.labels, logits[rows], counts=target.global_counts)
+
+
+def _loss_fn(net, params, mask, target: StepTargets) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``loss(theta, batch)``: :func:`_step_loss` of one step's augmentation, mask and targets."""
+    return lambda theta, batch: _step_loss(net, theta, batch, params, mask, target)
 
 
 @kept_heap()
@@ -240,23 +260,10 @@ def match_gradients(
         every process) and the two gradients are this process's part: their sums over the processes are the full
         gradients.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    check_precision(precision, images.device)
-    if syn_steps < 1:
-        raise ValueError(f"syn_steps must be at least 1, got {syn_steps}")
-    if keep_graphs < 1:
-        raise ValueError(f"keep_graphs must be at least 1, got {keep_graphs}")
-    if keep_graphs > 1 and (mode == "unrolled" or row_shard is not None):
+    check_arguments(net, images, labels, unlabelled, mode=mode, syn_steps=syn_steps, keep_graphs=keep_graphs,
+                    precision=precision)
+    if keep_graphs > 1 and row_shard is not None:
         raise ValueError("keep_graphs applies to the exact and compat modes in one process (no row_shard)")
-    if images.dim() != 4:
-        raise ValueError(f"images must be [n, C, H, W], got shape {tuple(images.shape)}")
-    if isinstance(labels, torch.Tensor) and labels.shape[0] != images.shape[0]:
-        raise ValueError(f"labels {tuple(labels.shape)} do not match images {tuple(images.shape)}")
-    if unlabelled is not None and (unlabelled.dtype != torch.bool or unlabelled.shape != (images.shape[0],)):
-        raise ValueError(
-            f"unlabelled must be a bool tensor [{images.shape[0]}], got {unlabelled.dtype} {tuple(unlabelled.shape)}"
-        )
     numel = parameter_layout(net).numel
     if start_params.shape != (numel,) or target_params.shape != (numel,):
         raise ValueError(
@@ -267,6 +274,66 @@ def match_gradients(
     alpha = torch.as_tensor(syn_lr, dtype=images.dtype, device=images.device).detach().reshape(())
     theta0 = start_params.detach().to(images.dtype)
     target = target_params.detach().to(images.dtype)
+    # The row mask is read once here: every step's row decisions are then taken on the CPU without a device sync.
+    host_unlabelled = None if unlabelled is None else unlabelled.cpu()
+    plan, targets = plan_and_targets(
+        images, labels, host_unlabelled, syn_steps=syn_steps, batch_syn=batch_syn, augment=augment,
+        generator=generator, step_loss=step_loss, input_mask=input_mask, precision=precision,
+    )
+    denominator = ((theta0 - target) ** 2).sum()
+    if row_shard is not None:
+        if mode == "unrolled":
+            raise ValueError("row_shard applies to the exact and compat modes only, not to unrolled")
+        rank, world = row_shard
+        shares = [_row_share(plan, targets, labels, i, rank, world) for i in range(len(plan.batches))]
+        return _split_reverse_accumulation(
+            net, images, shares, theta0, target, alpha, denominator, exact=mode == "exact"
+        )
+
+    def loss_at(i: int, theta: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        return _step_loss(net, theta, batch, plan.augment[i], plan.masks[i], targets[i])
+
+    return unroll_gradients(loss_at, images, plan.batches, theta0, target, alpha, denominator, mode=mode,
+                            precision=precision, keep_graphs=keep_graphs)
+
+
+def check_arguments(net, images, labels, unlabelled, *, mode: str, syn_steps: int, keep_graphs: int,
+                    precision: str) -> None:
+    """The argument checks :func:`match_gradients` and its batched counterpart share (ValueError, one sentence)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    check_precision(precision, images.device)
+    if syn_steps < 1:
+        raise ValueError(f"syn_steps must be at least 1, got {syn_steps}")
+    if keep_graphs < 1:
+        raise ValueError(f"keep_graphs must be at least 1, got {keep_graphs}")
+    if keep_graphs > 1 and mode == "unrolled":
+        raise ValueError("keep_graphs applies to the exact and compat modes in one process (no row_shard)")
+    if images.dim() != 4:
+        raise ValueError(f"images must be [n, C, H, W], got shape {tuple(images.shape)}")
+    if isinstance(labels, torch.Tensor) and labels.shape[0] != images.shape[0]:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match images {tuple(images.shape)}")
+    if unlabelled is not None and (unlabelled.dtype != torch.bool or unlabelled.shape != (images.shape[0],)):
+        raise ValueError(
+            f"unlabelled must be a bool tensor [{images.shape[0]}], got {unlabelled.dtype} {tuple(unlabelled.shape)}"
+        )
+
+
+def plan_and_targets(
+    images: torch.Tensor,
+    labels: Targets,
+    host_unlabelled: torch.Tensor | None,
+    *,
+    syn_steps: int,
+    batch_syn: int | None,
+    augment: Augment,
+    generator: torch.Generator | None,
+    step_loss: StepLoss,
+    input_mask: InputMask | None,
+    precision: str,
+) -> tuple[StudentPlan, list[StepTargets]]:
+    """One student's plan (:func:`plan_student`, masks in the images' dtype) and every step's targets, drawn from
+    ``generator`` in the order :func:`match_gradients` draws them."""
     plan = plan_student(
         images.shape[0],
         tuple(images.shape[-2:]),
@@ -279,24 +346,9 @@ def match_gradients(
         channels=images.shape[1],
     )
     plan.masks = [None if m is None else m.to(images.dtype) for m in plan.masks]
-    # The row mask is read once here: every step's row decisions are then taken on the CPU without a device sync.
-    host_unlabelled = None if unlabelled is None else unlabelled.cpu()
     targets = [_step_targets(labels, idx, host_idx, host_unlabelled, step_loss, precision)
                for idx, host_idx in zip(plan.batches, plan.host_batches)]
-    denominator = ((theta0 - target) ** 2).sum()
-    if row_shard is not None:
-        if mode == "unrolled":
-            raise ValueError("row_shard applies to the exact and compat modes only, not to unrolled")
-        rank, world = row_shard
-        shares = [_row_share(plan, targets, labels, i, rank, world) for i in range(len(plan.batches))]
-        return _split_reverse_accumulation(
-            net, images, shares, theta0, target, alpha, denominator, exact=mode == "exact"
-        )
-    if mode == "unrolled":
-        return _unrolled(net, images, targets, theta0, target, alpha, denominator, plan)
-    return _reverse_accumulation(
-        net, images, targets, theta0, target, alpha, denominator, plan, exact=mode == "exact", keep_graphs=keep_graphs
-    )
+    return plan, targets
 
 
 def _step_targets(labels: Targets, idx: torch.Tensor, host_idx: torch.Tensor, host_unlabelled: torch.Tensor | None,
@@ -309,37 +361,74 @@ def _step_targets(labels: Targets, idx: torch.Tensor, host_idx: torch.Tensor, ho
     return StepTargets(y.detach(), rows, step_loss, precision=precision)
 
 
-def _unrolled(net, images, targets, theta0, target, alpha, denominator, plan):
+# ``loss_at(step, theta, batch) -> 0-d``: the loss of student step ``step`` with parameters ``theta`` ([P], or [S, P]
+# for S students computed together, the sum of their losses) on the minibatch ``batch = images[batches[step]]``.
+LossAt = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def unroll_gradients(
+    loss_at: LossAt,
+    images: torch.Tensor,
+    batches: list[torch.Tensor],
+    theta0: torch.Tensor,
+    target: torch.Tensor,
+    alpha: torch.Tensor,
+    denominator: torch.Tensor,
+    *,
+    mode: str,
+    precision: str,
+    keep_graphs: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The matching loss of ``len(batches)`` SGD steps from ``theta0`` and its gradients, in ``mode``.
+
+    ``theta0`` and ``target`` are ``[P]`` (one student) or ``[S, P]`` (S independent students whose summed step
+    losses ``loss_at`` gives: each row's gradient is then its own student's); ``denominator`` is ``[]`` or ``[S]``.
+    Returns ``(loss, grad_images, grad_lr)``: the detached loss of each student (``[]`` or ``[S]``) and the
+    gradients of their sum.
+    """
+    if mode == "unrolled":
+        return _unrolled(loss_at, images, batches, theta0, target, alpha, denominator, precision)
+    return _reverse_accumulation(loss_at, images, batches, theta0, target, alpha, denominator, precision,
+                                 exact=mode == "exact", keep_graphs=keep_graphs)
+
+
+def _matching(residual: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``||theta_N - theta*||^2 / ||theta_0 - theta*||^2`` of each student: ``[]`` for ``[P]``, ``[S]`` for
+    ``[S, P]``."""
+    return (residual**2).sum(-1) / denominator
+
+
+def _unrolled(loss_at, images, batches, theta0, target, alpha, denominator, precision):
     images = images.requires_grad_(True)
     alpha = alpha.clone().requires_grad_(True)
     theta = theta0.clone().requires_grad_(True)
-    for idx, params, mask, y in zip(plan.batches, plan.augment, plan.masks, targets):
-        grad = _parameter_gradient(_step_loss(net, theta, images[idx], params, mask, y), theta, y, create_graph=True)
+    for i, idx in enumerate(batches):
+        grad = _parameter_gradient(loss_at(i, theta, images[idx]), theta, precision, create_graph=True)
         theta = theta - alpha * grad
-    matching = ((theta - target) ** 2).sum() / denominator
-    grad_images, grad_lr = torch.autograd.grad(matching, (images, alpha))
+    matching = _matching(theta - target, denominator)
+    grad_images, grad_lr = torch.autograd.grad(matching.sum() if matching.dim() else matching, (images, alpha))
     return matching.detach(), grad_images, grad_lr
 
 
-def _differentiable_step(net, theta, images, idx, params, mask, targets):
+def _differentiable_step(loss_fn, theta, images, idx, precision):
     """One student step's gradient with its graph kept: ``(theta, batch, grad)``, with ``theta`` and the minibatch
     ``batch = images[idx]`` as leaves, so the graph can be differentiated again with respect to both."""
     theta = theta.clone().requires_grad_(True)  # a view of the stored thetas would see their later writes
     batch = images[idx].requires_grad_(True)
-    grad = _parameter_gradient(_step_loss(net, theta, batch, params, mask, targets), theta, targets, create_graph=True)
+    grad = _parameter_gradient(loss_fn(theta, batch), theta, precision, create_graph=True)
     return theta, batch, grad
 
 
-def _step_gradient(net, theta, batch, params, mask, targets) -> torch.Tensor:
+def _step_gradient(loss_fn, theta, batch, precision) -> torch.Tensor:
     """One student step's parameter gradient at the stored ``theta`` on the minibatch ``batch``, no graph kept."""
     theta = theta.detach().requires_grad_(True)
-    return _parameter_gradient(_step_loss(net, theta, batch, params, mask, targets), theta, targets)
+    return _parameter_gradient(loss_fn(theta, batch), theta, precision)
 
 
-def _parameter_gradient(loss: torch.Tensor, theta: torch.Tensor, targets: StepTargets, create_graph: bool = False):
+def _parameter_gradient(loss: torch.Tensor, theta: torch.Tensor, precision: str, create_graph: bool = False):
     """``d loss / d theta``, through a loss scaled by :func:`fastdd.precision.step_loss_scale` (exact: a power of
     two) so that fp16 activation gradients do not underflow."""
-    scale = step_loss_scale(targets.precision)
+    scale = step_loss_scale(precision)
     if scale == 1.0:
         return torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
     return torch.autograd.grad(loss * scale, theta, create_graph=create_graph)[0] / scale
@@ -359,37 +448,37 @@ def _adjoint_terms(theta, batch, grad, lam, exact: bool):
 
 
 def _reverse_accumulation(
-    net, images, targets, theta0, target, alpha, denominator, plan, *, exact: bool, keep_graphs: int = 1
+    loss_at, images, batches, theta0, target, alpha, denominator, precision, *, exact: bool, keep_graphs: int = 1
 ):
-    steps = len(plan.batches)
+    steps = len(batches)
     neg_alpha = -float(alpha)  # once: on CUDA, float() of a tensor is a device sync
     # Forward: store theta_0 .. theta_N in one preallocated [N + 1, P] tensor (no long-lived allocations between the
     # steps' large temporaries, so a heap allocator can reuse their memory), no graph kept across steps except for
     # the last keep_graphs steps: the backward pass starts with them instead of recomputing them (the last one costs
     # no memory beyond what that pass holds at its peak anyway; each further one holds one step's graph).
-    thetas = theta0.new_empty(steps + 1, theta0.numel())
+    thetas = theta0.new_empty(steps + 1, *theta0.shape)
     thetas[0] = theta0
     first_kept = max(0, steps - keep_graphs)
+    step_loss = [partial(loss_at, i) for i in range(steps)]
     for i in range(first_kept):
-        grad = _step_gradient(net, thetas[i], images[plan.batches[i]], plan.augment[i], plan.masks[i], targets[i])
+        grad = _step_gradient(step_loss[i], thetas[i], images[batches[i]], precision)
         torch.add(thetas[i], grad, alpha=neg_alpha, out=thetas[i + 1])
     kept = {}
     for i in range(first_kept, steps):
-        kept[i] = _differentiable_step(net, thetas[i], images, plan.batches[i], plan.augment[i], plan.masks[i],
-                                       targets[i])
+        kept[i] = _differentiable_step(step_loss[i], thetas[i], images, batches[i], precision)
         torch.add(thetas[i], kept[i][2].detach(), alpha=neg_alpha, out=thetas[i + 1])
     residual = thetas[-1] - target
-    matching = (residual**2).sum() / denominator
+    matching = _matching(residual, denominator)
     # Backward: lam = dL/dtheta_{i+1}; one double-backward per step gives the image term and H_i @ lam.
-    lam = 2 * residual / denominator
+    lam = 2 * residual / denominator.unsqueeze(-1)
     grad_images = torch.zeros_like(images)
     grad_lr = torch.zeros_like(alpha)
     for i in reversed(range(steps)):
-        idx, params = plan.batches[i], plan.augment[i]
+        idx = batches[i]
         if i in kept:
             theta, batch, grad = kept.pop(i)
         else:
-            theta, batch, grad = _differentiable_step(net, thetas[i], images, idx, params, plan.masks[i], targets[i])
+            theta, batch, grad = _differentiable_step(step_loss[i], thetas[i], images, idx, precision)
         d_batch, hvp, directional = _adjoint_terms(theta, batch, grad, lam, exact)
         if exact:
             lam.add_(hvp, alpha=neg_alpha)
@@ -434,7 +523,7 @@ def _split_reverse_accumulation(net, images, shares, theta0, target, alpha, deno
         if idx.numel() == 0:
             grad = torch.zeros_like(theta0)
         else:
-            grad = _step_gradient(net, thetas[i], images[idx], params, mask, targets)
+            grad = _step_gradient(_loss_fn(net, params, mask, targets), thetas[i], images[idx], targets.precision)
         distributed.all_reduce_sum_([grad])
         torch.add(thetas[i], grad, alpha=neg_alpha, out=thetas[i + 1])
     residual = thetas[-1] - target
@@ -446,7 +535,8 @@ def _split_reverse_accumulation(net, images, shares, theta0, target, alpha, deno
         idx, params, mask, targets = shares[i]
         hvp = torch.zeros_like(lam) if exact else None
         if idx.numel() > 0:
-            theta, batch, grad = _differentiable_step(net, thetas[i], images, idx, params, mask, targets)
+            theta, batch, grad = _differentiable_step(_loss_fn(net, params, mask, targets), thetas[i], images, idx,
+                                                      targets.precision)
             d_batch, hvp, directional = _adjoint_terms(theta, batch, grad, lam, exact)
             grad_images.index_add_(0, idx, d_batch, alpha=neg_alpha)
             grad_lr.sub_(directional)

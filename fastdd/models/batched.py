@@ -21,6 +21,12 @@ from fastdd.models.functional import parameter_layout
 from fastdd.ops.norm_relu_pool import instance_norm_relu_pool
 
 
+def supports_batched_students(net: torch.nn.Module) -> bool:
+    """True when :func:`batched_functional_forward` can run ``net``'s architecture: a ``ConvNet`` with norm
+    "instancenorm" or "none" (BatchNorm's running buffers cannot be split between students)."""
+    return isinstance(net, ConvNet) and net.norm in ("instancenorm", "none")
+
+
 def batched_functional_forward(net: ConvNet, flat_params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Logits of S students of ``net``'s architecture, each on its own images.
 
@@ -33,7 +39,7 @@ def batched_functional_forward(net: ConvNet, flat_params: torch.Tensor, x: torch
     Returns:
         [S, B, num_classes], equal to ``stack([functional_forward(net, flat_params[s], x[s]) for s])``.
     """
-    if not isinstance(net, ConvNet) or net.norm not in ("instancenorm", "none"):
+    if not supports_batched_students(net):
         raise ValueError("batched students need a ConvNet with norm 'instancenorm' or 'none'")
     layout = parameter_layout(net)
     if flat_params.dim() != 2 or flat_params.shape[1] != layout.numel:

@@ -43,11 +43,21 @@ def conv2d(
         groups: as in ``F.conv2d``.
 
     Returns:
-        [N, C_out, H_out, W_out], differentiable any number of times w.r.t. x, weight and bias.
+        [N, C_out, H_out, W_out], differentiable any number of times w.r.t. x, weight and bias. Under autocast the
+        convolution runs in autocast's dtype (as ``F.conv2d`` does) and so does the result.
     """
     if isinstance(padding, str):
         raise ValueError(f"fastdd.models.conv.conv2d takes numeric paddings, got {padding!r}")
     geometry = (_pair(stride), _pair(padding), _pair(dilation), int(groups))
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # As autocast treats F.conv2d: the inputs in its lower precision. The op itself then runs without autocast,
+        # so that its backward passes (which run outside the autocast region) see the dtypes its forward saw.
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return _Convolution.apply(x, weight, bias, geometry)
     return _Convolution.apply(x, weight, bias, geometry)
 
 

@@ -15,6 +15,7 @@ from fastdd.models.vgg import VGG11
 MODELS = ("convnet", "convnetd4", "convnetd5", "alexnet", "vgg11", "resnet18")
 
 _CONVNET_DEPTHS = {"convnet": 3, "convnetd4": 4, "convnetd5": 5}
+CONVNET_MODELS = tuple(_CONVNET_DEPTHS)  # the ConvNet family (the models batched students can run)
 
 
 def default_convnet_depth(image_size: tuple[int, int]) -> int:

@@ -184,6 +184,46 @@ class AugmentParams:
             raise ValueError("select() would produce an empty AugmentParams; index at least one image")
         return self._map_tensors(lambda t: t[index], batch)
 
+    def signature(self) -> tuple:
+        """What must agree for two parameter sets to be applied in one call: families (in order), image size, cutout
+        size and the resampling convention (see :func:`cat_augment_params`)."""
+        return (self.families, self.image_size, self.cutout_size, self.align_corners)
+
+
+def cat_augment_params(params: Sequence[AugmentParams], rows: Sequence[int]) -> AugmentParams:
+    """One parameter set for the concatenation of several batches: ``diff_augment(cat(xs), cat_augment_params(ps,
+    [len(x) for x in xs]))`` equals ``cat([diff_augment(x, p) for x, p in zip(xs, ps)])``, each image going through
+    its own transform (batched trajectory-matching students augment their minibatches in one call).
+
+    Args:
+        params: parameter sets with the same :meth:`AugmentParams.signature` (the same families in the same order).
+        rows: the number of images each set applies to; a shared set (``batch == 1``) is repeated that many times,
+            any other must have ``batch == rows[i]``.
+
+    Raises:
+        ValueError: no sets, a different number of row counts, sets that differ in signature, or a batch that is
+            neither 1 nor its row count.
+    """
+    if not params or len(params) != len(rows):
+        raise ValueError(f"cat_augment_params needs one row count per parameter set, got {len(params)} sets and "
+                         f"{len(rows)} counts")
+    first = params[0]
+    for p, n in zip(params, rows):
+        if p.signature() != first.signature():
+            raise ValueError(f"cat_augment_params needs the same families, image size, cutout size and align_corners, "
+                             f"got {first.signature()} and {p.signature()}")
+        if p.batch not in (1, n):
+            raise ValueError(f"a parameter set of batch {p.batch} cannot apply to {n} images (1 or {n})")
+    if len(params) == 1 and params[0].batch == rows[0]:
+        return params[0]
+    changes = {}
+    for name in _ALL_TENSOR_FIELDS:
+        if getattr(first, name) is None:
+            continue
+        parts = [getattr(p, name) for p in params]
+        changes[name] = torch.cat([t.expand(n, *t.shape[1:]) for t, n in zip(parts, rows)])
+    return dataclasses.replace(first, batch=sum(rows), **changes)
+
 
 def _positive_int(value: object) -> int | None:
     """``value`` as an int if it is a positive integer (Python, NumPy or 0-d tensor; not bool), else None."""
