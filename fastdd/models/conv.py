@@ -43,11 +43,20 @@ def conv2d(
         groups: as in ``F.conv2d``.
 
     Returns:
-        [N, C_out, H_out, W_out], differentiable any number of times w.r.t. x, weight and bias.
+        [N, C_out, H_out, W_out], differentiable any number of times w.r.t. x, weight and bias. Under
+        ``torch.autocast`` the inputs are cast to the autocast dtype first, as autocast casts ``F.conv2d``'s, so the
+        result is in that dtype and the gradients reach x, weight and bias in their own dtypes.
     """
     if isinstance(padding, str):
         raise ValueError(f"fastdd.models.conv.conv2d takes numeric paddings, got {padding!r}")
     geometry = (_pair(stride), _pair(padding), _pair(dilation), int(groups))
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        # Cast outside the Function: its derivatives then see one dtype (convolution_backward takes no mixed
+        # dtypes, and autocast does not reach it), and the casts' own backward returns float32 master gradients.
+        dtype = torch.get_autocast_dtype(device)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     return _Convolution.apply(x, weight, bias, geometry)
 
 
