@@ -272,7 +272,7 @@ def test_convnet_under_bfloat16_autocast_is_close_to_float32(generator):
     torch.autocast("cpu", bfloat16), where the convolutions hand the fused block bfloat16 maps with float32
     parameters, against the float32 run. bfloat16 convolutions alone (8 significant bits per input) move the
     gradients by 5-10 %, so the bound is relative: the fused block's errors are at most 1.2x those of the unfused
-    PyTorch chain (GroupNorm, ReLU, AvgPool2d) under the same autocast (measured: 0.8-0.95x), below 0.15 relative
+    PyTorch chain (GroupNorm, ReLU, AvgPool2d) under the same autocast (measured: 0.78-0.94x), below 0.15 relative
     and with cosines above 0.99; the logits within 2e-2."""
     net = build_model("convnet", channels=3, num_classes=10, image_size=32, width=16, generator=generator)
     theta = flat_parameters(net).detach().requires_grad_(True)
