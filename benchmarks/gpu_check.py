@@ -7,8 +7,9 @@ Checks, printed as one table and written as JSON (with the card's name, or the C
 
 1. ops: every op of ``fastdd.ops`` x every backend that can run here x float32, float64, bfloat16, float16, against
    the pure-PyTorch reference evaluated in float64 on CPU: forward, backward and (where the op has one) double
-   backward. A backend that does not take a dtype today is reported ``unsupported``, one that cannot run on this
-   device ``unavailable``; neither is a failure.
+   backward. In bfloat16 / float16 the ops compute in float32; instance_norm_relu_pool then gets float32 weight and
+   bias, as under ``torch.autocast``. A backend that does not take a dtype is reported ``unsupported``, one that
+   cannot run on this device ``unavailable``; neither is a failure.
 2. distill: a tiny ``fastdd distill --device DEVICE`` of every method (``fastdd experts`` first for mtt and tesla),
    and a tiny ``fastdd evaluate`` of one of the sets.
 3. determinism: the same tesla run twice with one seed, without and with ``--deterministic``; on CPU both must give
@@ -72,6 +73,8 @@ class OpCase:
         index: ``(inputs, backend) -> int tensor`` that must equal the reference's exactly, or None.
         triton_kernel, cuda_kernel: where its compiled kernels are (as ``fastdd.ops._dispatch`` takes them).
         orders: how many derivatives every backend has (1 or 2).
+        master_inputs: positions of the inputs that stay float32 when the checked dtype is bfloat16 or float16 (the
+            parameters autocast leaves in float32).
     """
 
     name: str
@@ -81,6 +84,12 @@ class OpCase:
     cuda_kernel: bool
     orders: int
     index: Callable[[list[torch.Tensor], str], torch.Tensor] | None = None
+    master_inputs: tuple[int, ...] = ()
+
+    def input_dtypes(self, count: int, dtype: torch.dtype) -> list[torch.dtype]:
+        """The dtype of each of ``count`` inputs when the check runs in ``dtype``."""
+        half = dtype in (torch.bfloat16, torch.float16)
+        return [torch.float32 if half and i in self.master_inputs else dtype for i in range(count)]
 
 
 def _augment_case() -> OpCase:
@@ -131,7 +140,7 @@ def _norm_case() -> OpCase:
                 1 + 0.1 * torch.randn(4, dtype=torch.float64, generator=g),
                 0.1 * torch.randn(4, dtype=torch.float64, generator=g)]
 
-    return OpCase("instance_norm_relu_pool", inputs, call, "instance_norm_relu_pool", False, 2)
+    return OpCase("instance_norm_relu_pool", inputs, call, "instance_norm_relu_pool", False, 2, master_inputs=(1, 2))
 
 
 def op_cases() -> list[OpCase]:
@@ -171,10 +180,12 @@ def check_op(case: OpCase, backend: str, dtype: torch.dtype, device: torch.devic
         status = UNSUPPORTED if dtype not in KERNEL_DTYPES else UNAVAILABLE
         return [{**row, "status": status, "detail": why}]
     # Rounded to the dtype first, so the float64 reference sees the very inputs the backend sees.
-    inputs = [t.to(dtype).double() for t in case.inputs(torch.Generator().manual_seed(0))]
+    raw = case.inputs(torch.Generator().manual_seed(0))
+    dtypes = case.input_dtypes(len(raw), dtype)
+    inputs = [t.to(d).double() for t, d in zip(raw, dtypes)]
     try:
         expected = _derivatives(case, inputs, "reference", case.orders, torch.Generator().manual_seed(1))
-        got = _derivatives(case, [t.to(device, dtype) for t in inputs], backend, case.orders,
+        got = _derivatives(case, [t.to(device, d) for t, d in zip(inputs, dtypes)], backend, case.orders,
                            torch.Generator().manual_seed(1))
     except Exception as error:  # a crash of a backend is this check's finding, not the script's end
         return [{**row, "status": FAILED, "detail": f"{type(error).__name__}: {str(error).splitlines()[0]}"}]
@@ -188,7 +199,7 @@ def check_op(case: OpCase, backend: str, dtype: torch.dtype, device: torch.devic
         rows.append({**row, "name": f"{row['name']} double backward", "status": UNSUPPORTED,
                      "detail": "the op has no double backward"})
     if case.index is not None and dtype in KERNEL_DTYPES:
-        same = torch.equal(case.index([t.to(device, dtype) for t in inputs], backend).cpu(),
+        same = torch.equal(case.index([t.to(device, d) for t, d in zip(inputs, dtypes)], backend).cpu(),
                            case.index(inputs, "reference"))
         rows.append({**row, "name": f"{row['name']} index", "status": OK if same else MISMATCH,
                      "detail": "equal to the reference's" if same else "differs from the reference's"})

@@ -1,7 +1,7 @@
 """Compile every Triton kernel of fastdd for real NVIDIA targets on a machine without a GPU, and report their resources.
 
-    python benchmarks/triton_compile_report.py [--targets 80,90] [--tier cli|large|all] [--dtypes float32,float64]
-                                               [--json PATH]
+    python benchmarks/triton_compile_report.py [--targets 80,90] [--tier cli|large|all]
+                                               [--dtypes float32,float64,bfloat16,float16] [--json PATH]
 
 The Triton interpreter (``TRITON_INTERPRET=1``, which the test suite uses on CPU) accepts code that the real compiler
 rejects, so this script runs the launchers of ``fastdd.kernels`` through Triton's real pipeline (TTIR, TTGIR, LLVM,
@@ -233,11 +233,15 @@ def _augment_case(name: str, tier: str, shape: tuple[int, ...], families: str, s
 def _norm_cases(name: str, tier: str, shape: tuple[int, int, int, int], pool: bool) -> list[Case]:
     from fastdd.kernels import instance_norm_relu_pool as norm
 
+    def params_dtype(dtype):
+        """Half-precision maps come with float32 parameters and statistics, as under autocast."""
+        return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
     def tensors(dtype):
         channels = shape[1]
         x = torch.empty(shape, dtype=dtype)
-        weight, bias = torch.ones(channels, dtype=dtype), torch.zeros(channels, dtype=dtype)
-        return x, weight, bias
+        weight = torch.ones(channels, dtype=params_dtype(dtype))
+        return x, weight, torch.zeros_like(weight)
 
     def forward(dtype):
         x, weight, bias = tensors(dtype)
@@ -249,12 +253,12 @@ def _norm_cases(name: str, tier: str, shape: tuple[int, int, int, int], pool: bo
 
     def backward(dtype):
         x, weight, bias = tensors(dtype)
-        stats = torch.empty(shape[:2], dtype=dtype)
+        stats = torch.empty(shape[:2], dtype=params_dtype(dtype))
         return norm.instance_norm_relu_pool_backward(pooled_like(x), x, weight, bias, stats, stats, pool)
 
     def double_backward(dtype):
         x, weight, bias = tensors(dtype)
-        stats = torch.empty(shape[:2], dtype=dtype)
+        stats = torch.empty(shape[:2], dtype=params_dtype(dtype))
         return norm.instance_norm_relu_pool_double_backward(pooled_like(x), x, weight, bias, stats, stats,
                                                             torch.empty_like(x), weight, bias, pool)
 
@@ -368,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default="80,90", help="compute capabilities, comma-separated")
     parser.add_argument("--tier", choices=(*TIERS, "all"), default="all")
-    parser.add_argument("--dtypes", default="float32,float64", help="image dtypes, comma-separated")
+    parser.add_argument("--dtypes", default="float32,float64", help="image dtypes, comma-separated (float32, float64, "
+                        "bfloat16, float16; half-precision norm maps get float32 parameters, as under autocast)")
     parser.add_argument("--json", help="also write the specialisations to this JSON file")
     args = parser.parse_args(argv)
 

@@ -13,6 +13,9 @@
 #endif
 
 TORCH_LIBRARY(fastdd, m) {
+  // dtypes: every floating-point input may be float32, float64, bfloat16 or float16 (csrc/half_precision.h): the
+  // half-precision ones are loaded as they are, computed on and accumulated in float32, and results come back in
+  // the input's dtype. Where the ops mix dtypes, their comments say so.
   // sq_dist[i] = min_j ||points[i] - centers[j]||^2, computed exactly as a sum of squared differences (no
   // ||p||^2 + ||c||^2 - 2 p.c expansion), and index[i] = the lowest j attaining it. With group labels (both or
   // neither), j ranges over the centers with center_groups[j] == point_groups[i] only (a point whose group has no
@@ -35,7 +38,10 @@ TORCH_LIBRARY(fastdd, m) {
   // y = pool(relu(weight[c] * (x - mean) * rstd + bias[c])) per (image, channel) instance of x [N, C, H, W]:
   // GroupNorm with one group per channel (biased variance, eps), ReLU, then a 2x2 average pool (floor) when pool
   // is true. mean and rstd [N, C] are returned for the derivatives, which are ops of their own so that the fused
-  // block is differentiable twice (trajectory matching differentiates a student step's gradient).
+  // block is differentiable twice (trajectory matching differentiates a student step's gradient). Mixed precision:
+  // weight and bias may be float32 with a bfloat16 / float16 x (autocast's activations); mean and rstd are then
+  // float32, grad_y, gg_x and the x-shaped results take x's dtype, gg_weight, gg_bias and the per-channel results
+  // weight's.
   m.def("instance_norm_relu_pool(Tensor x, Tensor weight, Tensor bias, float eps, bool pool)"
         " -> (Tensor y, Tensor mean, Tensor rstd)",
         {at::Tag::pt2_compliant_tag});

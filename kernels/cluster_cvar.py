@@ -59,8 +59,11 @@ def _cluster_cvar_weight_kernel(
         same_cluster = (other_cluster[None, :] == cluster[:, None]) & other_ok[None, :]
         # A tile adds at most BLOCK_J: int32 counts keep the [BLOCK_I, BLOCK_J] tile in half the registers.
         rank += tl.sum((worse & same_cluster).to(tl.int32), axis=1).to(tl.int64)
-    dtype = weight_ptr.dtype.element_ty
-    share = 1.0 / tail.to(dtype)
+    # 1 / k in float64 for float64 weights, else in float32: half-precision weights round it once, when stored.
+    if weight_ptr.dtype.element_ty == tl.float64:
+        share = 1.0 / tail.to(tl.float64)
+    else:
+        share = 1.0 / tail.to(tl.float32)
     weight = tl.where(rank < tail, share, tl.zeros_like(share))
     sample = tl.load(order_ptr + positions, mask=ok, other=0)
     tl.store(weight_ptr + sample, weight, mask=ok)
@@ -68,7 +71,8 @@ def _cluster_cvar_weight_kernel(
 
 @on_input_device
 def cluster_cvar_weight(losses: Tensor, assign: Tensor, num_clusters: int, alpha: float) -> Tensor:
-    """Launch the kernel: losses [N] (float32/float64), assign [N] int64 in [0, G) -> weight [N] in losses' dtype.
+    """Launch the kernel: losses [N] (float32/float64/bfloat16/float16), assign [N] int64 in [0, G) -> weight [N] in
+    losses' dtype (half-precision losses are compared as they are: the order needs no wider type).
 
     ``weight[i]`` is ``1 / k_g`` when sample ``i`` is among the ``k_g = ceil(alpha * n_g)`` worst of its cluster ``g``
     and 0 otherwise. No autograd (``fastdd.ops.cvar`` wraps this in an autograd.Function).

@@ -14,6 +14,10 @@ Color commutes with the spatial maps except for its image mean. With the familie
 where P averages over channels at each pixel, N = C H W, and G_post(1) is the sum of the tap weights at the
 moment the walk passes color. So the forward is a reduction kernel (m, only with color) and a gather kernel; the
 adjoint is a scatter kernel (atomics) and, with color, a kernel that applies the per-pixel color terms.
+
+dtypes: the kernels compute in ``DTYPE``, float32 for bfloat16 and float16 images (which are loaded as they are and
+cast) and the images' dtype otherwise; the parameters, the image means and the adjoint's scatter targets are in
+``DTYPE`` too, and the results are stored in the images' dtype.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .launch_device import on_input_device
+from .precision import compute_dtype
 
 # Family codes of the constexpr chain (4 bits per family, first family in the lowest bits).
 _COLOR = tl.constexpr(1)
@@ -183,7 +188,7 @@ def _pre_color_sum_kernel(x_ptr, partial_ptr, real_ptr, int_ptr, param_stride, C
     channel = tl.arange(0, BLOCK_C)
     ok = (channel < C)[:, None, None] & (weight != 0.0)[None, :, :]
     offsets = channel[:, None, None] * pixels + (row * W + col)[None, :, :]
-    values = tl.load(x_ptr + _image_start(image, C, pixels) + offsets, mask=ok, other=0.0)
+    values = tl.load(x_ptr + _image_start(image, C, pixels) + offsets, mask=ok, other=0.0).to(DTYPE)
     tl.store(partial_ptr + image * tl.num_programs(1) + tl.program_id(1), tl.sum(values * weight[None, :, :]))
 
 
@@ -212,7 +217,8 @@ def _forward_kernel(x_ptr, out_ptr, mean_ptr, real_ptr, int_ptr, param_stride, C
     image_start = _image_start(image, C, pixels)
     base = channel[:, None] * pixels
     ok = (channel < C)[:, None, None] & (weight != 0.0)[None, :, :]
-    values = tl.load(x_ptr + image_start + (base[:, :, None] + (row * W + col)[None, :, :]), mask=ok, other=0.0)
+    values = tl.load(x_ptr + image_start + (base[:, :, None] + (row * W + col)[None, :, :]), mask=ok,
+                     other=0.0).to(DTYPE)
     result = tl.sum(values * weight[None, :, :], axis=2)  # [BLOCK_C, BLOCK_P]: G x
     if COLOR_AT < LENGTH:
         saturation = tl.load(real_row + 1)
@@ -246,7 +252,7 @@ def _adjoint_scatter_kernel(grad_ptr, spread_ptr, ones_pre_ptr, partial_ptr, rea
     image_start = _image_start(image, C, pixels)
     base = channel[:, None] * pixels
     grad = tl.load(grad_ptr + image_start + (base + p[None, :]), mask=(channel < C)[:, None] & (p < pixels)[None, :],
-                   other=0.0)
+                   other=0.0).to(DTYPE)
     if COLOR_AT < LENGTH:
         row, col, weight = _walk(row, col, weight, taps, real_row, int_row, H, W, cut_h, cut_w, COLOR_AT + 1,
                                  LENGTH, CHAIN, DIGITS, DTYPE, ALIGN)
@@ -337,9 +343,9 @@ class _Chain:
 
 def _prepare(images: Tensor, families: str, real_params: Tensor, int_params: Tensor):
     images = images.contiguous()
-    dtype = images.dtype
+    dtype = compute_dtype(images.dtype)
     real = real_params.to(device=images.device, dtype=dtype)
-    # The reference builds its rotation matrix in the images' dtype.
+    # The reference builds its rotation matrix in the compute dtype.
     rotation = real[:, 5]
     kernel_real = torch.cat([real[:, :5], rotation.cos()[:, None], rotation.sin()[:, None]], dim=1).contiguous()
     kernel_int = int_params.to(device=images.device, dtype=torch.int32).contiguous()
@@ -362,7 +368,8 @@ def _prepare(images: Tensor, families: str, real_params: Tensor, int_params: Ten
 @on_input_device
 def diff_augment_forward(images: Tensor, families: str, real_params: Tensor, int_params: Tensor,
                          cutout_size: list[int], align_corners: bool, with_offset: bool = True) -> Tensor:
-    """A(images) (``with_offset=False``: its linear part): images [B, C, H, W] float32/float64 -> [B, C, H, W].
+    """A(images) (``with_offset=False``: its linear part): images [B, C, H, W] float32/float64/bfloat16/float16 ->
+    [B, C, H, W] in their dtype (computed in float32 for the half-precision dtypes).
 
     ``real_params`` [P, 6] float64 and ``int_params`` [P, 5] int64 with P = 1 (shared) or B, laid out as in the
     schema of ``torch.ops.fastdd.diff_augment``. No autograd (``fastdd.ops.augment`` wraps this).
@@ -373,10 +380,10 @@ def diff_augment_forward(images: Tensor, families: str, real_params: Tensor, int
     if images.numel() == 0:
         return out
     grid = (batch, triton.cdiv(height * width, block_p))
-    dtype = _TORCH_TO_TRITON[images.dtype]
-    means = images.new_zeros(batch)
+    dtype = _TORCH_TO_TRITON[real.dtype]
+    means = real.new_zeros(batch)
     if chain.has_color:
-        partial = images.new_empty(batch, grid[1])
+        partial = real.new_empty(batch, grid[1])
         _pre_color_sum_kernel[grid](
             images, partial, real, ints, cut_h=cutout_size[0], cut_w=cutout_size[1], COLOR_AT=chain.color_at,
             CHAIN=chain.code, DIGITS=chain.pre_digits, TAPS=chain.pre_taps, DTYPE=dtype, ALIGN=align_corners,
@@ -394,7 +401,8 @@ def diff_augment_forward(images: Tensor, families: str, real_params: Tensor, int
 @on_input_device
 def diff_augment_adjoint(grad: Tensor, families: str, real_params: Tensor, int_params: Tensor,
                          cutout_size: list[int], align_corners: bool, deterministic: bool = False) -> Tensor:
-    """A^T(grad), the gradient of ``diff_augment_forward`` w.r.t. its images: grad [B, C, H, W] -> [B, C, H, W].
+    """A^T(grad), the gradient of ``diff_augment_forward`` w.r.t. its images: grad [B, C, H, W] -> [B, C, H, W] in
+    grad's dtype (scattered into float32 for the half-precision dtypes).
 
     ``deterministic``: the scatter writes its terms to buffers (B * C * H * W * taps values and int64 targets, taps
     = 4 per bilinear family) that ``index_put_`` then adds in sorted order, instead of float atomics whose order, on
@@ -402,19 +410,19 @@ def diff_augment_adjoint(grad: Tensor, families: str, real_params: Tensor, int_p
     """
     grad, chain, real, ints, block_c, block_p, common = _prepare(grad, families, real_params, int_params)
     batch, channels, height, width = grad.shape
-    spread = torch.zeros_like(grad)
+    spread = torch.zeros_like(grad, dtype=real.dtype)  # the scatter's target, in the compute dtype
     if grad.numel() == 0:
-        return spread
+        return spread.to(grad.dtype)
     grid = (batch, triton.cdiv(height * width, block_p))
-    dtype = _TORCH_TO_TRITON[grad.dtype]
-    ones_pre = grad.new_zeros(batch, height * width)
-    partial = grad.new_zeros(batch, grid[1])
+    dtype = _TORCH_TO_TRITON[real.dtype]
+    ones_pre = real.new_zeros(batch, height * width)
+    partial = real.new_zeros(batch, grid[1])
     buffers = (spread, spread, ones_pre, ones_pre)  # unread placeholders unless deterministic
     if deterministic:
         spread_terms = grad.numel() * chain.taps
         ones_terms = ones_pre.numel() * chain.pre_taps if chain.has_color else 1
-        buffers = (grad.new_zeros(spread_terms, dtype=torch.int64), grad.new_zeros(spread_terms),
-                   grad.new_zeros(ones_terms, dtype=torch.int64), grad.new_zeros(ones_terms))
+        buffers = (grad.new_zeros(spread_terms, dtype=torch.int64), real.new_zeros(spread_terms),
+                   grad.new_zeros(ones_terms, dtype=torch.int64), real.new_zeros(ones_terms))
     _adjoint_scatter_kernel[grid](
         grad, spread, ones_pre, partial, real, ints, *buffers, cut_h=cutout_size[0], cut_w=cutout_size[1],
         LENGTH=chain.length, COLOR_AT=chain.color_at, CHAIN=chain.code, DIGITS=chain.digits,
@@ -427,7 +435,7 @@ def diff_augment_adjoint(grad: Tensor, families: str, real_params: Tensor, int_p
         if chain.has_color:
             ones_pre.view(-1).index_put_((ones_slots,), ones_values, accumulate=True)
     if not chain.has_color:
-        return spread
+        return spread.to(grad.dtype)
     out = torch.empty_like(grad)
     _adjoint_color_kernel[grid](
         spread, ones_pre, partial.sum(dim=1), out, real, DTYPE=dtype, BLOCK_C=block_c, BLOCK_P=block_p, **common,

@@ -26,6 +26,11 @@ one block is re-read from cache; its sums equal a single reduction of the whole 
 per output pixel from the four input pixels of its cell, read again from memory; the pooling adjoint reads
 ``grad_y`` at each input pixel's cell. The per-channel weight and
 bias gradients are written as per-map partials [N, C] and summed over N by the launchers, deterministically.
+
+dtypes: the kernels compute in the dtype of ``mean`` / ``rstd`` (float32 for a bfloat16 or float16 x, else x's):
+every value loaded is cast to it (x, grad_y and gg_x in x's dtype, weight, bias and their cotangents in float32 or
+x's), sums accumulate in it, and stores round to the output's dtype (x's for the maps, the statistics' for the
+partials, which the launchers cast to weight's dtype after summing).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .launch_device import on_input_device
+from .precision import compute_dtype
 
 
 @triton.jit
@@ -53,8 +59,8 @@ def _cell_offset(o, OW, W, DI: tl.constexpr, DJ: tl.constexpr):
 
 @triton.jit
 def _activation_at(x_ptr, offset, o_ok, mean, rstd, w, b):
-    """relu(weight * z + bias) at input pixels ``offset``."""
-    x = tl.load(x_ptr + offset, mask=o_ok, other=0.0)
+    """relu(weight * z + bias) at input pixels ``offset``, in mean's dtype."""
+    x = tl.load(x_ptr + offset, mask=o_ok, other=0.0).to(mean.dtype)
     return tl.maximum(w * ((x - mean) * rstd) + b, 0.0)
 
 
@@ -71,8 +77,8 @@ def _pooled_activation(x_ptr, o, o_ok, OW, W, mean, rstd, w, b):
 @triton.jit
 def _grad_grad_y_at(x_ptr, gg_x_ptr, offset, o_ok, mean, rstd, w, b, ggw, ggb, mean_g, mean_gxz):
     """mask * (weight * u + gg_weight * z + gg_bias), u = L(gg_x), at input pixels ``offset``."""
-    z = (tl.load(x_ptr + offset, mask=o_ok, other=0.0) - mean) * rstd
-    u = rstd * (tl.load(gg_x_ptr + offset, mask=o_ok, other=0.0) - mean_g - z * mean_gxz)
+    z = (tl.load(x_ptr + offset, mask=o_ok, other=0.0).to(mean.dtype) - mean) * rstd
+    u = rstd * (tl.load(gg_x_ptr + offset, mask=o_ok, other=0.0).to(mean.dtype) - mean_g - z * mean_gxz)
     return tl.where(w * z + b > 0.0, w * u + ggw * z + ggb, 0.0)
 
 
@@ -101,54 +107,54 @@ def _sqrt_rn(v):
 
 
 @triton.jit
-def _unpooled(grad_y_ptr, k, ok, W, OH, OW, POOL: tl.constexpr):
-    """pool^T(grad_y) at input pixels k: a quarter of their cell's gradient, 0 on a dropped row or column."""
+def _unpooled(grad_y_ptr, k, ok, W, OH, OW, POOL: tl.constexpr, DTYPE: tl.constexpr):
+    """pool^T(grad_y) at input pixels k in DTYPE: a quarter of their cell's gradient, 0 on a dropped row or column."""
     if POOL:
         i = k // W
         j = k % W
         inside = ok & (i < 2 * OH) & (j < 2 * OW)
-        unpooled = 0.25 * tl.load(grad_y_ptr + (i // 2) * OW + j // 2, mask=inside, other=0.0)
+        unpooled = 0.25 * tl.load(grad_y_ptr + (i // 2) * OW + j // 2, mask=inside, other=0.0).to(DTYPE)
     else:
-        unpooled = tl.load(grad_y_ptr + k, mask=ok, other=0.0)
+        unpooled = tl.load(grad_y_ptr + k, mask=ok, other=0.0).to(DTYPE)
     return unpooled
 
 
 @triton.jit
 def _normalised(x_map, at, ok, mean, rstd):
-    """z = (x - mean) * rstd at offsets ``at`` of the map, 0 outside it."""
-    return tl.where(ok, (tl.load(x_map + at, mask=ok, other=0.0) - mean) * rstd, 0.0)
+    """z = (x - mean) * rstd at offsets ``at`` of the map in mean's dtype, 0 outside it."""
+    return tl.where(ok, (tl.load(x_map + at, mask=ok, other=0.0).to(mean.dtype) - mean) * rstd, 0.0)
 
 
 @triton.jit
 def _gated(grad_y_map, at, ok, z, w, b, W, OH, OW, POOL: tl.constexpr):
-    """grad_a = mask * pool^T(grad_y) at offsets ``at`` of the map, mask = [weight * z + bias > 0]."""
-    return tl.where(ok & (w * z + b > 0.0), _unpooled(grad_y_map, at, ok, W, OH, OW, POOL), 0.0)
+    """grad_a = mask * pool^T(grad_y) at offsets ``at`` of the map (in z's dtype), mask = [weight * z + bias > 0]."""
+    return tl.where(ok & (w * z + b > 0.0), _unpooled(grad_y_map, at, ok, W, OH, OW, POOL, z.dtype), 0.0)
 
 
 @triton.jit
 def _forward_kernel(x_ptr, weight_ptr, bias_ptr, eps_ptr, y_ptr, mean_ptr, rstd_ptr, C, H, W, OH, OW,
                     POOL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_OUT: tl.constexpr):
     map_index, c, x_base, y_base = _map_program(C, H, W, OH, OW)
-    dtype = x_ptr.dtype.element_ty
+    dtype = mean_ptr.dtype.element_ty  # the compute dtype
     x_map = x_ptr + x_base
     size = H * W
     n = tl.cast(size, dtype)
     k = tl.arange(0, BLOCK)
     total = tl.zeros([BLOCK], dtype)
     for start in range(0, size, BLOCK):
-        total += tl.load(x_map + start + k, mask=start + k < size, other=0.0)
+        total += tl.load(x_map + start + k, mask=start + k < size, other=0.0).to(dtype)
     mean = tl.sum(total, axis=0) / n
     # Two passes, as the C++ kernel: no cancellation in the variance.
     squares = tl.zeros([BLOCK], dtype)
     for start in range(0, size, BLOCK):
         ok = start + k < size
-        centred = tl.where(ok, tl.load(x_map + start + k, mask=ok, other=0.0) - mean, 0.0)
+        centred = tl.where(ok, tl.load(x_map + start + k, mask=ok, other=0.0).to(dtype) - mean, 0.0)
         squares += centred * centred
     rstd = 1.0 / _sqrt_rn(tl.sum(squares, axis=0) / n + tl.load(eps_ptr))
     tl.store(mean_ptr + map_index, mean)
     tl.store(rstd_ptr + map_index, rstd)
-    w = tl.load(weight_ptr + c)
-    b = tl.load(bias_ptr + c)
+    w = tl.load(weight_ptr + c).to(dtype)
+    b = tl.load(bias_ptr + c).to(dtype)
     if POOL:
         for out_start in range(0, OH * OW, BLOCK_OUT):
             o = out_start + tl.arange(0, BLOCK_OUT)
@@ -158,7 +164,7 @@ def _forward_kernel(x_ptr, weight_ptr, bias_ptr, eps_ptr, y_ptr, mean_ptr, rstd_
     else:
         for start in range(0, size, BLOCK):
             ok = start + k < size
-            x = tl.load(x_map + start + k, mask=ok, other=0.0)
+            x = tl.load(x_map + start + k, mask=ok, other=0.0).to(dtype)
             tl.store(y_ptr + y_base + start + k, tl.maximum(w * ((x - mean) * rstd) + b, 0.0), mask=ok)
 
 
@@ -166,15 +172,15 @@ def _forward_kernel(x_ptr, weight_ptr, bias_ptr, eps_ptr, y_ptr, mean_ptr, rstd_
 def _backward_kernel(grad_y_ptr, x_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr, grad_x_ptr, weight_part_ptr,
                      bias_part_ptr, C, H, W, OH, OW, POOL: tl.constexpr, BLOCK: tl.constexpr):
     map_index, c, x_base, y_base = _map_program(C, H, W, OH, OW)
-    dtype = x_ptr.dtype.element_ty
+    dtype = mean_ptr.dtype.element_ty  # the compute dtype
     x_map = x_ptr + x_base
     grad_y_map = grad_y_ptr + y_base
     size = H * W
     k = tl.arange(0, BLOCK)
     m = tl.load(mean_ptr + map_index)
     r = tl.load(rstd_ptr + map_index)
-    w = tl.load(weight_ptr + c)
-    b = tl.load(bias_ptr + c)
+    w = tl.load(weight_ptr + c).to(dtype)
+    b = tl.load(bias_ptr + c).to(dtype)
     ga_total = tl.zeros([BLOCK], dtype)
     gaz_total = tl.zeros([BLOCK], dtype)
     for start in range(0, size, BLOCK):
@@ -203,7 +209,7 @@ def _double_backward_kernel(grad_y_ptr, x_ptr, weight_ptr, bias_ptr, mean_ptr, r
                             gg_bias_ptr, grad_grad_y_ptr, grad_x_ptr, weight_part_ptr, C, H, W, OH, OW,
                             POOL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_OUT: tl.constexpr):
     map_index, c, x_base, y_base = _map_program(C, H, W, OH, OW)
-    dtype = x_ptr.dtype.element_ty
+    dtype = mean_ptr.dtype.element_ty  # the compute dtype
     x_map = x_ptr + x_base
     gg_x_map = gg_x_ptr + x_base
     grad_y_map = grad_y_ptr + y_base
@@ -212,10 +218,10 @@ def _double_backward_kernel(grad_y_ptr, x_ptr, weight_ptr, bias_ptr, mean_ptr, r
     k = tl.arange(0, BLOCK)
     m = tl.load(mean_ptr + map_index)
     r = tl.load(rstd_ptr + map_index)
-    w = tl.load(weight_ptr + c)
-    b = tl.load(bias_ptr + c)
-    ggw = tl.load(gg_weight_ptr + c)
-    ggb = tl.load(gg_bias_ptr + c)
+    w = tl.load(weight_ptr + c).to(dtype)
+    b = tl.load(bias_ptr + c).to(dtype)
+    ggw = tl.load(gg_weight_ptr + c).to(dtype)
+    ggb = tl.load(gg_bias_ptr + c).to(dtype)
 
     # Pass 1: the sums over the map that the second-order terms need.
     ga_total = tl.zeros([BLOCK], dtype)
@@ -227,7 +233,7 @@ def _double_backward_kernel(grad_y_ptr, x_ptr, weight_ptr, bias_ptr, mean_ptr, r
         at = start + k
         ok = at < size
         z = _normalised(x_map, at, ok, m, r)
-        g = tl.load(gg_x_map + at, mask=ok, other=0.0)
+        g = tl.load(gg_x_map + at, mask=ok, other=0.0).to(dtype)
         grad_a = _gated(grad_y_map, at, ok, z, w, b, W, OH, OW, POOL)
         ga_total += grad_a
         gaz_total += grad_a * z
@@ -250,7 +256,7 @@ def _double_backward_kernel(grad_y_ptr, x_ptr, weight_ptr, bias_ptr, mean_ptr, r
         at = start + k
         ok = at < size
         z = _normalised(x_map, at, ok, m, r)
-        g = tl.load(gg_x_map + at, mask=ok, other=0.0)
+        g = tl.load(gg_x_map + at, mask=ok, other=0.0).to(dtype)
         grad_a = _gated(grad_y_map, at, ok, z, w, b, W, OH, OW, POOL)
         u = r * (g - mean_g - z * mean_gxz)
         ua_total += u * grad_a
@@ -266,7 +272,7 @@ def _double_backward_kernel(grad_y_ptr, x_ptr, weight_ptr, bias_ptr, mean_ptr, r
         at = start + k
         ok = at < size
         z = _normalised(x_map, at, ok, m, r)
-        g = tl.load(gg_x_map + at, mask=ok, other=0.0)
+        g = tl.load(gg_x_map + at, mask=ok, other=0.0).to(dtype)
         grad_a = _gated(grad_y_map, at, ok, z, w, b, W, OH, OW, POOL)
         t = ggw * grad_a - r * (g * mean_gzz + mean_gxz * w * grad_a)
         grad_x = r * (t - mean_t - z * mean_tz) - (r * r * q / n) * z
@@ -311,18 +317,19 @@ class _Geometry:
 def instance_norm_relu_pool_forward(
     x: Tensor, weight: Tensor, bias: Tensor, eps: float, pool: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """x [N, C, H, W] float32/float64, weight, bias [C] -> (y [N, C, H // 2, W // 2] (pool) or [N, C, H, W],
-    mean [N, C], rstd [N, C]): the outputs of ``torch.ops.fastdd.instance_norm_relu_pool``. No autograd
-    (``fastdd.ops.norm_relu_pool`` wraps the three launchers in autograd Functions)."""
+    """x [N, C, H, W] float32/float64/bfloat16/float16, weight, bias [C] (x's dtype, or float32 for a half-precision
+    x) -> (y [N, C, H // 2, W // 2] (pool) or [N, C, H, W] in x's dtype, mean [N, C], rstd [N, C] in the compute
+    dtype): the outputs of ``torch.ops.fastdd.instance_norm_relu_pool``. No autograd (``fastdd.ops.norm_relu_pool``
+    wraps the three launchers in autograd Functions)."""
     x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
     geometry = _Geometry(x, pool)
     y = x.new_empty(*x.shape[:2], geometry.out_height, geometry.out_width)
-    mean = x.new_empty(x.shape[:2])
-    rstd = x.new_empty(x.shape[:2])
+    mean = x.new_empty(x.shape[:2], dtype=compute_dtype(x.dtype))
+    rstd = torch.empty_like(mean)
     if geometry.maps == 0:
         return y, mean, rstd
-    # eps as a tensor of x's dtype: a Python float argument would reach a float64 kernel rounded to float32.
-    eps_tensor = torch.full((1,), eps, dtype=x.dtype, device=x.device)
+    # eps as a tensor of the compute dtype: a Python float argument would reach a float64 kernel rounded to float32.
+    eps_tensor = torch.full((1,), eps, dtype=mean.dtype, device=x.device)
     _forward_kernel[(geometry.maps,)](
         x, weight, bias, eps_tensor, y, mean, rstd, **geometry.sizes, POOL=pool, BLOCK=geometry.block,
         BLOCK_OUT=geometry.block_out, num_warps=geometry.num_warps,
@@ -335,18 +342,19 @@ def instance_norm_relu_pool_backward(
     grad_y: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, pool: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of the forward: grad_y (y's shape), x [N, C, H, W], weight, bias [C], mean, rstd [N, C] ->
-    (grad_x [N, C, H, W], grad_weight [C], grad_bias [C]), as ``torch.ops.fastdd.instance_norm_relu_pool_backward``."""
+    (grad_x [N, C, H, W] in x's dtype, grad_weight, grad_bias [C] in weight's), as
+    ``torch.ops.fastdd.instance_norm_relu_pool_backward``."""
     grad_y, x, weight, bias, mean, rstd = (t.contiguous() for t in (grad_y, x, weight, bias, mean, rstd))
     geometry = _Geometry(x, pool)
     grad_x = torch.empty_like(x)
-    weight_part = x.new_zeros(x.shape[:2])
-    bias_part = x.new_zeros(x.shape[:2])
+    weight_part = torch.zeros_like(mean)
+    bias_part = torch.zeros_like(mean)
     if geometry.maps > 0:
         _backward_kernel[(geometry.maps,)](
             grad_y, x, weight, bias, mean, rstd, grad_x, weight_part, bias_part, **geometry.sizes, POOL=pool,
             BLOCK=geometry.block, num_warps=geometry.num_warps,
         )
-    return grad_x, weight_part.sum(0), bias_part.sum(0)
+    return grad_x, weight_part.sum(0).to(weight.dtype), bias_part.sum(0).to(bias.dtype)
 
 
 @on_input_device
@@ -365,7 +373,8 @@ def instance_norm_relu_pool_double_backward(
     """Gradients of ``<gg_x, grad_x> + <gg_weight, grad_weight> + <gg_bias, grad_bias>`` (the backward's outputs)
     w.r.t. grad_y, x and weight: (grad_grad_y (grad_y's shape), grad_x [N, C, H, W], grad_weight [C]), as
     ``torch.ops.fastdd.instance_norm_relu_pool_double_backward``. A missing cotangent (None) counts as zeros;
-    gg_x is [N, C, H, W], gg_weight and gg_bias [C]."""
+    gg_x is [N, C, H, W] in x's dtype, gg_weight and gg_bias [C] in weight's; the results take the dtypes of
+    grad_y, x and weight."""
     grad_y, x, weight, bias, mean, rstd = (t.contiguous() for t in (grad_y, x, weight, bias, mean, rstd))
     gg_x = torch.zeros_like(x) if gg_x is None else gg_x.contiguous()
     gg_weight = torch.zeros_like(weight) if gg_weight is None else gg_weight.contiguous()
@@ -373,11 +382,11 @@ def instance_norm_relu_pool_double_backward(
     geometry = _Geometry(x, pool)
     grad_grad_y = torch.empty_like(grad_y)
     grad_x = torch.empty_like(x)
-    weight_part = x.new_zeros(x.shape[:2])
+    weight_part = torch.zeros_like(mean)
     if geometry.maps > 0:
         _double_backward_kernel[(geometry.maps,)](
             grad_y, x, weight, bias, mean, rstd, gg_x, gg_weight, gg_bias, grad_grad_y, grad_x, weight_part,
             **geometry.sizes, POOL=pool, BLOCK=geometry.block, BLOCK_OUT=geometry.block_out,
             num_warps=geometry.num_warps,
         )
-    return grad_grad_y, grad_x, weight_part.sum(0)
+    return grad_grad_y, grad_x, weight_part.sum(0).to(weight.dtype)

@@ -9,6 +9,10 @@ NaN distances are ranked as -inf, so the first NaN wins, as in ``torch.argmin``.
 Every tile is masked with the allowed centers (in range, and with group labels, of the point's group): a tile's
 winner is the lowest allowed column at the tile's minimum, and a point takes its first allowed center whatever its
 distance (even +inf), then only strictly smaller ones. A point whose group has no center keeps index -1.
+
+dtypes: points and centers share one dtype; bfloat16 and float16 values are loaded as they are and their distances
+computed and accumulated in float32 (the dtype of the ``sq_dist`` buffer the kernel writes), which the launcher
+rounds to the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .launch_device import on_input_device
+from .precision import compute_dtype
 
 
 @triton.jit
@@ -61,12 +66,12 @@ def _nearest_synthetic_kernel(
                 points_ptr + row_starts[:, None] + features[None, :],
                 mask=row_ok[:, None] & feature_ok[None, :],
                 other=0.0,
-            )
+            ).to(dtype)
             c = tl.load(
                 centers_ptr + col_starts[:, None] + features[None, :],
                 mask=col_ok[:, None] & feature_ok[None, :],
                 other=0.0,
-            )
+            ).to(dtype)
             diff = p[:, None, :] - c[None, :, :]
             acc += tl.sum(diff * diff, axis=2)
         key = tl.where(acc != acc, float("-inf"), acc)
@@ -86,9 +91,9 @@ def _nearest_synthetic_kernel(
 def nearest_synthetic_forward(
     points: Tensor, centers: Tensor, point_groups: Tensor | None = None, center_groups: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Launch the kernel: points [N, D], centers [M, D] (float32/float64, one device), optional int64 group labels
-    point_groups [N] and center_groups [M] -> (index [N], sq_dist [N]); index is -1 for a point whose group has no
-    center (the caller reports it).
+    """Launch the kernel: points [N, D], centers [M, D] (float32/float64/bfloat16/float16, one dtype and device),
+    optional int64 group labels point_groups [N] and center_groups [M] -> (index [N] int64, sq_dist [N] in the
+    inputs' dtype); index is -1 for a point whose group has no center (the caller reports it).
 
     Inputs are made contiguous; no autograd (``fastdd.ops.nearest`` wraps this in an autograd.Function).
     """
@@ -97,9 +102,9 @@ def nearest_synthetic_forward(
     num_points, dim = points.shape
     num_centers = centers.shape[0]
     index = torch.empty(num_points, dtype=torch.int64, device=points.device)
-    sq_dist = torch.empty(num_points, dtype=points.dtype, device=points.device)
+    sq_dist = torch.empty(num_points, dtype=compute_dtype(points.dtype), device=points.device)
     if num_points == 0:
-        return index, sq_dist
+        return index, sq_dist.to(points.dtype)
     # Tile sizes: powers of two, shrunk for tiny inputs (which also keeps the CPU interpreter quick).
     block_n = min(32, triton.next_power_of_2(num_points))
     block_m = min(16, triton.next_power_of_2(num_centers))
@@ -121,4 +126,4 @@ def nearest_synthetic_forward(
         BLOCK_M=block_m,
         BLOCK_D=block_d,
     )
-    return index, sq_dist
+    return index, sq_dist.to(points.dtype)

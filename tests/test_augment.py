@@ -435,6 +435,8 @@ PER_IMAGE_3 = sample_augment_params(3, 8, mode="M", generator=seeded(0))
 
 # ------------------------------------------------------------------------------------ compiled backends (cpp, triton)
 
+from half_precision import HALF_DTYPES, assert_close_to_reference, rounded  # noqa: E402
+
 from fastdd import _extension  # noqa: E402
 from fastdd.ops import _augment_compiled  # noqa: E402
 from fastdd.ops.augment import backend_unavailable_reason  # noqa: E402
@@ -524,6 +526,28 @@ def test_compiled_backend_gradient_is_the_adjoint(backend):
         torch.testing.assert_close((linear * g).sum(), (x * adjoint).sum(), rtol=1e-12, atol=1e-12)
 
 
+# bfloat16 / float16 images: every backend augments them in float32 and rounds the result (and the gradient) once;
+# against the float64 reference on the same rounded values, with the tolerances of tests/half_precision.py (two
+# units of roundoff, 1e-5 absolute). Rotate alone takes the per-image path of the C++ kernel (its shared AVX-512
+# block path is float32 only); the Triton interpreter runs the smaller of the two shapes.
+@pytest.mark.parametrize("backend", ["reference", *COMPILED])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("batch", ["shared", "per-image"])
+@pytest.mark.parametrize("strategy", [ALL, "rotate", "rotate_color_crop"])
+def test_half_precision_matches_float64_reference(backend, strategy, batch, dtype):
+    shape = (2, 3, 5, 6) if backend == "triton" else (3, 3, 9, 7)
+    seed = 60 + [ALL, "rotate", "rotate_color_crop"].index(strategy)
+    x = rounded(torch.randn(*shape, dtype=torch.float64, generator=seeded(seed)), dtype)
+    upstream = rounded(torch.randn(*shape, dtype=torch.float64, generator=seeded(seed + 1)), dtype)
+    params = sequence_params(strategy, 1 if batch == "shared" else shape[0], shape, seed + 2)
+    expected, expected_grad = reference_and_grad(x, params, upstream)
+    leaf = x.to(dtype).requires_grad_(True)
+    out = diff_augment(leaf, params, backend=backend)
+    (grad,) = torch.autograd.grad(out, leaf, upstream.to(dtype))
+    assert_close_to_reference(out, expected, dtype)
+    assert_close_to_reference(grad, expected_grad, dtype)
+
+
 @needs_cpp
 @pytest.mark.parametrize("strategy", ["color", "crop_flip", "scale", "cutout_rotate", ALL])
 def test_cpp_gradcheck_and_gradgradcheck(strategy):
@@ -560,8 +584,9 @@ def test_opcheck_registered_ops(batch):
 def test_auto_picks_cpp_on_cpu_and_reference_for_other_dtypes():
     from fastdd.ops.augment import resolve_backend
 
-    assert resolve_backend("auto", torch.zeros(1, 3, 4, 4)) == "cpp"
-    assert resolve_backend("auto", torch.zeros(1, 3, 4, 4, dtype=torch.bfloat16)) == "reference"
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        assert resolve_backend("auto", torch.zeros(1, 3, 4, 4, dtype=dtype)) == "cpp"
+    assert resolve_backend("auto", torch.zeros(1, 3, 4, 4, dtype=torch.float8_e4m3fn)) == "reference"
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=seeded(53))
     params = sequence_params(ALL, 2, x.shape, 54)
     torch.testing.assert_close(diff_augment(x, params), diff_augment(x, params, backend="reference"))
@@ -569,7 +594,7 @@ def test_auto_picks_cpp_on_cpu_and_reference_for_other_dtypes():
 
 def test_unavailable_backend_says_why():
     with pytest.raises(RuntimeError, match="diff_augment backend 'cpp' is unavailable: its kernels support float32"):
-        diff_augment(torch.zeros(1, 3, 8, 8, dtype=torch.float16), SHARED, backend="cpp")
+        diff_augment(torch.zeros(1, 3, 8, 8, dtype=torch.float8_e4m3fn), SHARED, backend="cpp")
     reason = backend_unavailable_reason("triton", torch.zeros(1, 3, 8, 8, device="meta"))
     assert reason is not None and "Triton kernels need CUDA tensors" in reason
     with pytest.raises(ValueError, match="valid backends are auto, reference, cpp, triton"):

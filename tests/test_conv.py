@@ -85,3 +85,27 @@ def test_plain_backward_matches_f_conv2d(geometry):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
     (only_w,) = torch.autograd.grad(conv2d(x, w, b, **geometry), w, upstream)
     torch.testing.assert_close(only_w, oracle[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_autocast_matches_f_conv2d_under_autocast_to_second_order(bias):
+    """Under torch.autocast("cpu", bfloat16) conv2d casts its float32 inputs as autocast casts F.conv2d's: the output
+    is bfloat16 and the first and second derivatives reach the float32 leaves in float32. bfloat16 moves them by
+    1-15 % from the float64 values (second order most), so each is held to the built-in convolution's own error
+    under the same autocast: at most 1.1x it, plus 1e-3 (measured: equal to three digits)."""
+    x, w, b = (None if t is None else t.detach().float().requires_grad_(True) for t in _inputs(1, bias))
+    results = []
+    for conv, bf16 in ((conv2d, True), (F.conv2d, True), (F.conv2d, False)):
+        leaves = [t if bf16 else t.detach().double().requires_grad_(True) for t in (x, w, b) if t is not None]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = conv(leaves[0], leaves[1], leaves[2] if bias else None, padding=1)
+            scalar = (y.double().sin() * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)).sum()
+        grads = torch.autograd.grad(scalar, leaves, create_graph=True)
+        second = torch.autograd.grad(sum((g.cos() * (1 + k)).sum() for k, g in enumerate(grads)), leaves)
+        if bf16:
+            assert y.dtype == torch.bfloat16
+            assert all(g.dtype == torch.float32 for g in (*grads, *second))
+        results.append([t.detach().double() for t in (y, *grads, *second)])
+    for ours, builtin, exact in zip(*results):
+        ours_error, builtin_error = ((t - exact).norm() / exact.norm() for t in (ours, builtin))
+        assert ours_error <= 1.1 * builtin_error + 1e-3, (float(ours_error), float(builtin_error))

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from half_precision import HALF_DTYPES, assert_close_to_reference, rounded
 
 from fastdd import _extension
 from fastdd.ops import cluster_cvar, group_cvar_loss
@@ -92,6 +93,26 @@ def test_backend_matches_reference_float32(backend, generator):
     torch.testing.assert_close(
         cluster_cvar(losses, assign, 5, 0.8, backend=backend), cluster_cvar_reference(losses, assign, 5, 0.8)
     )
+
+
+# bfloat16 / float16 losses: compared as they are (rounding to the dtype makes ties, which every backend breaks by
+# index, as the reference on the same values does), summed in float32, the CVaR rounded once; the gradient is the
+# upstream gradient times the weight 1 / k, both rounded, and the product rounded again: two roundings. Tolerances of
+# tests/half_precision.py (two units of roundoff per rounding, 1e-5 absolute) against the float64 reference.
+@pytest.mark.parametrize("backend", ["reference", "cpp", TRITON])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("shape, alpha", [((37, 5), 0.8), ((130, 3), 0.7), ((9, 20), 0.5)])
+def test_half_precision_matches_float64_reference(backend, dtype, shape, alpha, generator):
+    losses, assign = _problem(*shape, generator)
+    losses = rounded(losses, dtype).requires_grad_(True)
+    upstream = rounded(torch.randn(shape[1], generator=generator, dtype=torch.float64), dtype)
+    expected = cluster_cvar_reference(losses, assign, shape[1], alpha)
+    (expected_grad,) = torch.autograd.grad((expected * upstream).sum(), losses)
+    half = losses.detach().to(dtype).requires_grad_(True)
+    result = cluster_cvar(half, assign, shape[1], alpha, backend=backend)
+    assert_close_to_reference(result, expected, dtype)
+    (grad,) = torch.autograd.grad((result * upstream.to(dtype)).sum(), half)
+    assert_close_to_reference(grad, expected_grad, dtype, roundings=2)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp", TRITON])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from half_precision import HALF_DTYPES, assert_close_to_reference, rounded
 
 from fastdd import _extension
 from fastdd.ops import nearest
@@ -232,19 +233,45 @@ def test_opcheck(generator):
 def test_auto_backend_choice(monkeypatch, generator):
     points = _random((4, 3), generator, torch.float32)
     assert nearest.resolve_backend("auto", points) == "cpp"
-    assert nearest.resolve_backend("auto", points.half()) == "reference"  # no compiled kernels for float16
+    assert nearest.resolve_backend("auto", points.half()) == "cpp"
+    assert nearest.resolve_backend("auto", points.bfloat16()) == "cpp"
+    assert nearest.resolve_backend("auto", points.to(torch.float8_e4m3fn)) == "reference"  # no kernels for float8
     monkeypatch.setattr(nearest._extension, "has_cpp", lambda: False)
     assert nearest.resolve_backend("auto", points) == "reference"
     with pytest.raises(RuntimeError, match=r"'cpp' is unavailable: the compiled extension fastdd\._C did not load"):
         nearest_synthetic(points, points, backend="cpp")
 
 
-def test_float16_runs_on_reference(generator):
-    points, centers = _random((10, 4), generator), _random((3, 4), generator)
-    index, sq_dist = nearest_synthetic(points.half(), centers.half())
-    assert index.tolist() == _brute_force(points.half(), centers.half())[0].tolist() and sq_dist.dtype == torch.float16
-    with pytest.raises(RuntimeError, match="float32 and float64"):
-        nearest_synthetic(points.half(), centers.half(), backend="cpp")
+# bfloat16 / float16 points and centers: every backend sums the distances in float32 from the exact half values and
+# rounds sq_dist (and the gradients, grad_centers summed in float32) once; against the float64 reference on the same
+# values, index exactly, values with the tolerances of tests/half_precision.py (two units of roundoff, 1e-5 absolute).
+@pytest.mark.parametrize("backend", ["reference", *COMPILED_BACKENDS])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("shape", [(37, 5, 13, 0), (6, 19, 21, 0), (37, 11, 13, 3)])
+def test_half_precision_matches_float64_reference(backend, dtype, shape, generator):
+    n, m, d, groups = shape
+    points, centers, point_groups, center_groups = _grouped_problem((n, m, d, max(groups, 1)), generator)
+    if not groups:
+        point_groups = center_groups = None
+    points, centers = rounded(points, dtype), rounded(centers, dtype)
+    weight = rounded(_random((n,), generator), dtype)
+    expected_index, expected_dist = nearest_synthetic_reference(
+        points.requires_grad_(), centers.requires_grad_(), point_groups, center_groups
+    )
+    expected_grads = torch.autograd.grad((expected_dist * weight).sum(), (points, centers))
+    half = [t.detach().to(dtype).requires_grad_() for t in (points, centers)]
+    index, sq_dist = nearest_synthetic(*half, point_groups=point_groups, center_groups=center_groups, backend=backend)
+    assert torch.equal(index, expected_index)
+    assert_close_to_reference(sq_dist, expected_dist, dtype)
+    grads = torch.autograd.grad((sq_dist * weight.to(dtype)).sum(), half)
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert_close_to_reference(got, want, dtype)
+
+
+def test_float8_runs_on_reference_only(generator):
+    points = _random((10, 4), generator).to(torch.float8_e4m3fn)
+    with pytest.raises(RuntimeError, match="float32, float64, bfloat16 and float16"):
+        nearest_synthetic(points, points, backend="cpp")
 
 
 def test_triton_needs_cuda_or_interpreter(monkeypatch, generator):

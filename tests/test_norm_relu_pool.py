@@ -7,10 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from half_precision import (
+    HALF_DTYPES,
+    UNIT_ROUNDOFF,
+    assert_norm_matches_float64_reference,
+    norm_inputs,
+)
 
 from fastdd import _extension
 from fastdd.models import build_model
 from fastdd.models.functional import flat_parameters, functional_forward, parameter_layout
+from fastdd.ops import norm_relu_pool
 from fastdd.ops.norm_relu_pool import instance_norm_relu_pool, instance_norm_relu_pool_reference
 
 pytestmark = pytest.mark.skipif(not _extension.has_cpp(), reason=f"fastdd._C unavailable: {_extension.load_error()}")
@@ -81,7 +88,8 @@ def test_narrower_simd_copies_match_reference(capability):
     # ATEN_CPU_CAPABILITY caps the choice, so the narrower copies are checked here in fresh processes.
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "matches_reference_to"]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+               "matches_reference_to or matches_float64_reference"]
     result = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -174,6 +182,18 @@ def _sequential_forward(net, flat, x):
             lambda: instance_norm_relu_pool(torch.zeros(1, 3, 4, 4), torch.ones(3, dtype=torch.float64), torch.zeros(3)),
             "x's dtype",
         ),
+        (  # float32 parameters go with half-precision x only
+            lambda: instance_norm_relu_pool(
+                torch.zeros(1, 3, 4, 4, dtype=torch.float64), torch.ones(3), torch.zeros(3)
+            ),
+            "x's dtype, got x torch.float64",
+        ),
+        (  # weight and bias share one dtype
+            lambda: instance_norm_relu_pool(
+                torch.zeros(1, 3, 4, 4, dtype=torch.bfloat16), torch.ones(3), torch.zeros(3, dtype=torch.bfloat16)
+            ),
+            r"or float32 for a bfloat16 or float16 x\), got x torch.bfloat16, weight torch.float32 and bias",
+        ),
         (lambda: instance_norm_relu_pool(torch.zeros(1, 3, 4, 4), torch.ones(3), torch.zeros(3), backend="x"), "valid backends"),
     ],
 )
@@ -190,3 +210,114 @@ def test_third_derivative_raises_instead_of_dropping_a_term(generator):
     (h,) = torch.autograd.grad((g**3).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiable twice, not three times"):
         torch.autograd.grad((h**2).sum(), x)
+
+
+# ---------------------------------------------------------------------------------------------- half precision
+# bfloat16 / float16 x with float32 parameters (what autocast hands a ConvNet block) or parameters of x's dtype,
+# against the float64 reference on the same rounded values; tolerances in tests/half_precision.py (two units of
+# roundoff per rounding to the dtype, 1e-5 absolute).
+HALF_CASES = [(2, 3, 5, 7, True), (1, 2, 9, 13, True), (3, 4, 4, 5, False), (2, 2, 12, 12, False)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("params", ["float32", "x's dtype"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("case", HALF_CASES)
+def test_half_precision_matches_float64_reference_to_second_order(case, dtype, params, backend, generator):
+    *shape, pool = case
+    params_dtype = torch.float32 if params == "float32" else dtype
+    assert_norm_matches_float64_reference(
+        lambda x, w, b: instance_norm_relu_pool(x, w, b, pool=pool, backend=backend), shape, pool, dtype,
+        params_dtype, generator,
+    )
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_precision_statistics_are_float32(dtype, generator):
+    """mean and rstd of a half-precision x are float32 values of its exact (rounded) values, to float32 precision:
+    sums accumulated in the half dtype would be off by its roundoff (u = 2^-8 or 2^-11)."""
+    (x, weight, bias), (x64, _, _) = norm_inputs(3, 4, 16, 16, dtype, torch.float32, generator)
+    x = x * 8 + 100  # a large mean and many terms: half-precision sums would be off by several u
+    x64 = x.double()
+    _, mean, rstd = torch.ops.fastdd.instance_norm_relu_pool(x, weight, bias, 1e-5, True)
+    assert mean.dtype == rstd.dtype == torch.float32
+    var, mean_ref = torch.var_mean(x64, dim=(2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(rstd.double(), (var + 1e-5).rsqrt(), rtol=1e-5, atol=0)
+    assert (mean.double() - mean_ref).abs().max() < UNIT_ROUNDOFF[dtype] * mean_ref.abs().min()
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_auto_picks_cpp_for_half_precision(dtype):
+    assert norm_relu_pool.resolve_backend("auto", torch.zeros(1, 2, 4, 4, dtype=dtype)) == "cpp"
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_precision_opcheck(dtype, generator):
+    """The three registered ops with a half-precision x and float32 parameters: schema, fake implementations (their
+    float32 statistics and per-channel gradients), autograd registration."""
+    (x, weight, bias), _ = norm_inputs(2, 3, 4, 6, dtype, torch.float32, generator)
+    y, mean, rstd = torch.ops.fastdd.instance_norm_relu_pool(x, weight, bias, 1e-5, True)
+    ops = torch.ops.fastdd
+    torch.library.opcheck(ops.instance_norm_relu_pool.default, (x, weight, bias, 1e-5, True))
+    grad_y = torch.randn(y.shape, generator=generator).to(dtype)
+    saved = (x, weight, bias, mean, rstd)
+    torch.library.opcheck(ops.instance_norm_relu_pool_backward.default, (grad_y, *saved, True))
+    gg = [torch.randn(t.shape, generator=generator).to(t.dtype) for t in (x, weight, bias)]
+    torch.library.opcheck(ops.instance_norm_relu_pool_double_backward.default, (grad_y, *saved, *gg, True))
+
+
+def test_convnet_under_bfloat16_autocast_is_close_to_float32(generator):
+    """A ConvNet forward, backward and the Hessian-vector product of trajectory matching under
+    torch.autocast("cpu", bfloat16), where the convolutions hand the fused block bfloat16 maps with float32
+    parameters, against the float32 run. bfloat16 convolutions alone (8 significant bits per input) move the
+    gradients by 5-10 %, so the bound is relative: the fused block's errors are at most 1.2x those of the unfused
+    PyTorch chain (GroupNorm, ReLU, AvgPool2d) under the same autocast (measured: 0.78-0.94x), below 0.15 relative
+    and with cosines above 0.99; the logits within 2e-2."""
+    net = build_model("convnet", channels=3, num_classes=10, image_size=32, width=16, generator=generator)
+    theta = flat_parameters(net).detach().requires_grad_(True)
+    images = torch.randn(6, 3, 32, 32, generator=generator, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    lam = torch.randn(theta.shape, generator=generator)
+
+    def quantities(forward, bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = forward(net, theta, images)
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
+        image_grad, hvp = torch.autograd.grad((grad * lam).sum(), (images, theta))
+        assert image_grad.dtype == hvp.dtype == torch.float32
+        return [t.detach().double().flatten() for t in (logits, grad, image_grad, hvp)]
+
+    def errors(got, expected):
+        assert got.isfinite().all()
+        relative = float((got - expected).norm() / expected.norm())
+        return relative, float(torch.nn.functional.cosine_similarity(got, expected, dim=0))
+
+    seen = []
+    original = norm_relu_pool.instance_norm_relu_pool
+
+    def recording(x, weight, bias, **kwargs):
+        seen.append((x.dtype, weight.dtype))
+        return original(x, weight, bias, **kwargs)
+
+    import fastdd.models.convnet as convnet_module
+
+    reference = quantities(functional_forward, False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(convnet_module, "instance_norm_relu_pool", recording)
+        fused = quantities(functional_forward, True)
+    assert seen and all(pair == (torch.bfloat16, torch.float32) for pair in seen), seen
+    unfused = quantities(_sequential_forward, True)
+    for name, got, baseline, expected in zip(("logits", "grad", "image grad", "hvp"), fused, unfused, reference):
+        relative, cosine = errors(got, expected)
+        baseline_relative, _ = errors(baseline, expected)
+        limit = 2e-2 if name == "logits" else 0.15
+        assert relative < limit and cosine > 0.99, (name, relative, cosine)
+        assert relative <= 1.2 * baseline_relative, (name, relative, baseline_relative)
+    # Also plain nn.Module calls (forward and backward) under autocast, as fastdd's training loops make them.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(net(images).float(), labels)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.isfinite().all()
+               for p in net.parameters())

@@ -4,6 +4,7 @@ interpreter. The interpreter is slow, so the maps are tiny."""
 
 import pytest
 import torch
+from half_precision import HALF_DTYPES, assert_norm_matches_float64_reference
 
 from fastdd import _extension
 from fastdd.ops import norm_relu_pool
@@ -188,3 +189,15 @@ def test_third_derivative_raises_instead_of_dropping_a_term(generator):
     (h,) = torch.autograd.grad((g**3).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiable twice, not three times"):
         torch.autograd.grad((h**2).sum(), x)
+
+
+@needs_triton
+@pytest.mark.parametrize("params", ["float32", "x's dtype"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("case", [(2, 3, 5, 6, True), (1, 2, 3, 5, False)])
+def test_half_precision_matches_float64_reference_to_second_order(case, dtype, params, generator):
+    """bfloat16 / float16 x, parameters float32 (autocast) or x's dtype: forward, backward and double backward
+    against the float64 reference on the same values, tolerances of tests/half_precision.py."""
+    *shape, pool = case
+    params_dtype = torch.float32 if params == "float32" else dtype
+    assert_norm_matches_float64_reference(_triton(pool), shape, pool, dtype, params_dtype, generator)

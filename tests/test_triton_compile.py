@@ -13,10 +13,12 @@ process-wide active driver; a child process without ``TRITON_INTERPRET`` gets re
 untouched. The child processes of one session share a fresh Triton cache folder: each session compiles from
 scratch, and the slow test reuses the cubins of the default one (a cache hit is still keyed by source and target).
 
-The default test compiles the command line's shapes in float32 for both targets (about a minute on one core) and
-requires no compile failure and no spill. The slow test adds float64 and the large shapes (256x3x224x224
-augmentation, 50,000 x 100 x 2,048 nearest search, 64 to 224 px norm maps; about 3 more minutes) and requires the
-same: the kernels sweep large inputs in bounded blocks, so large shapes must not spill either.
+The default test compiles the command line's shapes in float32, bfloat16 and float16 (the dtypes of
+``--precision fp32|bf16|fp16``: half-precision loads and stores around float32 arithmetic; the norm's parameters and
+statistics float32) for both targets (a few minutes on one core) and requires no compile failure and no spill. The
+slow test adds float64 and the large shapes (256x3x224x224 augmentation, 50,000 x 100 x 2,048 nearest search, 64 to
+224 px norm maps) in all four dtypes and requires the same: the kernels sweep large inputs in bounded blocks, so
+large shapes must not spill either.
 """
 
 from __future__ import annotations
@@ -92,15 +94,20 @@ def _check(records: list[dict]) -> None:
 
 
 def test_kernels_compile_for_sm80_and_sm90_at_command_line_shapes(tmp_path, triton_cache):
-    records = _run_report(tmp_path, triton_cache, "--tier", "cli", "--dtypes", "float32")
+    records = _run_report(tmp_path, triton_cache, "--tier", "cli", "--dtypes", "float32,bfloat16,float16")
     kernels = {record["kernel"].split(".")[0] for record in records}
     assert kernels == {"diff_augment", "instance_norm_relu_pool", "nearest_synthetic", "cluster_cvar"}
+    # Every kernel module has specialisations for half-precision pointers (its loads and stores) on both targets.
+    for dtype in ("bfloat16", "float16"):
+        compiled = {(record["kernel"].split(".")[0], record["target"]) for record in records
+                    if record["case"].endswith(f" {dtype}")}
+        assert compiled == {(kernel, target) for kernel in kernels for target in ("sm_80", "sm_90")}, dtype
     _check(records)
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm80_and_sm90_at_all_shapes_and_dtypes(tmp_path, triton_cache):
-    _check(_run_report(tmp_path, triton_cache, "--tier", "all", "--dtypes", "float32,float64"))
+    _check(_run_report(tmp_path, triton_cache, "--tier", "all", "--dtypes", "float32,float64,bfloat16,float16"))
 
 
 def test_the_check_reports_code_only_the_interpreter_accepts(tmp_path):

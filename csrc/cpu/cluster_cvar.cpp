@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../cluster_cvar_checks.h"
@@ -25,10 +26,12 @@ namespace {
 // process holds the core: the task then waits for a scheduler slice).
 constexpr int64_t kMinSamplesPerTask = 1 << 15;
 
-// True when sample a ranks before sample b among the worst: larger loss, NaN largest, lower index on ties.
+// True when sample a ranks before sample b among the worst: larger loss, NaN largest, lower index on ties. Half-
+// precision losses are compared as floats (exactly: widening keeps every value and order).
 template <typename T>
 inline bool worse(const T* losses, int64_t a, int64_t b) {
-  const T la = losses[a], lb = losses[b];
+  using acc_t = at::acc_type<T, /*is_cuda=*/false>;
+  const acc_t la = static_cast<acc_t>(losses[a]), lb = static_cast<acc_t>(losses[b]);
   const bool nan_a = std::isnan(la), nan_b = std::isnan(lb);
   if (nan_a || nan_b) {
     return nan_a && (!nan_b || a < b);
@@ -72,7 +75,8 @@ void cluster_cvar_cpu_kernel(const T* losses, const int64_t* assign, int64_t num
       for (int64_t r = 0; r < k; ++r) {
         total += static_cast<acc_t>(losses[first[r]]);
       }
-      const T share = T(1) / static_cast<T>(k);
+      using share_t = std::conditional_t<std::is_same_v<T, double>, double, float>;  // float for half precision
+      const T share = static_cast<T>(share_t(1) / static_cast<share_t>(k));
       for (int64_t r = 0; r < k; ++r) {
         weight[first[r]] = share;
       }
@@ -94,7 +98,9 @@ std::tuple<at::Tensor, at::Tensor> cluster_cvar_cpu(const at::Tensor& losses, co
   }
   at::Tensor cvar = at::empty({num_clusters}, losses_c.options());
   at::Tensor weight = at::empty({num_samples}, losses_c.options());
-  AT_DISPATCH_FLOATING_TYPES(losses_c.scalar_type(), "cluster_cvar_cpu", [&] {
+  // Losses of any floating dtype; bfloat16 and float16 ones are summed in float32 (at::acc_type) and the results
+  // stored in the losses' dtype.
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, losses_c.scalar_type(), "cluster_cvar_cpu", [&] {
     cluster_cvar_cpu_kernel<scalar_t>(losses_c.data_ptr<scalar_t>(), assign_data, num_samples, num_clusters, alpha,
                                       cvar.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>());
   });

@@ -30,6 +30,9 @@
 // two-register permute reads 16 taps of it (the scale column pass; rotate permutes each input row a 16-pixel chunk
 // touches), since x86 gathers are slower than scalar loads on some CPUs and GCC does not emit them when tuning for
 // generic x86-64.
+//
+// bfloat16 and float16 images are widened to float32 an image at a time, run through the float32 code and narrowed
+// back (the parameters are float64 and the plans float32, as for float32 images).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -1239,16 +1242,20 @@ FASTDD_CPU_CLONES void run_image(const Plan<T>& plan, bool adjoint, bool with_of
   }
 }
 
-template <typename T>
+// S: the images' dtype; the plan and the arithmetic run in T = compute_t<S> (float for bfloat16 and float16, whose
+// images are widened into a float image per image and narrowed back after it).
+template <typename S>
 void diff_augment_cpu_kernel(const at::Tensor& images, const std::vector<AugmentFamily>& families,
                              const at::Tensor& real_params, const at::Tensor& int_params, const Geometry& geometry,
                              bool adjoint, bool with_offset, at::Tensor& out) {
+  using T = compute_t<S>;
+  constexpr bool widened = !std::is_same_v<S, T>;
   const int64_t batch = images.size(0), channels = images.size(1);
   const int64_t pixels = geometry.height * geometry.width, numel = channels * pixels;
-  const T* in_data = images.data_ptr<T>();
-  T* out_data = out.data_ptr<T>();
-  const double* real = real_params.data_ptr<double>();
-  const int64_t* ints = int_params.data_ptr<int64_t>();
+  const S* in_data = images.const_data_ptr<S>();
+  S* out_data = out.mutable_data_ptr<S>();
+  const double* real = real_params.const_data_ptr<double>();
+  const int64_t* ints = int_params.const_data_ptr<int64_t>();
   const bool shared = real_params.size(0) == 1;
   const SamplingGrid<T> grid(geometry);
 
@@ -1258,7 +1265,7 @@ void diff_augment_cpu_kernel(const at::Tensor& images, const std::vector<Augment
     build_plan(families, real, ints, geometry, grid, true, adjoint, shared_plan, work);
   }
 #if FASTDD_HAS_AVX512_PATH
-  if constexpr (std::is_same<T, float>::value) {
+  if constexpr (std::is_same<S, float>::value) {
     // Shared rotate alone: every plane of the batch takes the same taps, so 16 planes share each tap.
     if (shared && shared_plan.size == 1 && shared_plan.stages[0].kind == StageKind::kPixelMap && cpu_has_avx512()) {
       const Stage<T>& stage = shared_plan.stages[0];
@@ -1282,13 +1289,17 @@ void diff_augment_cpu_kernel(const at::Tensor& images, const std::vector<Augment
     RunWorkspace<T> run_work(channels, pixels, geometry.width);
     Plan<T> local_plan;
     PlanWorkspace<T> plan_work;
+    std::vector<T> in_image(widened ? numel : 0), out_image(widened ? numel : 0);
     for (int64_t b = begin; b < end; ++b) {
       if (!shared) {
         build_plan(families, real + b * kNumRealParams, ints + b * kNumIntParams, geometry, grid, false, adjoint,
                    local_plan, plan_work);
       }
-      run_image(shared ? shared_plan : local_plan, adjoint, with_offset, grid, in_data + b * numel,
-                out_data + b * numel, channels, geometry.height, geometry.width, run_work);
+      const T* in = as_compute<16>(in_data + b * numel, numel, in_image.data());
+      T* image_out = compute_target(out_data + b * numel, out_image.data());
+      run_image(shared ? shared_plan : local_plan, adjoint, with_offset, grid, in, image_out, channels,
+                geometry.height, geometry.width, run_work);
+      store_computed<16>(image_out, numel, out_data + b * numel);
     }
   });
 }
@@ -1309,7 +1320,7 @@ at::Tensor run_diff_augment(const at::Tensor& images, c10::string_view families,
   if (images_c.numel() == 0) {
     return out;
   }
-  AT_DISPATCH_FLOATING_TYPES(images_c.scalar_type(), "diff_augment_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, images_c.scalar_type(), "diff_augment_cpu", [&] {
     diff_augment_cpu_kernel<scalar_t>(images_c, parsed, real_c, int_c, geometry, adjoint, with_offset, out);
   });
   return out;

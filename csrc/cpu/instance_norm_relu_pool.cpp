@@ -6,6 +6,11 @@
 // and every kernel makes two to four passes over its map. Nothing of size M is saved between calls except x
 // itself: z and the ReLU mask are recomputed from x, mean and rstd, so a block saves its conv output plus two
 // numbers per map.
+//
+// Half precision (autocast's activations): x, y, grad_y, gg_x and grad_x may be bfloat16 or float16, with weight and
+// bias float32 or x's dtype. Each map is then widened to float32 once (in cache), computed on exactly as a float32
+// map, and its results narrowed once, so the statistics and sums are float32 while memory traffic halves; mean and
+// rstd are float32, and the per-channel gradients are summed in float32 and returned in weight's dtype.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../instance_norm_relu_pool_checks.h"
@@ -207,49 +213,67 @@ void run_maps(const Kernel& kernel, int64_t maps) {
   });
 }
 
-template <typename T>
+// The kernels below are templated on the storage type S of x, y and the gradients of their shape; everything else
+// (weight, bias, mean, rstd, the sums) is T = compute_t<S>. With S = bfloat16 or float16 each map is widened to
+// float once (it stays in L1/L2), computed on as a float map, and the results are narrowed once: the map crosses
+// memory at half the bytes of float32.
+template <typename S>
 struct ForwardMaps {
-  const T *x, *weight, *bias;
+  using T = compute_t<S>;
+  const S* x;
+  const T *weight, *bias;
   double eps;
   int64_t channels;
   MapShape shape;
-  T *y, *mean, *rstd;
+  S* y;
+  T *mean, *rstd;
 
   template <int Bytes>
   FASTDD_ALWAYS_INLINE void run(int64_t begin, int64_t end) const {
+    constexpr bool widened = !std::is_same_v<S, T>;
     const int64_t size = shape.size(), out_size = shape.out_size();
-    std::vector<T> activation(size);
+    std::vector<T> activation(size), x_buffer(widened ? size : 0), y_buffer(widened ? out_size : 0);
     for (int64_t map = begin; map < end; ++map) {
       const int64_t c = map % channels;
-      map_statistics<T, Bytes>(x + map * size, size, eps, mean[map], rstd[map]);
-      normalised_relu(x + map * size, size, mean[map], rstd[map], weight[c], bias[c], activation.data());
-      pool_map(activation.data(), shape, y + map * out_size);
+      const T* xm = as_compute<Bytes>(x + map * size, size, x_buffer.data());
+      map_statistics<T, Bytes>(xm, size, eps, mean[map], rstd[map]);
+      normalised_relu(xm, size, mean[map], rstd[map], weight[c], bias[c], activation.data());
+      T* ym = compute_target(y + map * out_size, y_buffer.data());
+      pool_map(activation.data(), shape, ym);
+      store_computed<Bytes>(ym, out_size, y + map * out_size);
     }
   }
 };
 
-template <typename T>
+template <typename S>
 struct BackwardMaps {
-  const T *grad_y, *x, *weight, *bias, *mean, *rstd;
+  using T = compute_t<S>;
+  const S *grad_y, *x;
+  const T *weight, *bias, *mean, *rstd;
   int64_t channels;
   MapShape shape;
-  T *grad_x, *grad_weight_part, *grad_bias_part;
+  S* grad_x;
+  T *grad_weight_part, *grad_bias_part;
 
   template <int Bytes>
   FASTDD_ALWAYS_INLINE void run(int64_t begin, int64_t end) const {
+    constexpr bool widened = !std::is_same_v<S, T>;
     const int64_t size = shape.size(), out_size = shape.out_size();
-    std::vector<T> grad_a(size);
+    std::vector<T> grad_a(size), x_buffer(widened ? size : 0), grad_y_buffer(widened ? out_size : 0),
+        grad_x_buffer(widened ? size : 0);
     for (int64_t map = begin; map < end; ++map) {
-      const T* xm = x + map * size;
+      const T* xm = as_compute<Bytes>(x + map * size, size, x_buffer.data());
       const int64_t c = map % channels;
       const T m = mean[map], r = rstd[map], w = weight[c];
-      unpool_map(grad_y + map * out_size, shape, grad_a.data());
+      unpool_map(as_compute<Bytes>(grad_y + map * out_size, out_size, grad_y_buffer.data()), shape, grad_a.data());
       const auto [sum_ga, sum_gaz] = masked_gradient<T, Bytes>(xm, size, m, r, w, bias[c], grad_a.data());
       grad_weight_part[map] = sum_gaz;
       grad_bias_part[map] = sum_ga;
       // grad_z = w * grad_a, grad_x = L(grad_z); L is linear, so scale after: L(w * grad_a) = w * L(grad_a).
       const T n = static_cast<T>(size);
-      normalisation_jacobian(xm, grad_a.data(), size, m, r, r * w, sum_ga / n, sum_gaz / n, grad_x + map * size);
+      T* gx = compute_target(grad_x + map * size, grad_x_buffer.data());
+      normalisation_jacobian(xm, grad_a.data(), size, m, r, r * w, sum_ga / n, sum_gaz / n, gx);
+      store_computed<Bytes>(gx, size, grad_x + map * size);
     }
   }
 };
@@ -298,26 +322,44 @@ FASTDD_ALWAYS_INLINE void double_backward_map(const T* gy, const T* x, const T* 
   pool_map(full, shape, grad_grad_y);
 }
 
-template <typename T>
+template <typename S>
 struct DoubleBackwardMaps {
-  const T *grad_y, *x, *weight, *bias, *mean, *rstd, *gg_x, *gg_weight, *gg_bias;
+  using T = compute_t<S>;
+  const S *grad_y, *x, *gg_x;
+  const T *weight, *bias, *mean, *rstd, *gg_weight, *gg_bias;
   int64_t channels;
   MapShape shape;
-  T *grad_grad_y, *grad_x, *grad_weight_part;
+  S *grad_grad_y, *grad_x;
+  T* grad_weight_part;
 
   template <int Bytes>
   FASTDD_ALWAYS_INLINE void run(int64_t begin, int64_t end) const {
+    constexpr bool widened = !std::is_same_v<S, T>;
     const int64_t size = shape.size(), out_size = shape.out_size();
-    std::vector<T> spread(size), full(size);
+    const int64_t in_buffer = widened ? size : 0, out_buffer = widened ? out_size : 0;
+    std::vector<T> spread(size), full(size), x_buffer(in_buffer), gg_x_buffer(in_buffer), grad_x_buffer(in_buffer),
+        grad_y_buffer(out_buffer), grad_grad_y_buffer(out_buffer);
     for (int64_t map = begin; map < end; ++map) {
       const int64_t c = map % channels;
-      double_backward_map<T, Bytes>(grad_y + map * out_size, x + map * size, gg_x + map * size, mean[map], rstd[map],
-                          weight[c], bias[c], gg_weight ? gg_weight[c] : T(0), gg_bias ? gg_bias[c] : T(0), shape,
-                          spread.data(), full.data(), grad_grad_y + map * out_size, grad_x + map * size,
-                          grad_weight_part[map]);
+      T* ggy = compute_target(grad_grad_y + map * out_size, grad_grad_y_buffer.data());
+      T* gx = compute_target(grad_x + map * size, grad_x_buffer.data());
+      double_backward_map<T, Bytes>(
+          as_compute<Bytes>(grad_y + map * out_size, out_size, grad_y_buffer.data()),
+          as_compute<Bytes>(x + map * size, size, x_buffer.data()),
+          as_compute<Bytes>(gg_x + map * size, size, gg_x_buffer.data()), mean[map], rstd[map], weight[c], bias[c],
+          gg_weight ? gg_weight[c] : T(0), gg_bias ? gg_bias[c] : T(0), shape, spread.data(), full.data(), ggy, gx,
+          grad_weight_part[map]);
+      store_computed<Bytes>(ggy, out_size, grad_grad_y + map * out_size);
+      store_computed<Bytes>(gx, size, grad_x + map * size);
     }
   }
 };
+
+// weight, bias or their cotangent [C] in the statistics dtype (the kernels' T), contiguous; a missing one stays
+// undefined.
+at::Tensor per_channel(const at::Tensor& t, const at::Tensor& x) {
+  return t.defined() ? t.to(instance_norm_relu_pool_stats_dtype(x)).contiguous() : t;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_relu_pool_cpu(const at::Tensor& x,
                                                                            const at::Tensor& weight,
@@ -327,15 +369,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_relu_pool_cpu(const
   const auto input = x.contiguous();
   const int64_t batch = input.size(0), channels = input.size(1);
   const MapShape map{input.size(2), input.size(3), pool};
+  const auto stats_options = input.options().dtype(instance_norm_relu_pool_stats_dtype(input));
   auto y = at::empty({batch, channels, map.out_height(), map.out_width()}, input.options());
-  auto mean = at::empty({batch, channels}, input.options());
-  auto rstd = at::empty({batch, channels}, input.options());
-  const auto w = weight.contiguous(), b = bias.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "instance_norm_relu_pool_cpu", [&] {
-    const ForwardMaps<scalar_t> kernel{input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                                       b.const_data_ptr<scalar_t>(), eps, channels, map,
-                                       y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<scalar_t>(),
-                                       rstd.mutable_data_ptr<scalar_t>()};
+  auto mean = at::empty({batch, channels}, stats_options);
+  auto rstd = at::empty({batch, channels}, stats_options);
+  const auto w = per_channel(weight, input), b = per_channel(bias, input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "instance_norm_relu_pool_cpu", [&] {
+    using T = compute_t<scalar_t>;
+    const ForwardMaps<scalar_t> kernel{input.const_data_ptr<scalar_t>(), w.const_data_ptr<T>(),
+                                       b.const_data_ptr<T>(), eps, channels, map,
+                                       y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<T>(),
+                                       rstd.mutable_data_ptr<T>()};
     run_maps(kernel, batch * channels);
   });
   return {y, mean, rstd};
@@ -347,21 +391,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_relu_pool_backward_
   check_instance_norm_relu_pool_inputs(x, weight, bias, "instance_norm_relu_pool_backward");
   check_instance_norm_relu_pool_state(grad_y, x, mean, rstd, pool, "instance_norm_relu_pool_backward");
   const auto input = x.contiguous(), gy = grad_y.contiguous();
-  const auto w = weight.contiguous(), b = bias.contiguous(), mu = mean.contiguous(), rs = rstd.contiguous();
+  const auto w = per_channel(weight, input), b = per_channel(bias, input);
+  const auto mu = mean.contiguous(), rs = rstd.contiguous();
   const int64_t batch = input.size(0), channels = input.size(1);
   const MapShape map{input.size(2), input.size(3), pool};
+  const auto stats_options = input.options().dtype(instance_norm_relu_pool_stats_dtype(input));
   auto grad_x = at::empty_like(input);
-  auto weight_part = at::empty({batch, channels}, input.options());
-  auto bias_part = at::empty({batch, channels}, input.options());
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "instance_norm_relu_pool_backward_cpu", [&] {
+  auto weight_part = at::empty({batch, channels}, stats_options);
+  auto bias_part = at::empty({batch, channels}, stats_options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "instance_norm_relu_pool_backward_cpu", [&] {
+    using T = compute_t<scalar_t>;
     const BackwardMaps<scalar_t> kernel{gy.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
-                                        w.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
-                                        mu.const_data_ptr<scalar_t>(), rs.const_data_ptr<scalar_t>(), channels, map,
-                                        grad_x.mutable_data_ptr<scalar_t>(), weight_part.mutable_data_ptr<scalar_t>(),
-                                        bias_part.mutable_data_ptr<scalar_t>()};
+                                        w.const_data_ptr<T>(), b.const_data_ptr<T>(), mu.const_data_ptr<T>(),
+                                        rs.const_data_ptr<T>(), channels, map, grad_x.mutable_data_ptr<scalar_t>(),
+                                        weight_part.mutable_data_ptr<T>(), bias_part.mutable_data_ptr<T>()};
     run_maps(kernel, batch * channels);
   });
-  return {grad_x, weight_part.sum(0), bias_part.sum(0)};
+  // The per-channel gradients are summed over the batch in the compute dtype, then take weight's and bias's dtype.
+  return {grad_x, weight_part.sum(0).to(weight.scalar_type()), bias_part.sum(0).to(bias.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_relu_pool_double_backward_cpu(
@@ -373,27 +421,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_relu_pool_double_ba
   check_instance_norm_relu_pool_state(grad_y, x, mean, rstd, pool, name);
   check_instance_norm_relu_pool_grads(x, weight, gg_x, gg_weight, gg_bias, name);
   const auto input = x.contiguous(), gy = grad_y.contiguous();
-  const auto w = weight.contiguous(), b = bias.contiguous(), mu = mean.contiguous(), rs = rstd.contiguous();
+  const auto w = per_channel(weight, input), b = per_channel(bias, input);
+  const auto mu = mean.contiguous(), rs = rstd.contiguous();
   // A missing gg_x is zeros: materialising them keeps the per-map loops free of branches, so they vectorise.
   const auto ggx = gg_x.has_value() ? gg_x->contiguous() : at::zeros_like(input);
-  const auto ggw = gg_weight.has_value() ? gg_weight->contiguous() : at::Tensor();
-  const auto ggb = gg_bias.has_value() ? gg_bias->contiguous() : at::Tensor();
+  const auto ggw = per_channel(gg_weight.value_or(at::Tensor()), input);
+  const auto ggb = per_channel(gg_bias.value_or(at::Tensor()), input);
   const int64_t batch = input.size(0), channels = input.size(1);
   const MapShape map{input.size(2), input.size(3), pool};
   auto grad_grad_y = at::empty_like(gy);
   auto grad_x = at::empty_like(input);
-  auto weight_part = at::empty({batch, channels}, input.options());
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "instance_norm_relu_pool_double_backward_cpu", [&] {
+  auto weight_part = at::empty({batch, channels}, input.options().dtype(instance_norm_relu_pool_stats_dtype(input)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "instance_norm_relu_pool_double_backward_cpu", [&] {
+    using T = compute_t<scalar_t>;
     const DoubleBackwardMaps<scalar_t> kernel{
-        gy.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-        b.const_data_ptr<scalar_t>(), mu.const_data_ptr<scalar_t>(), rs.const_data_ptr<scalar_t>(),
-        ggx.const_data_ptr<scalar_t>(), ggw.defined() ? ggw.const_data_ptr<scalar_t>() : nullptr,
-        ggb.defined() ? ggb.const_data_ptr<scalar_t>() : nullptr, channels, map,
-        grad_grad_y.mutable_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
-        weight_part.mutable_data_ptr<scalar_t>()};
+        gy.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), ggx.const_data_ptr<scalar_t>(),
+        w.const_data_ptr<T>(), b.const_data_ptr<T>(), mu.const_data_ptr<T>(), rs.const_data_ptr<T>(),
+        ggw.defined() ? ggw.const_data_ptr<T>() : nullptr, ggb.defined() ? ggb.const_data_ptr<T>() : nullptr,
+        channels, map, grad_grad_y.mutable_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
+        weight_part.mutable_data_ptr<T>()};
     run_maps(kernel, batch * channels);
   });
-  return {grad_grad_y, grad_x, weight_part.sum(0)};
+  return {grad_grad_y, grad_x, weight_part.sum(0).to(weight.scalar_type())};
 }
 
 }  // namespace

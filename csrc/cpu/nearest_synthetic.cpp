@@ -31,6 +31,7 @@
 #include <utility>
 #include <vector>
 
+#include "../half_precision.h"
 #include "../nearest_synthetic_checks.h"
 #include "simd.h"
 
@@ -399,6 +400,13 @@ std::tuple<at::Tensor, at::Tensor> nearest_synthetic_cpu(const at::Tensor& point
                                                          const std::optional<at::Tensor>& point_groups,
                                                          const std::optional<at::Tensor>& center_groups) {
   check_nearest_synthetic_inputs(points, centers, point_groups, center_groups);
+  if (is_half_precision(points.scalar_type())) {
+    // Half-precision inputs run the float32 kernel on float32 copies (a pass over N + M rows next to the N x M x D
+    // search): distances are summed in float32 from the exact half values, then stored in the inputs' dtype.
+    auto [sq_dist, index] = nearest_synthetic_cpu(points.to(at::kFloat), centers.to(at::kFloat), point_groups,
+                                                  center_groups);
+    return {sq_dist.to(points.scalar_type()), index};
+  }
   const at::Tensor p = points.contiguous();
   const at::Tensor c = centers.contiguous();
   const int64_t num_points = p.size(0);
@@ -446,6 +454,13 @@ std::tuple<at::Tensor, at::Tensor> nearest_synthetic_backward_cpu(const at::Tens
                                                                   const at::Tensor& centers,
                                                                   const at::Tensor& index) {
   check_nearest_synthetic_backward_inputs(grad_sq_dist, points, centers, index);
+  if (is_half_precision(points.scalar_type())) {
+    // As the forward: float32 copies, so grad_centers, a sum over each center's points, accumulates in float32.
+    auto [grad_points, grad_centers] = nearest_synthetic_backward_cpu(grad_sq_dist.to(at::kFloat),
+                                                                      points.to(at::kFloat), centers.to(at::kFloat),
+                                                                      index);
+    return {grad_points.to(points.scalar_type()), grad_centers.to(centers.scalar_type())};
+  }
   const at::Tensor g = grad_sq_dist.contiguous();
   const at::Tensor p = points.contiguous();
   const at::Tensor c = centers.contiguous();

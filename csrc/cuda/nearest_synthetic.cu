@@ -6,8 +6,11 @@
 // With group labels a warp skips the centers of other groups (M is small: the labels cost one load per center);
 // a point whose group has no center keeps index -1, which the host turns into a ValueError naming the group.
 // Backward: one thread per (point, feature); grad_centers is accumulated with atomics (order not deterministic).
+// bfloat16 and float16 inputs are loaded as they are and computed on in float32 (at::opmath_type): distances are
+// summed in float32 and stored in the inputs' dtype, and grad_centers is accumulated in a float32 buffer.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -17,6 +20,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../half_precision.h"
 #include "../nearest_synthetic_checks.h"
 
 namespace fastdd {
@@ -37,21 +41,22 @@ __global__ void nearest_synthetic_kernel(const T* __restrict__ points, const T* 
   if (row >= num_points) {
     return;  // whole warps leave together, so the shuffles below always see 32 active lanes
   }
+  using A = at::opmath_type<T>;  // float for bfloat16 and float16
   const T* p = points + row * dim;
   // NaN distances are ranked as -inf so the first NaN wins, as in torch.argmin; real distances are never -inf.
-  const T neg_inf = -std::numeric_limits<T>::infinity();
+  const A neg_inf = -std::numeric_limits<A>::infinity();
   const bool grouped = point_groups != nullptr;
   const int64_t group = grouped ? point_groups[row] : 0;
-  T best_key = std::numeric_limits<T>::infinity();
+  A best_key = std::numeric_limits<A>::infinity();
   int64_t best_index = -1;
   for (int64_t center = 0; center < num_centers; ++center) {
     if (grouped && center_groups[center] != group) {
       continue;  // the same for every lane of the warp
     }
     const T* c = centers + center * dim;
-    T acc = 0;
+    A acc = 0;
     for (int64_t k = lane; k < dim; k += kWarpSize) {
-      const T d = p[k] - c[k];
+      const A d = static_cast<A>(p[k]) - static_cast<A>(c[k]);
       acc += d * d;
     }
     for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
@@ -64,16 +69,17 @@ __global__ void nearest_synthetic_kernel(const T* __restrict__ points, const T* 
     }
   }
   if (lane == 0) {
-    sq_dist[row] = best_key == neg_inf ? std::numeric_limits<T>::quiet_NaN() : best_key;
+    sq_dist[row] = static_cast<T>(best_key == neg_inf ? std::numeric_limits<A>::quiet_NaN() : best_key);
     index[row] = best_index;
   }
 }
 
-template <typename T>
+// grad_centers is A = at::opmath_type<T> (a float32 buffer for half-precision T).
+template <typename T, typename A>
 __global__ void nearest_synthetic_backward_kernel(const T* __restrict__ grad, const T* __restrict__ points,
                                                   const T* __restrict__ centers, const int64_t* __restrict__ index,
                                                   int64_t num_points, int64_t num_centers, int64_t dim,
-                                                  T* __restrict__ grad_points, T* __restrict__ grad_centers) {
+                                                  T* __restrict__ grad_points, A* __restrict__ grad_centers) {
   const int64_t total = num_points * dim;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t flat = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; flat < total; flat += stride) {
@@ -81,8 +87,9 @@ __global__ void nearest_synthetic_backward_kernel(const T* __restrict__ grad, co
     const int64_t k = flat - row * dim;
     const int64_t center = index[row];
     CUDA_KERNEL_ASSERT(center >= 0 && center < num_centers);
-    const T g = 2 * grad[row] * (points[flat] - centers[center * dim + k]);
-    grad_points[flat] = g;
+    const A g = A(2) * static_cast<A>(grad[row]) *
+                (static_cast<A>(points[flat]) - static_cast<A>(centers[center * dim + k]));
+    grad_points[flat] = static_cast<T>(g);
     atomicAdd(grad_centers + center * dim + k, -g);
   }
 }
@@ -107,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_synthetic_cuda(const at::Tensor& poin
   const at::Tensor cg = grouped ? center_groups->contiguous() : at::Tensor();
   const int64_t blocks = (num_points + kWarpsPerBlock - 1) / kWarpsPerBlock;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "nearest_synthetic_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "nearest_synthetic_cuda", [&] {
     nearest_synthetic_kernel<scalar_t><<<blocks, kWarpsPerBlock * kWarpSize, 0, stream>>>(
         p.const_data_ptr<scalar_t>(), c.const_data_ptr<scalar_t>(),
         grouped ? pg.const_data_ptr<int64_t>() : nullptr, grouped ? cg.const_data_ptr<int64_t>() : nullptr,
@@ -139,22 +146,23 @@ std::tuple<at::Tensor, at::Tensor> nearest_synthetic_backward_cuda(const at::Ten
   const int64_t num_points = p.size(0);
   const int64_t dim = p.size(1);
   at::Tensor grad_points = at::empty_like(p);
-  at::Tensor grad_centers = at::zeros_like(c);
+  at::Tensor grad_centers = at::zeros_like(c, c.options().dtype(compute_dtype(c.scalar_type())));
   const int64_t total = num_points * dim;
   if (total == 0) {
-    return {grad_points, grad_centers};
+    return {grad_points, grad_centers.to(c.scalar_type())};
   }
   const int64_t max_blocks = 65535;
   const int64_t blocks = std::min<int64_t>(max_blocks, (total + kBackwardThreads - 1) / kBackwardThreads);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "nearest_synthetic_backward_cuda", [&] {
-    nearest_synthetic_backward_kernel<scalar_t><<<blocks, kBackwardThreads, 0, stream>>>(
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "nearest_synthetic_backward_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    nearest_synthetic_backward_kernel<scalar_t, A><<<blocks, kBackwardThreads, 0, stream>>>(
         g.const_data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(), c.const_data_ptr<scalar_t>(),
         idx.const_data_ptr<int64_t>(), num_points, c.size(0), dim, grad_points.mutable_data_ptr<scalar_t>(),
-        grad_centers.mutable_data_ptr<scalar_t>());
+        grad_centers.mutable_data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_points, grad_centers};
+  return {grad_points, grad_centers.to(c.scalar_type())};
 }
 
 }  // namespace

@@ -43,8 +43,9 @@ def conv2d(
         groups: as in ``F.conv2d``.
 
     Returns:
-        [N, C_out, H_out, W_out], differentiable any number of times w.r.t. x, weight and bias. Under autocast the
-        convolution runs in autocast's dtype (as ``F.conv2d`` does) and so does the result.
+        [N, C_out, H_out, W_out], differentiable any number of times w.r.t. x, weight and bias. Under
+        ``torch.autocast`` the inputs are cast to the autocast dtype first, as autocast casts ``F.conv2d``'s, so the
+        result is in that dtype and the gradients reach x, weight and bias in their own dtypes.
     """
     if isinstance(padding, str):
         raise ValueError(f"fastdd.models.conv.conv2d takes numeric paddings, got {padding!r}")

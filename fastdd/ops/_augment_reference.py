@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastdd.ops._dispatch import HALF_DTYPES
+
 if TYPE_CHECKING:
     from fastdd.ops.augment import AugmentParams
 
@@ -123,7 +125,13 @@ def rotate(x: Tensor, angle: Tensor, align_corners: bool) -> Tensor:
 
 
 def augment_reference(x: Tensor, params: AugmentParams) -> Tensor:
-    """Apply ``params.families`` to x [N, C, H, W] in order; ``params.batch`` is 1 or N (checked by the caller)."""
+    """Apply ``params.families`` to x [N, C, H, W] in order; ``params.batch`` is 1 or N (checked by the caller).
+
+    bfloat16 and float16 images are augmented in float32 and the result rounded back to their dtype, as the compiled
+    backends do.
+    """
+    if x.dtype in HALF_DTYPES:
+        return augment_reference(x.float(), params).to(x.dtype)
     for family in params.families:
         if family == "color":
             x = brightness(x, params.brightness)

@@ -15,8 +15,17 @@ from fastdd import _extension
 
 BACKENDS = ("auto", "reference", "cpp", "triton")
 
+# Half precision (what torch.autocast hands the ops): the compiled kernels load these dtypes, compute and accumulate
+# in float32 and store results in the input's dtype; the references upcast them to float32 the same way.
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 # The compiled kernels (C++, CUDA, Triton) are written for these dtypes; others go to the reference.
-KERNEL_DTYPES = (torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.float32, torch.float64, *HALF_DTYPES)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype an op computes and accumulates in for inputs of ``dtype``: float32 for bfloat16 and float16,
+    ``dtype`` itself otherwise."""
+    return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
 @functools.cache
@@ -40,7 +49,9 @@ def unavailable_reason(backend: str, tensor: Tensor, *, triton_kernel: str, cuda
     if backend == "reference":
         return None
     if tensor.dtype not in KERNEL_DTYPES:
-        return f"its kernels support float32 and float64, got {tensor.dtype}; use backend='reference'"
+        return (
+            f"its kernels support float32, float64, bfloat16 and float16, got {tensor.dtype}; use backend='reference'"
+        )
     device = tensor.device.type
     if backend == "cpp":
         if not _extension.has_cpp():

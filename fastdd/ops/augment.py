@@ -19,6 +19,10 @@ Backends of ``diff_augment`` (all give the same result up to rounding, different
                    (OpenMP over images); the gradient is the adjoint op ``torch.ops.fastdd.diff_augment_adjoint``.
   ``"triton"``     ``fastdd.kernels.diff_augment`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
   ``"auto"``       CUDA tensor: triton, else reference. CPU tensor: cpp, else reference.
+
+dtypes: images are float32, float64, bfloat16 or float16 and the result has their dtype; the parameters are whatever
+``sample_augment_params`` drew (float32, int64, bool) and never need to match. Every backend augments bfloat16 and
+float16 images in float32 (parameters included) and rounds the result to the images' dtype.
 """
 
 from __future__ import annotations
@@ -362,7 +366,8 @@ def diff_augment(x: Tensor, params: AugmentParams, *, backend: str = "auto") -> 
             They may stay on CPU while x is on a GPU (each tensor is copied where it is needed); shared crop and
             flip parameters are read as Python numbers, so keeping params on CPU avoids a device sync.
         backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"`` (see the module docstring). The compiled
-            backends take float32 and float64 images.
+            backends take float32, float64, bfloat16 and float16 images (the half-precision ones computed in
+            float32).
 
     Returns:
         [B, C, H, W] augmented images in x's dtype (``x`` itself when no family applies), contiguous for the

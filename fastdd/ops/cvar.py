@@ -15,6 +15,9 @@ Backends:
 
 All backends select the same samples; they return ``(cvar, weight)`` internally, where ``weight[i]`` is ``1 / k_g``
 for a selected sample and 0 otherwise, so the backward is one gather and a product.
+
+dtypes: losses may be float32, float64, bfloat16 or float16; the CVaRs and the gradient come in the losses' dtype.
+Half-precision losses are compared as they are (the selection needs no wider type) and summed in float32.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 from torch import Tensor
 
 from fastdd import _extension
-from fastdd.ops._dispatch import choose_backend, triton_module, unavailable_reason
+from fastdd.ops._dispatch import choose_backend, compute_dtype, triton_module, unavailable_reason
 
 # alpha * n that is an integer up to rounding (0.7 * 10 = 7.000000000000001) counts as that integer.
 _TAIL_TOLERANCE = 1e-9
@@ -43,7 +46,7 @@ def cluster_cvar(
     """Upper-tail CVaR of the losses of every cluster.
 
     Args:
-        losses: [N] floating-point per-sample losses (differentiable).
+        losses: [N] float32, float64, bfloat16 or float16 per-sample losses (differentiable).
         assign: [N] int64 cluster of every sample, in ``[0, num_clusters)``, on the device of ``losses``.
         num_clusters: G >= 1 (clusters without members get 0).
         alpha: tail level in (0, 1]: each cluster averages its ``ceil(alpha * n_g)`` largest losses.
@@ -85,12 +88,14 @@ def group_cvar_loss(
 
 
 def cluster_cvar_reference(losses: Tensor, assign: Tensor, num_clusters: int, alpha: float) -> Tensor:
-    """Pure-PyTorch ``cluster_cvar``: losses [N], assign [N] int64 -> [G], written for clarity (a loop over clusters)."""
+    """Pure-PyTorch ``cluster_cvar``: losses [N], assign [N] int64 -> [G] in the losses' dtype, written for clarity
+    (a loop over clusters; the means of half-precision losses are taken in float32)."""
+    compute = compute_dtype(losses.dtype)
     values = []
     for g in range(num_clusters):
         worst = _worst_members(losses, assign, g, alpha)
-        values.append(losses.new_zeros(()) if worst is None else losses[worst].mean())
-    return torch.stack(values)
+        values.append(losses.new_zeros((), dtype=compute) if worst is None else losses[worst].to(compute).mean())
+    return torch.stack(values).to(losses.dtype)
 
 
 def cluster_cvar_weight_reference(losses: Tensor, assign: Tensor, num_clusters: int, alpha: float) -> Tensor:
@@ -172,9 +177,10 @@ class _TritonClusterCVaR(torch.autograd.Function):
         module, _ = _triton_kernels()
         weight = module.cluster_cvar_weight(losses, assign, num_clusters, alpha)
         ctx.save_for_backward(assign, weight)
-        return torch.zeros(num_clusters, dtype=losses.dtype, device=losses.device).index_add_(
-            0, assign, losses * weight
-        )
+        compute = compute_dtype(losses.dtype)  # half-precision losses are summed in float32
+        return torch.zeros(num_clusters, dtype=compute, device=losses.device).index_add_(
+            0, assign, losses.to(compute) * weight.to(compute)
+        ).to(losses.dtype)
 
     @staticmethod
     def backward(ctx, grad_cvar: Tensor) -> tuple[Tensor, None, None, None]:

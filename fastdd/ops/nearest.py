@@ -17,6 +17,11 @@ Backends:
 Every backend computes each distance exactly, as a sum of squared differences. The faster-looking expansion
 ``||p||^2 + ||c||^2 - 2 p.c`` cancels catastrophically when points sit close to a center, which is the case that
 decides an assignment. A NaN distance wins the argmin, as in ``torch.argmin``, so NaNs in the data are not hidden.
+
+dtypes: points and centers share one dtype, float32, float64, bfloat16 or float16. Every backend computes the
+distances of bfloat16 / float16 inputs in float32 from their exact values (so ties and the argmin are decided on
+float32 sums) and returns sq_dist in the inputs' dtype; the gradients, in the inputs' dtype, are accumulated in
+float32 too.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from torch import Tensor
 
 from fastdd import _extension
 from fastdd.determinism import deterministic_enabled
-from fastdd.ops._dispatch import choose_backend, triton_module, unavailable_reason
+from fastdd.ops._dispatch import choose_backend, compute_dtype, triton_module, unavailable_reason
 
 # The reference compares points with a block of centers at once; blocks hold about this many differences.
 _REFERENCE_BLOCK_ELEMENTS = 1 << 22
@@ -45,7 +50,7 @@ def nearest_synthetic(
     """Index of, and squared distance to, the nearest center of every point (optionally of its own group).
 
     Args:
-        points: [N, D] floating-point real samples (e.g. flattened images or embeddings).
+        points: [N, D] float32, float64, bfloat16 or float16 real samples (e.g. flattened images or embeddings).
         centers: [M, D] synthetic samples, M >= 1, same dtype and device as ``points``.
         point_groups: optional [N] int64 group of every point (e.g. its class label), any values.
         center_groups: optional [M] int64 group of every center; pass both group tensors or neither. With groups,
@@ -92,8 +97,15 @@ def nearest_synthetic_reference(
     Written for clarity: with groups, a loop over the groups of the points solves each group on its own centers
     and maps the local argmin back to an index into ``centers``. Inside a group the [n, m] matrix of exact squared
     distances is built a block of centers at a time and ``torch.argmin`` picks the first minimum; sq_dist is
-    recomputed from the chosen centers so autograd differentiates only the winning distance.
+    recomputed from the chosen centers so autograd differentiates only the winning distance. bfloat16 / float16
+    inputs are upcast to float32 first and sq_dist rounded back to their dtype.
     """
+    if points.dtype != compute_dtype(points.dtype):
+        index, sq_dist = nearest_synthetic_reference(
+            points.to(compute_dtype(points.dtype)), centers.to(compute_dtype(centers.dtype)), point_groups,
+            center_groups,
+        )
+        return index, sq_dist.to(points.dtype)
     with torch.no_grad():
         if point_groups is None:
             index = _nearest_index(points, centers)
@@ -135,10 +147,12 @@ def _raise_orphan(point_groups: Tensor, row: int) -> None:
 def nearest_synthetic_backward_reference(
     grad_sq_dist: Tensor, points: Tensor, centers: Tensor, index: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of sq_dist: grad_sq_dist [N], points [N, D], centers [M, D], index [N] -> ([N, D], [M, D])."""
-    grad_points = 2 * grad_sq_dist[:, None] * (points - centers[index])
-    grad_centers = torch.zeros_like(centers).index_add_(0, index, -grad_points)
-    return grad_points, grad_centers
+    """Gradients of sq_dist: grad_sq_dist [N], points [N, D], centers [M, D], index [N] -> ([N, D], [M, D]) in the
+    inputs' dtype; bfloat16 / float16 ones are computed, and grad_centers summed, in float32."""
+    compute = compute_dtype(points.dtype)
+    grad_points = 2 * grad_sq_dist.to(compute)[:, None] * (points.to(compute) - centers.to(compute)[index])
+    grad_centers = torch.zeros_like(centers, dtype=compute).index_add_(0, index, -grad_points)
+    return grad_points.to(points.dtype), grad_centers.to(centers.dtype)
 
 
 def _check_inputs(points: Tensor, centers: Tensor) -> None:
@@ -275,14 +289,16 @@ def _register_compiled_op() -> None:
         # The backward is grad_points = 2 g (p - c[index]), grad_centers = -index_add(grad_points); with
         # e = gg_points - gg_centers[index] its vector-Jacobian product is 2 <e, p - c[index]> for g, 2 g e for p and
         # -index_add(2 g e) for c. Plain torch ops, so autograd differentiates them again (any order).
+        # Half-precision inputs are computed on, and summed, in float32.
         grad_sq_dist, points, centers, index = ctx.saved_tensors
-        e = torch.zeros_like(points) if gg_points is None else gg_points
+        compute = compute_dtype(points.dtype)
+        e = torch.zeros_like(points, dtype=compute) if gg_points is None else gg_points.to(compute)
         if gg_centers is not None:
-            e = e - gg_centers[index]
-        weighted = 2 * grad_sq_dist[:, None] * e
-        grad_g = 2 * (e * (points - centers[index])).sum(dim=1)
-        grad_c = torch.zeros_like(centers).index_add(0, index, -weighted)
-        return grad_g, weighted, grad_c, None
+            e = e - gg_centers.to(compute)[index]
+        weighted = 2 * grad_sq_dist.to(compute)[:, None] * e
+        grad_g = 2 * (e * (points.to(compute) - centers.to(compute)[index])).sum(dim=1)
+        grad_c = torch.zeros_like(centers, dtype=compute).index_add(0, index, -weighted)
+        return grad_g.to(grad_sq_dist.dtype), weighted.to(points.dtype), grad_c.to(centers.dtype), None
 
     torch.library.register_autograd(
         "fastdd::nearest_synthetic_backward", backward_backward, setup_context=backward_setup

@@ -13,6 +13,12 @@ Backends:
   ``"triton"``     the forward, backward and double-backward kernels of ``fastdd.kernels.instance_norm_relu_pool``
                    (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) in two autograd Functions.
   ``"auto"``       CUDA tensor: triton, else reference. CPU tensor: cpp, else reference.
+
+dtypes (mixed precision): x is float32, float64, bfloat16 or float16; weight and bias share one dtype, x's or, for a
+bfloat16 / float16 x, float32, which is what a ConvNet block gets under ``torch.autocast``: the convolution's output in
+half precision and the norm's float32 parameters. Every backend computes a half-precision x in float32 (the map
+statistics are summed and kept in float32) and returns y in x's dtype; gradients come in the dtype of what they
+differentiate (x's for x, weight's for weight and bias), at first and second order.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastdd import _extension
-from fastdd.ops._dispatch import choose_backend, triton_module
+from fastdd.ops._dispatch import HALF_DTYPES, choose_backend, compute_dtype, triton_module
 
 DEFAULT_EPS = 1e-5  # nn.GroupNorm's
 TRITON_KERNEL = "instance_norm_relu_pool"
@@ -34,15 +40,17 @@ def instance_norm_relu_pool(
     """``pool(relu(weight * (x - mean) / sqrt(var + eps) + bias))`` per (image, channel) feature map.
 
     Args:
-        x: [N, C, H, W] floating-point feature maps (e.g. a convolution's output).
-        weight, bias: [C] per-channel affine of the normalisation, same dtype and device as x.
+        x: [N, C, H, W] float32, float64, bfloat16 or float16 feature maps (e.g. a convolution's output).
+        weight, bias: [C] per-channel affine of the normalisation, on x's device, both in x's dtype or, for a
+            bfloat16 / float16 x, both float32 (autocast's parameters); statistics are computed in float32 then.
         eps: added to the biased variance, as in ``nn.GroupNorm``.
         pool: True for a 2x2 average pool with stride 2 (a trailing odd row or column is dropped, as
             ``F.avg_pool2d`` does), False for none.
         backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"`` (see the module docstring).
 
     Returns:
-        [N, C, H // 2, W // 2] (pool) or [N, C, H, W], differentiable twice w.r.t. x, weight and bias.
+        [N, C, H // 2, W // 2] (pool) or [N, C, H, W] in x's dtype, differentiable twice w.r.t. x, weight and bias
+        (each gradient in the dtype of its input).
 
     Raises:
         ValueError: bad shapes or an unknown backend. RuntimeError: the requested backend cannot run here.
@@ -67,24 +75,37 @@ def resolve_backend(backend: str, x: Tensor) -> str:
 def instance_norm_relu_pool_reference(
     x: Tensor, weight: Tensor, bias: Tensor, *, eps: float = DEFAULT_EPS, pool: bool = True
 ) -> Tensor:
-    """Pure-PyTorch ``instance_norm_relu_pool``: x [N, C, H, W] -> [N, C, H // 2, W // 2] (pool) or x's shape."""
-    y = F.relu(F.group_norm(x, x.shape[1], weight, bias, eps))
-    return F.avg_pool2d(y, 2) if pool else y
+    """Pure-PyTorch ``instance_norm_relu_pool``: x [N, C, H, W] -> [N, C, H // 2, W // 2] (pool) or x's shape, in
+    x's dtype; a bfloat16 / float16 x and its parameters are upcast to float32 for the computation."""
+    compute = compute_dtype(x.dtype)
+    y = F.relu(F.group_norm(x.to(compute), x.shape[1], weight.to(compute), bias.to(compute), eps))
+    return (F.avg_pool2d(y, 2) if pool else y).to(x.dtype)
 
 
 def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor, pool: bool) -> None:
     if not all(isinstance(t, Tensor) for t in (x, weight, bias)):
         raise TypeError("instance_norm_relu_pool expects tensors x [N, C, H, W], weight [C] and bias [C]")
     if x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"instance_norm_relu_pool expects floating-point x [N, C, H, W], got {x.dtype} {tuple(x.shape)}")
+        raise ValueError(
+            f"instance_norm_relu_pool expects floating-point x [N, C, H, W], got {x.dtype} {tuple(x.shape)}"
+        )
     min_size = 2 if pool else 1
     if x.shape[2] < min_size or x.shape[3] < min_size:
-        raise ValueError(f"instance_norm_relu_pool needs feature maps of at least {min_size}x{min_size}, got {tuple(x.shape)}")
+        raise ValueError(
+            f"instance_norm_relu_pool needs feature maps of at least {min_size}x{min_size}, got {tuple(x.shape)}"
+        )
     for name, t in (("weight", weight), ("bias", bias)):
         if tuple(t.shape) != (x.shape[1],):
             raise ValueError(f"instance_norm_relu_pool: {name} must be [{x.shape[1]}], got {tuple(t.shape)}")
-        if t.dtype != x.dtype or t.device != x.device:
-            raise ValueError(f"instance_norm_relu_pool: {name} must have x's dtype and device ({x.dtype}, {x.device})")
+        if t.device != x.device:
+            raise ValueError(f"instance_norm_relu_pool: {name} must be on x's device ({x.device}), got {t.device}")
+    allowed = (x.dtype, torch.float32) if x.dtype in HALF_DTYPES else (x.dtype,)
+    if weight.dtype != bias.dtype or weight.dtype not in allowed:
+        also = " (or float32 for a bfloat16 or float16 x)" if x.dtype in HALF_DTYPES else ""
+        raise ValueError(
+            f"instance_norm_relu_pool: weight and bias must have x's dtype{also}, got x {x.dtype}, weight "
+            f"{weight.dtype} and bias {bias.dtype}"
+        )
 
 
 def _triton_kernels():
@@ -175,7 +196,7 @@ def _register_compiled_op() -> None:
 
     @torch.library.register_fake("fastdd::instance_norm_relu_pool")
     def _forward_fake(x, weight, bias, eps, pool):
-        stats = x.new_empty(x.shape[:2])
+        stats = x.new_empty(x.shape[:2], dtype=compute_dtype(x.dtype))
         return x.new_empty(out_shape(x, pool)), stats, torch.empty_like(stats)
 
     @torch.library.register_fake("fastdd::instance_norm_relu_pool_backward")
