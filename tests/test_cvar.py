@@ -160,8 +160,18 @@ def test_group_cvar_loss_is_mean_plus_max_of_occupied_clusters(backend, generato
     occupied = cvar[torch.bincount(assign, minlength=6) > 0]
     expected = occupied.mean() + occupied.max()
     torch.testing.assert_close(group_cvar_loss(losses, assign, 6, 0.8, backend=backend), expected)
+    # Its gradient (computed without indexing the occupied clusters) is that of the indexed formula.
+    leaf = losses.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(group_cvar_loss(leaf, assign, 6, 0.8, backend=backend), leaf)
+    reference_leaf = losses.detach().requires_grad_(True)
+    cvar = cluster_cvar_reference(reference_leaf, assign, 6, 0.8)
+    present = cvar[torch.bincount(assign, minlength=6) > 0]
+    (expected_grad,) = torch.autograd.grad(present.mean() + present.max(), reference_leaf)
+    torch.testing.assert_close(grad, expected_grad)
     empty = torch.zeros(0, dtype=torch.float64, requires_grad=True)
     assert group_cvar_loss(empty, torch.zeros(0, dtype=torch.int64), 3).item() == 0.0
+    (empty_grad,) = torch.autograd.grad(group_cvar_loss(empty, torch.zeros(0, dtype=torch.int64), 3), empty)
+    assert empty_grad.shape == (0,)
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from fastdd.cli import app
 from fastdd.distill.trajectory import match_gradients
+from fastdd.io import SyntheticSet
 from fastdd.models import build_model
 from fastdd.precision import at_least_float32, autocast, check_precision, grad_scaler, step_loss_scale
 from fastdd.training import predict_logits, train_epoch
@@ -108,7 +109,7 @@ def test_bf16_distill_then_evaluate_end_to_end(method, tmp_path):
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "synset.json").read_text())
     assert meta["hyperparameters"]["precision"] == "bf16"
-    images = torch.load(out / "images_best.pt", weights_only=True)
+    images = SyntheticSet.load(out).images
     assert images.dtype == torch.float32 and torch.isfinite(images).all()
     report = tmp_path / "eval.json"
     result = runner.invoke(app, ["evaluate", str(out), "--runs", "1", "--epochs", "2", "--precision", "bf16",

@@ -226,10 +226,13 @@ class _TritonNearestSynthetic(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         module, _ = _triton_kernels()
         index, sq_dist = module.nearest_synthetic_forward(points, centers, point_groups, center_groups)
-        if point_groups is not None:
-            orphans = (index < 0).nonzero()  # the kernel leaves -1 where a point's group has no center
+        if point_groups is not None and index.device.type == "cpu":  # -1 where a point's group has no center
+            orphans = (index < 0).nonzero()
             if orphans.numel():
                 _raise_orphan(point_groups, int(orphans[0, 0]))
+        elif point_groups is not None:  # on the device, raised at the next sync: no host sync per call
+            torch._assert_async((index >= 0).all(), "nearest_synthetic: a point's group has no center; every group "
+                                "in point_groups needs at least one center")
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             ctx.save_for_backward(points, centers, index)
         ctx.mark_non_differentiable(index)
