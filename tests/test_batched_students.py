@@ -15,7 +15,6 @@ from fastdd.data import load_dataset
 from fastdd.distill import get_distiller
 from fastdd.distill import mtt as mtt_module
 from fastdd.distill.batched_students import batched_match_gradients, group_step
-from fastdd.distill.experts import ExpertConfig, train_experts
 from fastdd.distill.trajectory import match_gradients, plan_student
 from fastdd.errors import FastddError
 from fastdd.models import build_model, flat_parameters, functional_forward
@@ -25,6 +24,7 @@ from fastdd.trust.mdt import mask_sampler
 from fastdd.trust.outlier_loss import integrated_loss
 
 from cli_errors import assert_one_sentence_error
+from tiny_trajectory import make_distiller, tiny_experts
 
 STUDENTS, CLASSES, LABELLED, UNLABELLED = 3, 3, 9, 3
 STRATEGY = "color_crop_cutout_flip_scale_rotate"
@@ -206,8 +206,6 @@ def test_bad_arguments(problem, generator):
 
 # -- the distillers ---------------------------------------------------------------------------------------------------
 
-WIDTH = 8
-
 
 @pytest.fixture(scope="module")
 def digits():
@@ -216,17 +214,11 @@ def digits():
 
 @pytest.fixture(scope="module")
 def experts(digits, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("experts")
-    train_experts(ExpertConfig(width=WIDTH, num_experts=2, epochs=3), digits, folder, progress=False)
-    return folder
+    return tiny_experts(digits, tmp_path_factory.mktemp("experts"))
 
 
 def make(method, digits, experts, **overrides):
-    options = dict(ipc=2, iterations=2, width=WIDTH, syn_steps=3, expert_epochs=1, max_start_epoch=2, lr_img=10.0,
-                   lr_lr=1e-5, experts=str(experts), students=3)
-    options.update(overrides)
-    cls = get_distiller(method)
-    return cls(cls.config_class.from_options(options, method=method), digits)
+    return make_distiller(method, digits, experts, **{"students": 3, **overrides})
 
 
 def one_iteration(method, digits, experts, tmp_path, **overrides):

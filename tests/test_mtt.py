@@ -8,12 +8,11 @@ import torch
 from fastdd.data import load_dataset
 from fastdd.distill import get_distiller, run_distillation
 from fastdd.distill import mtt as mtt_module
-from fastdd.distill.experts import ExpertConfig, train_experts
 from fastdd.distill.trajectory_presets import DEFAULT_ITERATIONS, PUBLISHED, trajectory_preset
 from fastdd.errors import FastddError
 from fastdd.evaluate import EvalConfig, evaluate_synthetic_set
 
-WIDTH = 8
+from tiny_trajectory import make_distiller, tiny_experts
 
 
 @pytest.fixture(scope="module")
@@ -23,17 +22,10 @@ def digits():
 
 @pytest.fixture(scope="module")
 def experts(digits, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("experts")
-    train_experts(ExpertConfig(width=WIDTH, num_experts=2, epochs=3), digits, folder, progress=False)
-    return folder
+    return tiny_experts(digits, tmp_path_factory.mktemp("experts"))
 
 
-def make(method, digits, experts, **overrides):
-    options = dict(ipc=2, iterations=2, width=WIDTH, syn_steps=3, expert_epochs=1, max_start_epoch=2, lr_img=10.0,
-                   lr_lr=1e-5, experts=str(experts))
-    options.update(overrides)
-    cls = get_distiller(method)
-    return cls(cls.config_class.from_options(options, method=method), digits)
+make = make_distiller
 
 
 def test_mtt_and_tesla_take_the_same_steps(digits, experts, tmp_path):

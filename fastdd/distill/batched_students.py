@@ -37,11 +37,11 @@ from fastdd.distill.trajectory import (
     _student_input,
     _targets_loss,
     check_arguments,
+    matching_tensors,
     plan_and_targets,
     unroll_gradients,
 )
 from fastdd.models.batched import batched_functional_forward, supports_batched_students
-from fastdd.models.functional import parameter_layout
 from fastdd.ops import AugmentParams, diff_augment
 from fastdd.ops.augment import cat_augment_params
 from fastdd.precision import at_least_float32, autocast
@@ -173,16 +173,7 @@ def batched_match_gradients(
         raise ValueError("batched_match_gradients needs at least one generator (one per student)")
     if per_student and len(labels) != students:
         raise ValueError(f"labels holds {len(labels)} targets but there are {students} generators (students)")
-    numel = parameter_layout(net).numel
-    if start_params.shape != (students, numel) or target_params.shape != (students, numel):
-        raise ValueError(
-            f"start_params and target_params must be [{students}, {numel}] (one row per generator), got "
-            f"{tuple(start_params.shape)} and {tuple(target_params.shape)}"
-        )
-    images = images.detach()
-    alpha = torch.as_tensor(syn_lr, dtype=images.dtype, device=images.device).detach().reshape(())
-    theta0 = start_params.detach().to(images.dtype)
-    target = target_params.detach().to(images.dtype)
+    images, alpha, theta0, target = matching_tensors(net, images, syn_lr, start_params, target_params, students)
     host_unlabelled = None if unlabelled is None else unlabelled.cpu()
     plans, targets = [], []
     for s, generator in enumerate(generators):

@@ -264,16 +264,7 @@ def match_gradients(
                     precision=precision)
     if keep_graphs > 1 and row_shard is not None:
         raise ValueError("keep_graphs applies to the exact and compat modes in one process (no row_shard)")
-    numel = parameter_layout(net).numel
-    if start_params.shape != (numel,) or target_params.shape != (numel,):
-        raise ValueError(
-            f"start_params and target_params must be [{numel}], got {tuple(start_params.shape)} and "
-            f"{tuple(target_params.shape)}"
-        )
-    images = images.detach()
-    alpha = torch.as_tensor(syn_lr, dtype=images.dtype, device=images.device).detach().reshape(())
-    theta0 = start_params.detach().to(images.dtype)
-    target = target_params.detach().to(images.dtype)
+    images, alpha, theta0, target = matching_tensors(net, images, syn_lr, start_params, target_params)
     # The row mask is read once here: every step's row decisions are then taken on the CPU without a device sync.
     host_unlabelled = None if unlabelled is None else unlabelled.cpu()
     plan, targets = plan_and_targets(
@@ -295,6 +286,22 @@ def match_gradients(
 
     return unroll_gradients(loss_at, images, plan.batches, theta0, target, alpha, denominator, mode=mode,
                             precision=precision, keep_graphs=keep_graphs)
+
+
+def matching_tensors(net, images, syn_lr, start_params, target_params, students: int | None = None):
+    """``(images, alpha, theta0, target)``: the inputs detached, in the images' dtype, with ``alpha`` 0-d, after
+    checking that the snapshots are ``[P]`` (``[students, P]`` for batched students)."""
+    numel = parameter_layout(net).numel
+    shape = (numel,) if students is None else (students, numel)
+    if start_params.shape != shape or target_params.shape != shape:
+        rows = "" if students is None else " (one row per generator)"
+        raise ValueError(
+            f"start_params and target_params must be [{', '.join(map(str, shape))}]{rows}, got "
+            f"{tuple(start_params.shape)} and {tuple(target_params.shape)}"
+        )
+    images = images.detach()
+    alpha = torch.as_tensor(syn_lr, dtype=images.dtype, device=images.device).detach().reshape(())
+    return images, alpha, start_params.detach().to(images.dtype), target_params.detach().to(images.dtype)
 
 
 def check_arguments(net, images, labels, unlabelled, *, mode: str, syn_steps: int, keep_graphs: int,
