@@ -6,7 +6,8 @@ trained once beforehand). Every set is then evaluated in float32 with the same e
 seed are scored by networks trained the same way: the only difference is how the set was distilled. The unit is a
 distillation seed (its accuracy = the mean over the set's evaluation networks); the table gives mean ± std over seeds
 and the paired difference bf16 - fp32 with its 95 % interval, plus the seconds per distillation iteration of each arm
-(one torch thread; on a shared machine a rough guide, the benchmarks measure speed).
+(one torch thread; on a shared machine a rough guide, the benchmarks measure speed), and how far each bf16 set lies
+from the fp32 set of its seed as a fraction of how far the fp32 distillation moved its images from their start.
 
 Cases (chosen to fit a CPU session; ``--cases`` picks some):
 
@@ -27,8 +28,22 @@ import json
 import shutil
 from pathlib import Path
 
-from repro_common import arms_table, differences_table, distill, evaluate, fastdd, parallel, say, this_command
-from repro_common import write_results
+import torch
+from repro_common import (
+    arms_table,
+    differences_table,
+    distill,
+    evaluate,
+    fastdd,
+    parallel,
+    say,
+    this_command,
+    write_results,
+)
+
+from fastdd.data import load_dataset
+from fastdd.distill import get_distiller
+from fastdd.io import SyntheticSet
 
 ARMS = {"fp32": [], "bf16": ["--precision", "bf16"]}
 CASES = {
@@ -49,6 +64,26 @@ def seconds_per_iteration(run: Path) -> float | None:
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     last = lines[-1] if lines else None
     return last["seconds"] / last["iteration"] if last and last.get("iteration") else None
+
+
+def start_images(run: Path) -> torch.Tensor:
+    """The images the run's distillation started from: a fresh distiller of its recorded settings (same seed)."""
+    meta = json.loads((run / "synset.json").read_text())
+    method = meta["method"]
+    cls = get_distiller(method)
+    config = cls.config_class.from_options(dict(meta["hyperparameters"]), method=method)
+    dataset = load_dataset(config.dataset, data_root=config.data_root, image_size=config.image_size,
+                           zca=bool(getattr(config, "zca", False)))
+    return cls(config, dataset).images.detach()
+
+
+def relative_drift(run: Path, reference: Path) -> float:
+    """``||S_run - S_reference|| / ||S_reference - S_0||``: how far the run's images are from the reference run's,
+    as a fraction of how far the reference's distillation moved them from its start ``S_0``."""
+    images = SyntheticSet.load(run).images
+    reference_images = SyntheticSet.load(reference).images
+    moved = (reference_images - start_images(reference)).norm()
+    return float((images - reference_images).norm() / moved)
 
 
 def main() -> None:
@@ -113,10 +148,17 @@ def main() -> None:
                         if source.exists():
                             shutil.copyfile(source, target / f"{arm}-s{seed}-{suffix}")
         pairs = [("bf16", "fp32")] if {"bf16", "fp32"} <= set(arms) else []
+        drift = ""
+        if pairs:
+            drifts = [relative_drift(root / name / f"bf16-s{seed}", root / name / f"fp32-s{seed}")
+                      for seed in args.seeds]
+            drift = (" The bf16 set's distance to the fp32 set of its seed, as a fraction of how far the fp32 "
+                     "distillation moved its images from their start: "
+                     + ", ".join(f"{d:.3f}" for d in drifts) + " (seeds in order).")
         sections += [
             f"**{name}**: {case['dataset']}, {case['method']}, `{' '.join(case['distill'])}`; "
             f"seeds {' '.join(map(str, args.seeds))}; accuracy in % (float32 evaluation, {args.eval_runs} networks x "
-            f"{args.epochs} epochs per set, mean over them), mean ± std over seeds.",
+            f"{args.epochs} epochs per set, mean over them), mean ± std over seeds." + drift,
             arms_table(arms, ["acc", "s/iteration"], digits=2),
         ]
         if pairs:
