@@ -35,7 +35,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -359,8 +359,13 @@ def timing_rows(device: str, quick: bool) -> list[dict]:
                     allocator_peak=False)
     steps = 2 if quick else 20
     measured = {mode: measure_in_fresh_process(config, mode, steps) for mode in (REFERENCE_MTT, "unrolled", "exact")}
+    # bf16 on CUDA, and on a CPU too (autocast bf16); fp16 is CUDA only.
+    precisions = ("bf16", "fp16") if torch.device(device).type == "cuda" else ("bf16",)
+    for precision in precisions:
+        measured[f"exact-{precision}"] = measure_in_fresh_process(replace(config, precision=precision), "exact", steps)
     reference = measured[REFERENCE_MTT]
-    names = {REFERENCE_MTT: "reference MTT unroll", "unrolled": "fastdd mtt (unrolled)", "exact": "fastdd tesla"}
+    names = {REFERENCE_MTT: "reference MTT unroll", "unrolled": "fastdd mtt (unrolled)", "exact": "fastdd tesla",
+             **{f"exact-{p}": f"fastdd tesla --precision {p}" for p in precisions}}
     rows = []
     for mode, result in measured.items():
         row = {"section": "timing", "name": f"{names[mode]}, {config.images} images, width {config.width}, "

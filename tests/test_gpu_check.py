@@ -38,7 +38,8 @@ def test_gpu_check_runs_on_cpu(tmp_path):
         assert rows[method]["status"] == "ok" and rows[method]["name"] in result.stdout
     assert rows["tesla twice"]["identical"] and rows["tesla twice --deterministic"]["identical"]
     timing = [row for row in data["rows"] if row["section"] == "timing"]
-    assert len(timing) == 3 and all(row["grad_cosine"] > 0.99 for row in timing)
+    assert len(timing) == 4 and all(row["grad_cosine"] > 0.99 for row in timing)
+    assert "--precision bf16" in timing[-1]["name"]
 
 
 def test_a_wrong_backend_is_a_mismatch(monkeypatch):
