@@ -17,3 +17,19 @@ def generator():
     g = torch.Generator()
     g.manual_seed(0)
     return g
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The embedded digits dataset, loaded once (a module may define its own ``digits`` instead)."""
+    from fastdd.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def experts(digits, tmp_path_factory):
+    """The tiny trajectory-matching experts of tests/tiny_trajectory.py, trained once per session."""
+    from tiny_trajectory import tiny_experts
+
+    return tiny_experts(digits, tmp_path_factory.mktemp("experts"))

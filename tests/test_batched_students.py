@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 
 from fastdd.cli import app
 from fastdd.config import ConfigError
-from fastdd.data import load_dataset
 from fastdd.distill import get_distiller
 from fastdd.distill import mtt as mtt_module
 from fastdd.distill.batched_students import batched_match_gradients, group_step
@@ -24,7 +23,7 @@ from fastdd.trust.mdt import mask_sampler
 from fastdd.trust.outlier_loss import integrated_loss
 
 from cli_errors import assert_one_sentence_error
-from tiny_trajectory import make_distiller, tiny_experts
+from tiny_trajectory import make_distiller
 
 STUDENTS, CLASSES, LABELLED, UNLABELLED = 3, 3, 9, 3
 STRATEGY = "color_crop_cutout_flip_scale_rotate"
@@ -205,16 +204,6 @@ def test_bad_arguments(problem, generator):
 
 
 # -- the distillers ---------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
-def experts(digits, tmp_path_factory):
-    return tiny_experts(digits, tmp_path_factory.mktemp("experts"))
 
 
 def make(method, digits, experts, **overrides):

@@ -5,24 +5,13 @@ import json
 import pytest
 import torch
 
-from fastdd.data import load_dataset
 from fastdd.distill import get_distiller, run_distillation
 from fastdd.distill import mtt as mtt_module
 from fastdd.distill.trajectory_presets import DEFAULT_ITERATIONS, PUBLISHED, trajectory_preset
 from fastdd.errors import FastddError
 from fastdd.evaluate import EvalConfig, evaluate_synthetic_set
 
-from tiny_trajectory import make_distiller, tiny_experts
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
-def experts(digits, tmp_path_factory):
-    return tiny_experts(digits, tmp_path_factory.mktemp("experts"))
+from tiny_trajectory import make_distiller
 
 
 make = make_distiller
