@@ -20,6 +20,10 @@ import torch
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
+# The half-precision dtypes autocast produces. fastdd's ops (every backend) load them, compute and accumulate in
+# float32 (compute_dtype) and store results in the input's dtype.
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # A student step's loss is multiplied by this before its parameter gradient is taken in fp16 (and the gradient
@@ -66,10 +70,16 @@ def step_loss_scale(precision: str) -> float:
     return FP16_STEP_LOSS_SCALE if precision == "fp16" else 1.0
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype fastdd computes and accumulates in for inputs of ``dtype``: float32 for bfloat16 and float16,
+    ``dtype`` itself otherwise."""
+    return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:
     """``t`` in float32 when autocast made it half precision; float32 and float64 tensors unchanged (a loss on
     logits is then computed in float32 at least)."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    return t.to(compute_dtype(t.dtype))
 
 
 def grad_scaler(precision: str, device: torch.device | str) -> torch.amp.GradScaler | None:

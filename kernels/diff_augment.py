@@ -27,8 +27,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastdd.precision import compute_dtype
+
 from .launch_device import on_input_device
-from .precision import compute_dtype
 
 # Family codes of the constexpr chain (4 bits per family, first family in the lowest bits).
 _COLOR = tl.constexpr(1)

@@ -22,8 +22,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastdd.precision import compute_dtype
+
 from .launch_device import on_input_device
-from .precision import compute_dtype
 
 
 @triton.jit

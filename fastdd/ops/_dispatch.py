@@ -12,20 +12,14 @@ import torch
 from torch import Tensor
 
 from fastdd import _extension
+from fastdd.precision import HALF_DTYPES, compute_dtype  # noqa: F401 (the ops import them from here)
 
 BACKENDS = ("auto", "reference", "cpp", "triton")
 
-# Half precision (what torch.autocast hands the ops): the compiled kernels load these dtypes, compute and accumulate
-# in float32 and store results in the input's dtype; the references upcast them to float32 the same way.
-HALF_DTYPES = (torch.bfloat16, torch.float16)
-# The compiled kernels (C++, CUDA, Triton) are written for these dtypes; others go to the reference.
+# The compiled kernels (C++, CUDA, Triton) are written for these dtypes; others go to the reference. Half precision
+# (what torch.autocast hands the ops) follows fastdd.precision's rule: loaded as is, computed in compute_dtype,
+# results stored in the input's dtype; the references upcast the same way.
 KERNEL_DTYPES = (torch.float32, torch.float64, *HALF_DTYPES)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype an op computes and accumulates in for inputs of ``dtype``: float32 for bfloat16 and float16,
-    ``dtype`` itself otherwise."""
-    return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
 @functools.cache
