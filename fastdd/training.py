@@ -128,7 +128,8 @@ def predict_logits(
     net: torch.nn.Module, images: torch.Tensor, *, batch_size: int = 1024, precision: str = "fp32"
 ) -> torch.Tensor:
     """Logits ``[N, num_classes]`` of ``net`` in eval mode on ``images`` ``[N, C, H, W]``, moved to ``images``'
-    device; in float32 (float64 for a float64 network) whatever ``precision`` the forward passes ran in."""
+    device; in float32 (float64 for a float64 network) whatever ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``
+    on CUDA: the forward passes under :func:`fastdd.precision.autocast`) they ran in."""
     net.eval()
     device = next(net.parameters()).device
     outs = []
@@ -141,6 +142,7 @@ def predict_logits(
 def accuracy(
     net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 1024, precision: str = "fp32"
 ) -> float:
-    """Top-1 accuracy (fraction in [0, 1]) of ``net`` on ``images`` ``[N, C, H, W]`` with ``labels`` ``[N]``."""
+    """Top-1 accuracy (fraction in [0, 1]) of ``net`` on ``images`` ``[N, C, H, W]`` with ``labels`` ``[N]``; the
+    forward passes in ``precision`` (as :func:`predict_logits`)."""
     logits = predict_logits(net, images, batch_size=batch_size, precision=precision)
     return float((logits.argmax(dim=1) == labels.to(logits.device)).float().mean())
